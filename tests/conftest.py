@@ -1,0 +1,104 @@
+"""Shared fixtures: a small tokenizer trained on the built-in corpus and tiny models of every
+supported architecture (built in milliseconds, so most tests need no real weights)."""
+import os
+
+import pytest
+import torch
+
+# The tests never need a network; say so up front so nothing waits on retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_VOCAB = 512
+
+TINY_ARCHITECTURES = {
+    # name: (config class name, extra config)
+    "llama_mha": ("LlamaConfig", {"num_key_value_heads": 4}),
+    "llama_gqa": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),  # q/k/v carry a bias
+}
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers
+
+    class_name, extra = TINY_ARCHITECTURES[arch]
+    settings = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
+    settings.update(extra)
+    settings.update(overrides)
+    return getattr(transformers, class_name)(**settings)
+
+
+def build_tiny_model(arch: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="eager")
+    if arch == "qwen2":
+        # Qwen2 initialises biases to zero; make them matter so bias handling is tested.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 512-token byte-level BPE trained on ~300 kB of the wiki train split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorap.data import wiki_documents
+
+    texts = wiki_documents("train")[:400]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    wrapped.name_or_path = "tiny-bpe-512"
+    return wrapped
+
+
+@pytest.fixture(params=sorted(TINY_ARCHITECTURES))
+def tiny_arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(tiny_arch):
+    return build_tiny_model(tiny_arch)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_arch, tiny_tokenizer):
+    """A tiny model of each architecture saved as an ordinary HF folder, with its tokenizer."""
+    folder = tmp_path / f"tiny-{tiny_arch}"
+    build_tiny_model(tiny_arch).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The real default model (converted once into the user's lorap cache)."""
+    from lorap.default_model import default_model_dir as _default_model_dir
+
+    return _default_model_dir()
