@@ -9,6 +9,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes files private; reports are meant to be read
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
@@ -20,4 +21,72 @@ def format_perplexity(result: dict) -> str:
     for dataset, by_seqlen in result["perplexity"].items():
         for seqlen, value in by_seqlen.items():
             lines.append(f"perplexity {dataset} @ {seqlen} tokens: {value:.3f}")
+    return "\n".join(lines)
+
+
+def _layout_key(layer_rows: list) -> tuple:
+    return tuple((r["module"], r.get("rank"), r.get("width")) for r in layer_rows)
+
+
+def _layer_groups(rows: list) -> list:
+    """Consecutive layers with identical shapes, as (first, last, rows of the first)."""
+    by_layer: dict = {}
+    for row in rows:
+        by_layer.setdefault(row["layer"], []).append(row)
+    groups = []
+    for index in sorted(by_layer):
+        layer_rows = by_layer[index]
+        if groups and _layout_key(groups[-1][2]) == _layout_key(layer_rows):
+            groups[-1][1] = index
+        else:
+            groups.append([index, index, layer_rows])
+    return groups
+
+
+def format_plan(plan_dict: dict) -> str:
+    """The per-module table and totals, from Plan.to_dict() (the one source of these numbers)."""
+    settings, totals = plan_dict["settings"], plan_dict["totals"]
+    header = (
+        f"LoRAP plan: {settings['mode']} mode, ratio {settings['ratio']:g}"
+        + (f" of the whole model (per-layer ratio {plan_dict['layer_ratio']:.4f})" if settings["mode"] == "exact" else " per layer")
+        + f"; a = {settings['allocation_a']:g}, bottom-keep {settings['bottom_keep']:g}, sublayers {'+'.join(settings['sublayers'])}"
+    )
+    lines = [header, f"{'module':<12}{'shape':>13}{'rank/width':>14}{'dense':>16}{'kept':>16}{'removed':>9}"]
+    for first, last, rows in _layer_groups(plan_dict["modules"]):
+        span = f"layer {first}" if first == last else f"layers {first}-{last} (each)"
+        lines.append(span)
+        for row in rows:
+            if "width" in row:
+                size = f"width {row['width']}"
+            else:
+                size = "dense" if row["rank"] is None else f"rank {row['rank']}"
+            removed = 1 - row["parameters"] / row["dense_parameters"]
+            lines.append(
+                f"  {row['module']:<10}{'x'.join(map(str, row['shape'])):>13}{size:>14}"
+                f"{row['dense_parameters']:>16,}{row['parameters']:>16,}{removed:>9.1%}"
+            )
+    untouched = totals["untouched_parameters"]
+    lines.append(f"{'embeddings, norms, LM head (untouched)':<53}{untouched:>16,}{untouched:>16,}{0:>9.1%}")
+    for group in ("attention", "ffn"):
+        g = totals[group]
+        lines.append(f"{'all ' + group:<53}{g['dense_parameters']:>16,}{g['parameters']:>16,}{g['removed_fraction']:>9.1%}")
+    lines.append(
+        f"{'whole model':<53}{totals['dense_parameters']:>16,}{totals['compressed_parameters']:>16,}"
+        f"{totals['removed_fraction']:>9.2%}"
+    )
+    return "\n".join(lines)
+
+
+def format_compression(report: dict) -> str:
+    lines = [format_plan(report["plan"]), ""]
+    timings = report["timings"]
+    lines.append("wall time: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in timings.items()))
+    lines.append(f"peak memory: {report['peak_memory']['host_rss_mb']:.0f} MB host RSS")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        for dataset, by_seqlen in evaluation["dense"]["perplexity"].items():
+            for seqlen, dense in by_seqlen.items():
+                compressed = evaluation["compressed"]["perplexity"][dataset][seqlen]
+                lines.append(f"perplexity {dataset} @ {seqlen}: dense {dense:.3f} -> compressed {compressed:.3f}")
+    lines.append(f"saved to {report['output']}")
     return "\n".join(lines)

@@ -31,7 +31,11 @@ def window_nll(model, windows: torch.Tensor, desc: str = "perplexity") -> tuple[
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        # Per-token NLL summed in float64: a float32 sum over a batch loses ~1e-6 of the mean.
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        )
+        nll = token_nll.double().sum()
         if not torch.isfinite(nll):
             raise LorapError("the model produced non-finite logits during perplexity evaluation")
         total_nll += float(nll.double())

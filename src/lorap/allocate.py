@@ -1,0 +1,294 @@
+"""The plan: ranks of attention factors and widths of FFNs, a pure function of shapes and the ratio.
+
+Nothing here touches weights, so `lorap plan` can print it from a config.json alone, and the
+reference figures of the paper (LLaMA-7B) are unit-tested without a model.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+from .architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes
+from .counting import factorization_saves, linear_parameters
+from .errors import LorapError
+
+MAX_RATIO = 0.9
+EXACT_TOLERANCE = 0.002  # exact mode must land within 0.2 percentage points
+SUBLAYERS = ("attention", "ffn")
+
+
+@dataclass
+class PlanSettings:
+    ratio: float  # what the user asked for
+    mode: str = "reference"  # "reference": ratio per layer; "exact": ratio of the whole model
+    allocation_a: float = 3.0  # kept (v+o) : (q+k) parameters
+    bottom_keep: float = 0.01  # lowest-scoring FFN channels that are kept anyway
+    sublayers: tuple = SUBLAYERS
+
+    def validate(self) -> None:
+        if not (0 < self.ratio <= MAX_RATIO):
+            raise LorapError(f"ratio must be in (0, {MAX_RATIO}], got {self.ratio}")
+        if self.mode not in ("reference", "exact"):
+            raise LorapError(f"mode must be 'reference' or 'exact', got {self.mode!r}")
+        if self.allocation_a <= 0:
+            raise LorapError(f"the allocation hyper-parameter a must be positive, got {self.allocation_a}")
+        if not (0 <= self.bottom_keep < 1):
+            raise LorapError(f"bottom-keep fraction must be in [0, 1), got {self.bottom_keep}")
+        unknown = set(self.sublayers) - set(SUBLAYERS)
+        if unknown or not self.sublayers:
+            raise LorapError(f"sublayers must be a non-empty subset of {', '.join(SUBLAYERS)}, got {self.sublayers}")
+
+
+@dataclass
+class LayerPlan:
+    index: int
+    ranks: dict  # projection -> rank, or None for a dense projection
+    ffn_width: int  # intermediate channels kept
+
+    def layout(self) -> dict:
+        """What a checkpoint records to rebuild this layer's shapes."""
+        return {**self.ranks, "intermediate_size": self.ffn_width}
+
+
+@dataclass
+class Plan:
+    settings: PlanSettings
+    layer_ratio: float  # the per-layer ratio applied (equals settings.ratio in reference mode)
+    layers: list
+    hidden_size: int
+    intermediate_size: int
+    attention: dict  # projection -> (out, in, bias) of one layer
+    ffn_bias: bool
+    other_parameters: int  # embeddings, norms, LM head: never compressed
+    rows: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.rows = module_rows(self)
+
+    @property
+    def dense_parameters(self) -> int:
+        return self.other_parameters + sum(row["dense_parameters"] for row in self.rows)
+
+    @property
+    def compressed_parameters(self) -> int:
+        return self.other_parameters + sum(row["parameters"] for row in self.rows)
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1 - self.compressed_parameters / self.dense_parameters
+
+    def layout(self) -> list:
+        return [layer.layout() for layer in self.layers]
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": {**asdict(self.settings), "sublayers": list(self.settings.sublayers)},
+            "layer_ratio": self.layer_ratio,
+            "totals": totals(self),
+            "modules": self.rows,
+        }
+
+
+# ---------------------------------------------------------------- counting
+
+
+def other_parameters(config) -> int:
+    d, vocab, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    embeddings = vocab * d
+    head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * d
+    norms = (2 * n_layers + 1) * d  # two RMSNorms per layer and the final one
+    return embeddings + head + norms
+
+
+def module_rows(plan: Plan) -> list:
+    """One row per compressible module: the single source of every parameter figure."""
+    rows = []
+    for layer in plan.layers:
+        for name, (out_f, in_f, bias) in plan.attention.items():
+            rank = layer.ranks[name]
+            rows.append(
+                {
+                    "layer": layer.index,
+                    "module": name,
+                    "shape": [out_f, in_f],
+                    "rank": rank,
+                    "dense_parameters": linear_parameters(in_f, out_f, bias),
+                    "parameters": linear_parameters(in_f, out_f, bias, rank),
+                }
+            )
+        dense_ffn = ffn_shapes_from(plan, plan.intermediate_size)
+        kept_ffn = ffn_shapes_from(plan, layer.ffn_width)
+        for name in dense_ffn:
+            (out_d, in_d, bias), (out_k, in_k, _) = dense_ffn[name], kept_ffn[name]
+            rows.append(
+                {
+                    "layer": layer.index,
+                    "module": name,
+                    "shape": [out_k, in_k],
+                    "width": layer.ffn_width,
+                    "dense_parameters": linear_parameters(in_d, out_d, bias),
+                    "parameters": linear_parameters(in_k, out_k, bias),
+                }
+            )
+    return rows
+
+
+def ffn_shapes_from(plan: Plan, width: int) -> dict:
+    d = plan.hidden_size
+    bias = plan.ffn_bias
+    return {"gate_proj": (width, d, bias), "up_proj": (width, d, bias), "down_proj": (d, width, bias)}
+
+
+def totals(plan: Plan) -> dict:
+    dense, compressed = plan.dense_parameters, plan.compressed_parameters
+    attention_rows = [r for r in plan.rows if r["module"] in ATTENTION_PROJECTIONS]
+    ffn_rows = [r for r in plan.rows if r["module"] not in ATTENTION_PROJECTIONS]
+    return {
+        "dense_parameters": dense,
+        "compressed_parameters": compressed,
+        "removed_parameters": dense - compressed,
+        "removed_fraction": 1 - compressed / dense,
+        "untouched_parameters": plan.other_parameters,
+        "attention": _group_totals(attention_rows),
+        "ffn": _group_totals(ffn_rows),
+    }
+
+
+def _group_totals(rows: list) -> dict:
+    dense = sum(r["dense_parameters"] for r in rows)
+    kept = sum(r["parameters"] for r in rows)
+    return {"dense_parameters": dense, "parameters": kept, "removed_fraction": 1 - kept / dense if dense else 0.0}
+
+
+# ---------------------------------------------------------------- attention ranks
+
+
+def reference_square_ranks(d: int, keep: float, a: float) -> dict:
+    """The authors' rule for square (multi-head) attention, reproduced exactly, int() and all."""
+    k_att = int(keep * d / 2)
+    k_max = int(k_att * 2 * a / (1 + a))
+    if k_max >= d / 2:
+        qk = int(keep * d) - d // 2
+        return {"q_proj": qk, "k_proj": qk, "v_proj": None, "o_proj": None}
+    k_min = int(k_att * 2 / (1 + a))
+    return {"q_proj": k_min, "k_proj": k_min, "v_proj": k_max, "o_proj": k_max}
+
+
+def _group_ranks(shapes: dict, names: tuple, budget: float) -> tuple[dict, int]:
+    """One shared rank for a group of matrices within `budget` parameters.
+
+    A matrix whose factor pair would not be smaller than itself stays dense; its dense size
+    is paid from the budget and the rank of the rest is recomputed.
+    """
+    dense = set()
+    while True:
+        factorized = [n for n in names if n not in dense]
+        if not factorized:
+            break
+        left = budget - sum(shapes[n][0] * shapes[n][1] for n in dense)
+        rank = max(1, math.floor(left / sum(shapes[n][0] + shapes[n][1] for n in factorized)))
+        newly_dense = [n for n in factorized if not factorization_saves(shapes[n][1], shapes[n][0], rank)]
+        if not newly_dense:
+            break
+        dense.update(newly_dense)
+    ranks = {n: (None if n in dense else rank) for n in names}
+    used = sum(linear_parameters(shapes[n][1], shapes[n][0], rank=ranks[n]) for n in names)
+    return ranks, used
+
+
+def attention_ranks(shapes: dict, keep: float, a: float) -> dict:
+    """Ranks for q, k, v, o keeping a `keep` fraction of attention weights, split a:1 between {v,o} and {q,k}.
+
+    On square attention this is the reference rule; on GQA (k, v not square) the same idea is
+    applied to parameter counts, and surplus from a group that stays dense goes to the other.
+    """
+    square = {shapes[n][:2] for n in ATTENTION_PROJECTIONS}
+    if len(square) == 1 and shapes["q_proj"][0] == shapes["q_proj"][1]:
+        return reference_square_ranks(shapes["q_proj"][0], keep, a)
+    weights = {n: (shapes[n][0], shapes[n][1]) for n in ATTENTION_PROJECTIONS}
+    budget = keep * sum(out * inp for out, inp in weights.values())
+    vo_ranks, vo_used = _group_ranks(weights, ("v_proj", "o_proj"), budget * a / (1 + a))
+    qk_budget = budget - vo_used if None in vo_ranks.values() else budget / (1 + a)
+    qk_ranks, qk_used = _group_ranks(weights, ("q_proj", "k_proj"), qk_budget)
+    if None in qk_ranks.values() and None not in vo_ranks.values():
+        vo_ranks, _ = _group_ranks(weights, ("v_proj", "o_proj"), budget - qk_used)
+    return {**qk_ranks, **vo_ranks}
+
+
+# ---------------------------------------------------------------- FFN widths
+
+
+def ffn_removed_channels(width: int, ratio: float) -> int:
+    return int(ratio * width)
+
+
+def ffn_kept_width(width: int, ratio: float, bottom_keep: float) -> int:
+    removed = ffn_removed_channels(width, ratio)
+    if int(bottom_keep * width) + removed > width:
+        raise LorapError(f"bottom-keep {bottom_keep} plus ratio {ratio} exceeds the FFN width {width}")
+    return width - removed
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) -> Plan:
+    shapes = attention_shapes(config)
+    dense_ranks = {name: None for name in ATTENTION_PROJECTIONS}
+    compress_attention = "attention" in settings.sublayers
+    compress_ffn = "ffn" in settings.sublayers
+    ranks = attention_ranks(shapes, 1 - layer_ratio, settings.allocation_a) if compress_attention else dense_ranks
+    m = config.intermediate_size
+    width = ffn_kept_width(m, layer_ratio, settings.bottom_keep) if compress_ffn else m
+    layers = [LayerPlan(i, dict(ranks), width) for i in range(config.num_hidden_layers)]
+    return Plan(
+        settings=settings,
+        layer_ratio=layer_ratio,
+        layers=layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=m,
+        attention=shapes,
+        ffn_bias=ffn_shapes(config)["gate_proj"][2],
+        other_parameters=other_parameters(config),
+    )
+
+
+def make_plan(config, settings: PlanSettings) -> Plan:
+    """Reference mode: `ratio` per layer. Exact mode: the per-layer ratio that removes `ratio` of the whole model."""
+    settings.validate()
+    if settings.mode == "reference":
+        return plan_with_layer_ratio(config, settings, settings.ratio)
+    return _exact_plan(config, settings)
+
+
+def _exact_plan(config, settings: PlanSettings) -> Plan:
+    target = settings.ratio
+    limit = 1 - settings.bottom_keep - 1e-9
+
+    def plan_at(r):
+        return plan_with_layer_ratio(config, settings, r)
+
+    most = plan_at(limit)
+    if most.removed_fraction < target - EXACT_TOLERANCE:
+        raise LorapError(
+            f"at most {most.removed_fraction:.1%} of this model's parameters can be removed from its "
+            f"{'/'.join(settings.sublayers)} sublayers (embeddings, norms and LM head are untouched); "
+            f"{target:.1%} was asked for"
+        )
+    # The removed fraction grows with the layer ratio (in steps, from integer ranks and widths):
+    # bisect, then keep the candidate closest to the target.
+    low, high = 0.0, limit
+    best = most
+    for _ in range(60):
+        mid = (low + high) / 2
+        candidate = plan_at(mid)
+        if abs(candidate.removed_fraction - target) < abs(best.removed_fraction - target):
+            best = candidate
+        if candidate.removed_fraction < target:
+            low = mid
+        else:
+            high = mid
+    if abs(best.removed_fraction - target) > EXACT_TOLERANCE:
+        raise LorapError(
+            f"could not reach {target:.2%} removed within {EXACT_TOLERANCE:.1%} "
+            f"(closest: {best.removed_fraction:.2%}); the model's matrices are too coarse for this target"
+        )
+    return best
