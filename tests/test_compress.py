@@ -12,7 +12,7 @@ from conftest import build_tiny_model
 from lorap import api
 from lorap.allocate import EXACT_TOLERANCE
 from lorap.calibration import InputStatistics, capture_first_layer_inputs
-from lorap.compress import compress_layer_lorap, compress_model
+from lorap.compression import compress_layer_lorap, compress_model
 from lorap.config import CompressionConfig
 from lorap.counting import count_parameters
 from lorap.data import calibration_samples

@@ -96,7 +96,7 @@ def compress(
 
     from .architectures import architecture_of
     from .checkpoint import REPORT_FILE, check_output_folder, mark_compressed, save_checkpoint
-    from .compress import compress_model, resolve_device
+    from .compression import compress_model, resolve_device
     from .config import CompressionConfig
     from .evaluate.perplexity import perplexity_table
     from .models import resolve_model

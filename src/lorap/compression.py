@@ -1,4 +1,7 @@
-"""Compress an in-memory model: plan, calibrate, walk the layers, check the result."""
+"""Compress an in-memory model: plan, calibrate, walk the layers, check the result.
+
+(Named `compression`, not `compress`, so that it never shadows the `lorap.compress()` function.)
+"""
 import time
 from dataclasses import dataclass, field
 

@@ -1,0 +1,37 @@
+"""Write one benchmark's table into its own marked section of a docs page, leaving the rest alone."""
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+
+def machine_line() -> str:
+    """Where a table was measured: CPU model, cores, and the versions that matter."""
+    import torch
+    import transformers
+
+    from lorap import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"Machine: {cpu}, {torch.get_num_threads()} threads, no GPU. lorap {__version__} (commit {commit or 'unknown'}), "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}."
+    )
+
+
+def update_section(page: Path, name: str, body: str) -> None:
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = page.read_text() if page.exists() else "# Results\n\nEvery table below is written by a script in `benchmarks/`; each says how to re-run it.\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(text)
