@@ -107,12 +107,28 @@ def load_config(spec: str | None):
     return AutoConfig.from_pretrained(source.location)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Fail clearly when a folder holds a model without its tokenizer (transformers' own error
+    for that case is a traceback about protobuf)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LorapError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer into the model folder (tokenizer.save_pretrained)"
+        )
+
+
 def load_model(spec: str | None = None, dtype=None, device: str | None = None, device_map=None):
     """Load (model, tokenizer, source). dtype None keeps the checkpoint's own dtype."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
+    if source.kind in ("default", "folder", "lorap"):
+        _check_tokenizer_files(Path(source.location))
     info(f"loading {source.describe()}")
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if device_map is not None:
@@ -136,7 +152,7 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
         else:
             model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source.location)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # a truncated weights file is a SafetensorError
         if isinstance(err, LorapError):
             raise
         raise LorapError(f"could not load {source.describe()}: {err}") from err
