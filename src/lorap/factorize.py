@@ -6,6 +6,8 @@ or wider whatever the model's dtype.
 """
 import torch
 
+from .counting import factorization_saves
+from .errors import LorapError
 from .modeling_lorap import LowRankLinear
 
 # The authors replace zero statistics (dead input channels) by this before dividing by them.
@@ -39,6 +41,11 @@ FACTORIZERS = {"awsvd": awsvd, "svd": plain_svd}
 
 def factorized_linear(linear: torch.nn.Linear, statistic: torch.Tensor, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:
     """A LowRankLinear replacing `linear`, in the linear's own dtype and device."""
+    if not factorization_saves(linear.in_features, linear.out_features, rank):
+        raise LorapError(
+            f"rank {rank} would make a {linear.out_features}x{linear.in_features} matrix bigger, not smaller; "
+            "keep it dense (ranks must satisfy rank * (in + out) < in * out)"
+        )
     weight = linear.weight.detach().to(compute_dtype)
     left, right = FACTORIZERS[method](weight, statistic.to(device=weight.device, dtype=compute_dtype), rank)
     pair = LowRankLinear(
