@@ -27,7 +27,7 @@ def run(command: list) -> None:
 
 def evaluate(model: list, seqlens: str, max_tokens: int, out: Path) -> dict:
     limit = ["--max-tokens", str(max_tokens)] if max_tokens else []
-    run([*LORAP, "eval", *model, "--ppl", "wiki", "--seqlen", seqlens, *limit, "--json", str(out)])
+    run([*LORAP, "eval", *model, "--ppl", "wiki", "--seqlen", seqlens, *limit, "--tasks", "none", "--json", str(out)])
     return json.loads(out.read_text())
 
 

