@@ -10,6 +10,7 @@ each evaluation runs in its own process, so peak memory is that run's alone.
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,11 @@ def main() -> None:
     rows = []
     for ratio in args.ratios.split(","):
         folder = args.work / f"r{ratio}"
+        load_before = os.getloadavg()[0]
         run([*LORAP, "compress", "--ratio", ratio, "--samples", str(args.samples), "--out", str(folder), "--overwrite"])
         report = json.loads((folder / "compression_report.json").read_text())
         evaluation = evaluate([str(folder), "--alone"], args.seqlens, args.max_tokens, args.work / f"r{ratio}-eval.json")
-        rows.append((ratio, report, evaluation))
+        rows.append((ratio, report, evaluation, load_before))
 
     tokens = f"the first {args.max_tokens:,} tokens of" if args.max_tokens else "all of"
     lines = [
@@ -64,23 +66,24 @@ def main() -> None:
         "test split, non-overlapping windows, exp(mean token NLL). Ratio is the per-layer ratio of the paper; "
         "'removed' is the share of the whole model's parameters (embeddings and head are untouched). "
         "Wall time is the whole `lorap compress` run (load, calibration, layer walk, save); peak memory is that "
-        "process's maximum RSS.",
+        "process's maximum RSS. Load is the machine's 1-minute load average when the compression started "
+        "(2 cores: above 2, other work was competing and wall times are inflated).",
         "",
-        "| ratio | parameters | removed | compress time (s) | layer walk (s) | peak RSS (MB) | "
+        "| ratio | parameters | removed | compress time (s) | layer walk (s) | peak RSS (MB) | load | "
         + " | ".join(f"PPL @ {s}" for s in seqlens)
         + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(seqlens),
-        f"| dense | {dense['parameters']:,} | 0 | - | - | - | "
+        "|---|---|---|---|---|---|---|" + "---|" * len(seqlens),
+        f"| dense | {dense['parameters']:,} | 0 | - | - | - | - | "
         + " | ".join(f"{dense['perplexity']['wiki'][s]:.2f}" for s in seqlens)
         + " |",
     ]
-    for ratio, report, evaluation in rows:
+    for ratio, report, evaluation, load in rows:
         totals = report["plan"]["totals"]
         assert totals["compressed_parameters"] == evaluation["parameters"], "report and evaluation disagree"
         lines.append(
             f"| {ratio} | {totals['compressed_parameters']:,} | {totals['removed_fraction']:.2%} | "
             f"{report['timings']['total']:.0f} | {report['timings']['layer_walk']:.0f} | "
-            f"{report['peak_memory']['host_rss_mb']:.0f} | "
+            f"{report['peak_memory']['host_rss_mb']:.0f} | {load:.1f} | "
             + " | ".join(f"{evaluation['perplexity']['wiki'][s]:.2f}" for s in seqlens)
             + " |"
         )
