@@ -19,20 +19,15 @@ def perplexity(model, tokenizer, dataset="wiki", seqlen=128, max_tokens=None) ->
     return _perplexity(model, tokenizer, dataset, seqlen, max_tokens)
 
 
-def evaluate(model=None, ppl=("wiki",), seqlens=(128,), max_tokens=None, device=None) -> dict:
-    """Perplexity of a model given by name/path, as the JSON `lorap eval` writes."""
-    from .evaluate.perplexity import perplexity_table
+def evaluate(model=None, ppl=("wiki",), seqlens=(128,), max_tokens=None, device=None, **options) -> dict:
+    """The report `lorap eval --json` writes, for a model given by name or path.
 
-    device = device or default_device()
-    loaded, tokenizer, source = load_model(model, device=device)
-    return {
-        "model": source.name,
-        "source": source.describe(),
-        "parameters": count_parameters(loaded),
-        "perplexity": perplexity_table(loaded, tokenizer, ppl, seqlens, max_tokens),
-        "protocol": protocol(max_tokens),
-        **environment(device),
-    }
+    `options` are those of lorap.evaluate.suite.evaluate_suite: against, alone, tasks (None:
+    perplexity only), limit, offline, speed, batch_size.
+    """
+    from .evaluate.suite import evaluate_suite
+
+    return evaluate_suite(model, ppl=ppl, seqlens=seqlens, max_tokens=max_tokens, device=device, **options)
 
 
 def protocol(max_tokens=None) -> dict:
