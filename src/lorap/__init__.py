@@ -10,6 +10,7 @@ _PUBLIC = {
     "plan": "lorap.api",
     "perplexity": "lorap.api",
     "load_model": "lorap.models",
+    "recover": "lorap.recover",
 }
 
 

@@ -1,0 +1,333 @@
+"""Recovery on tiny compressed models: LoRA on dense and factor linears, the merge, the data
+(instructions with the prompt masked, plain text), bit-exact resumption and the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny_model
+from lorap import api
+from lorap.counting import count_parameters
+from lorap.errors import LorapError
+from lorap.instructions import IGNORE_INDEX, encode_records, prompt_of
+from lorap.modeling_lorap import LowRankLinear
+from lorap.recover import (
+    RecoveryConfig,
+    Schedule,
+    attach_lora,
+    load_examples,
+    lora_target_names,
+    prepare_data,
+    recover,
+    resolve_data,
+)
+from test_compress import REMOTE_LOAD, SMALL
+
+# Tiny runs: a 64-token cutoff, 8 held out, batches of 4; a high learning rate so a few steps show.
+FAST = dict(cutoff=64, val_size=8, batch_size=4, lr=2e-2, eval_every=3, save_every=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A local text corpus of ~60 kB of wiki train articles (tokenizing it takes milliseconds)."""
+    from lorap.data import wiki_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "wiki-slice.txt"
+    path.write_text("\n\n".join(wiki_documents("train")[:60]), encoding="utf-8")
+    return str(path)
+
+
+def _compressed(arch, root, tokenizer):
+    """A tiny model compressed at 50% (attention factorized, FFN pruned) as a lorap checkpoint."""
+    dense = root / "dense"
+    build_tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    api.compress(str(dense), root / "compressed", ratio=0.5, progress=False, **SMALL)
+    return root / "compressed"
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory, tiny_tokenizer):
+    return _compressed("llama_gqa", tmp_path_factory.mktemp("recover-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "qwen2"])
+def compressed_any(request, tmp_path_factory, tiny_tokenizer):
+    """Every architecture whose factors differ in kind: plain, and with q/k/v biases (Qwen2)."""
+    return _compressed(request.param, tmp_path_factory.mktemp(f"recover-{request.param}"), tiny_tokenizer)
+
+
+RECORDS = [
+    {"instruction": "Name the capital of France.", "input": "", "output": "Paris is the capital of France."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Repeat the word.", "input": "echo", "output": "echo echo"},
+] * 10
+
+
+def test_lora_attaches_to_dense_projections_and_both_factors(compressed_any):
+    model, _ = api.load(compressed_any)
+    targets = lora_target_names(model)
+    expected = []
+    for index, layer in enumerate(model.model.layers):
+        for kind, module in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for name, child in module.named_children():
+                prefix = f"model.layers.{index}.{kind}.{name}"
+                if isinstance(child, LowRankLinear):
+                    expected += [f"{prefix}.right", f"{prefix}.left"]
+                elif isinstance(child, torch.nn.Linear):
+                    expected.append(prefix)
+    assert sorted(targets) == sorted(expected)
+    assert any(t.endswith("q_proj.right") for t in targets) and any(t.endswith("down_proj") for t in targets)
+    assert not any("lm_head" in t or "embed" in t for t in targets)
+    peft_model = attach_lora(model, RecoveryConfig(lora_r=4))
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(targets) and all("lora_" in name for name in trainable)
+
+
+def test_merged_outputs_equal_the_adapter_wrapped_outputs(compressed_any):
+    model, _ = api.load(compressed_any)
+    before = count_parameters(model)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    peft_model = attach_lora(model, RecoveryConfig(lora_r=4))
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); give it a real effect to merge
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.eval()
+    inputs = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        wrapped = peft_model(inputs).logits
+        merged_model = peft_model.merge_and_unload()
+        merged = merged_model(inputs).logits
+        base_outputs_changed = (wrapped - api.load(compressed_any)[0](inputs).logits).abs().max()
+    assert base_outputs_changed > 1e-3  # the adapter did something, so the comparison means something
+    assert (merged - wrapped).abs().max() <= 1e-5
+    assert count_parameters(merged_model) == before
+    assert {name: p.shape for name, p in merged_model.named_parameters()} == shapes
+
+
+def test_instruction_prompts_are_masked_from_the_loss(tiny_tokenizer):
+    examples, dropped = encode_records(tiny_tokenizer, RECORDS[:3], cutoff=256)
+    assert dropped == 0
+    for record, (ids, labels) in zip(RECORDS, examples):
+        prompt = tiny_tokenizer(prompt_of(record))["input_ids"]
+        response = tiny_tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        assert ids == prompt + response + [tiny_tokenizer.eos_token_id]
+        assert labels == [IGNORE_INDEX] * len(prompt) + response + [tiny_tokenizer.eos_token_id]
+    assert "### Input:\n2 and 3" in prompt_of(RECORDS[1]) and "### Input" not in prompt_of(RECORDS[0])
+    # Truncation keeps the mask aligned; a prompt that fills the cutoff teaches nothing and is dropped.
+    prompt_len = len(tiny_tokenizer(prompt_of(RECORDS[0]))["input_ids"])
+    (ids, labels), = encode_records(tiny_tokenizer, RECORDS[:1], cutoff=prompt_len + 2)[0]
+    assert len(ids) == len(labels) == prompt_len + 2 and labels[prompt_len:] == ids[prompt_len:]
+    assert encode_records(tiny_tokenizer, RECORDS[:1], cutoff=prompt_len) == ([], 1)
+
+
+def test_data_sources_are_recognised(tiny_tokenizer, tmp_path, corpus):
+    as_json = tmp_path / "alpaca.json"
+    as_json.write_text(json.dumps(RECORDS))
+    as_jsonl = tmp_path / "alpaca.jsonl"
+    as_jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    text_jsonl = tmp_path / "text.jsonl"
+    text_jsonl.write_text("\n".join(json.dumps({"text": "some words " * 40}) for _ in range(5)))
+    for source in (as_json, as_jsonl):
+        examples, description = load_examples(tiny_tokenizer, str(source), 256)
+        assert description["format"] == "instructions" and len(examples) == len(RECORDS)
+        assert any(label == IGNORE_INDEX for label in examples[0][1])
+    for source in (corpus, str(text_jsonl)):
+        examples, description = load_examples(tiny_tokenizer, source, 64)
+        assert description["format"] == "text"
+        assert all(len(ids) == 64 and ids == labels for ids, labels in examples)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "no output"}]))
+    with pytest.raises(LorapError, match="record 1 lacks"):
+        load_examples(tiny_tokenizer, str(bad), 64)
+    with pytest.raises(LorapError, match="not found"):
+        load_examples(tiny_tokenizer, str(tmp_path / "missing.json"), 64)
+
+
+def test_default_data_is_alpaca_online_and_wiki_offline(monkeypatch, tiny_tokenizer):
+    from lorap import network
+
+    monkeypatch.setattr(network, "hub_reachable", lambda: False)
+    assert resolve_data(None) == "wiki" and resolve_data("x.txt") == "x.txt"
+    with pytest.raises(LorapError, match="cannot be reached"):
+        load_examples(tiny_tokenizer, "alpaca", 64)
+    monkeypatch.setattr(network, "hub_reachable", lambda: True)
+    assert resolve_data(None) == "alpaca"
+
+
+def test_validation_split_is_held_out_and_seeded(tiny_tokenizer, corpus):
+    config = RecoveryConfig(data=corpus, cutoff=64, val_size=8)
+    first, again = prepare_data(tiny_tokenizer, corpus, config), prepare_data(tiny_tokenizer, corpus, config)
+    assert first.validation == again.validation and len(first.validation) == 8
+    train = {tuple(ids) for ids, _ in first.train}
+    assert not any(tuple(ids) in train for ids, _ in first.validation)
+    other = prepare_data(tiny_tokenizer, corpus, RecoveryConfig(cutoff=64, val_size=8, seed=1))
+    assert other.validation != first.validation
+
+
+def test_schedule_covers_every_example_once_per_epoch_with_warmup_and_decay():
+    schedule = Schedule(train_examples=10, batch_size=2, grad_accum=2, epochs=2, max_steps=None, warmup=2, lr=1.0, seed=0)
+    assert schedule.steps_per_epoch == 3 and schedule.total_steps == 6
+    cache = {}
+    for epoch in range(2):
+        seen = [i for step in range(3 * epoch, 3 * epoch + 3) for mb in schedule.micro_batches(step, cache) for i in mb]
+        assert sorted(seen) == list(range(10))
+    assert schedule.epoch_order(0) != schedule.epoch_order(1)
+    assert [schedule.lr_at(s) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert Schedule(10, 2, 2, 2, 4, None, 1.0, 0).total_steps == 4
+
+
+def test_recovery_lowers_the_loss_keeps_the_count_and_reloads(compressed_dir, tmp_path, corpus, tiny_tokenizer):
+    out = tmp_path / "recovered"
+    result = recover(compressed_dir, out, data=corpus, max_steps=9, **FAST)
+    report = result.report
+    validation = report["history"]["validation"]
+    assert [step for step, _ in validation] == [0, 3, 6, 9]
+    assert report["best_validation_loss"] < report["validation_loss_before"] - 0.04
+    train = [loss for _, loss in report["history"]["train"]]
+    assert sum(train[-3:]) / 3 < sum(train[:3]) / 3
+    assert report["steps"] == 9 and report["stopped_by"] == "schedule"
+    assert report["tokens_seen"] == 9 * 4 * 63  # 4 windows of 64 tokens a step, 63 predicted in each
+
+    source_model, _ = api.load(compressed_dir)
+    assert count_parameters(result.model) == count_parameters(source_model)
+    reloaded, _ = api.load(out)
+    assert count_parameters(reloaded) == count_parameters(source_model)
+    assert {n: p.shape for n, p in reloaded.named_parameters()} == {n: p.shape for n, p in source_model.named_parameters()}
+    config = json.loads((out / "config.json").read_text())
+    recovery = config["lorap"]["recovery"]
+    assert recovery["settings"]["lora_r"] == 8 and recovery["data"]["source"] == corpus
+    assert recovery["best_step"] == report["best_step"] and config["lorap"]["layers"]
+    assert (out / "compression_report.json").read_text() == (compressed_dir / "compression_report.json").read_text()
+    assert not (tmp_path / ".recovered.recovery").exists()  # the finished run's work folder is cleaned up
+    assert not (out / "adapter").exists()
+
+    # The merged model changed the weights (so recovery did something) and reloads as saved.
+    inputs = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        expected = result.model.eval()(inputs).logits
+        assert (reloaded(inputs).logits - expected).abs().max() <= 1e-5
+        assert (source_model(inputs).logits - expected).abs().max() > 1e-3
+    # ... and in a separate process through plain transformers, with lorap not importable.
+    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(compressed_dir, tmp_path, corpus):
+    settings = dict(data=corpus, max_steps=7, **FAST)
+    recover(compressed_dir, tmp_path / "straight", **settings)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, loss):  # a crash: steps since the last periodic checkpoint (4) are redone
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        recover(compressed_dir, tmp_path / "crashed", on_step=crash_at_5, **settings)
+    assert not (tmp_path / "crashed").exists()  # never a half-written output
+    with pytest.raises(LorapError, match="--resume"):
+        recover(compressed_dir, tmp_path / "crashed", **settings)
+    with pytest.raises(LorapError, match="lr differ"):
+        recover(compressed_dir, tmp_path / "crashed", resume=True, **{**settings, "lr": 1e-3})
+    recover(compressed_dir, tmp_path / "crashed", resume=True, **settings)
+
+    def ctrl_c_at_3(step, loss):  # Ctrl-C: a checkpoint of this very step, so nothing is lost
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        recover(compressed_dir, tmp_path / "stopped", on_step=ctrl_c_at_3, **settings)
+    state = json.loads((tmp_path / ".stopped.recovery" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+    resumed = recover(compressed_dir, tmp_path / "stopped", resume=True, **settings)
+    assert resumed.report["steps"] == 7
+
+    straight = _weights(tmp_path / "straight")
+    for name in ("crashed", "stopped"):
+        other = _weights(tmp_path / name)
+        assert straight.keys() == other.keys()
+        assert all(torch.equal(straight[k], other[k]) for k in straight), name
+
+
+def test_time_budget_stops_early_keeps_the_work_and_resume_continues(compressed_dir, tmp_path, corpus):
+    settings = dict(data=corpus, max_steps=6, **FAST)
+    first = recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, **settings)
+    assert first.report["stopped_by"] == "max_minutes" and first.report["steps"] == 1
+    assert first.report["history"]["validation"][-1][0] == 1  # the last step is validated before stopping
+    assert (tmp_path / ".out.recovery" / "checkpoint").is_dir() and (tmp_path / "out" / "config.json").is_file()
+    second = recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)
+    assert second.report["steps"] == 6 and second.report["stopped_by"] == "schedule"
+    assert not (tmp_path / ".out.recovery").exists()
+
+
+def test_instruction_recovery_keeps_the_adapter(compressed_dir, tmp_path):
+    from peft import PeftModel
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(RECORDS))
+    out = tmp_path / "out"
+    result = recover(compressed_dir, out, data=str(data), max_steps=3, keep_adapter=True, **{**FAST, "cutoff": 256})
+    assert result.report["data"]["format"] == "instructions"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    base, _ = api.load(compressed_dir)
+    wrapped = PeftModel.from_pretrained(base, out / "adapter").eval()
+    inputs = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        assert (wrapped(inputs).logits - result.model(inputs).logits).abs().max() <= 1e-5
+
+
+def test_cli_recover(compressed_dir, tmp_path, corpus, capsys):
+    from lorap.cli import main
+
+    out = tmp_path / "cli"
+    code = main([
+        "recover", str(compressed_dir), "--out", str(out), "--data", corpus, "--max-steps", "2",
+        "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
+    ])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["lorap"]["recovery"]["settings"]["lora_r"] == 4
+    assert "validation loss" in capsys.readouterr().out
+    assert main(["recover", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a lorap checkpoint" in capsys.readouterr().err
+    assert main(["recover", str(compressed_dir), "--out", str(out), "--data", corpus, "--max-steps", "2"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_bad_settings_are_refused(compressed_dir, tmp_path):
+    for bad in ({"lora_r": 0}, {"max_steps": 0}, {"lr": 0.0}, {"lora_dropout": 1.0}, {"max_minutes": -1}):
+        with pytest.raises(LorapError):
+            recover(compressed_dir, tmp_path / "out", **bad)
+
+
+def test_half_precision_checkpoint_stays_half_and_a_work_dir_keeps_foreign_files(tmp_path, tiny_tokenizer, corpus):
+    dense = tmp_path / "dense"
+    build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer)).to(torch.bfloat16).save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    api.compress(str(dense), tmp_path / "compressed", ratio=0.5, progress=False, **SMALL)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("not lorap's")
+    recover(tmp_path / "compressed", tmp_path / "out", data=corpus, max_steps=2, work_dir=work, **FAST)
+    reloaded, _ = api.load(tmp_path / "out")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert count_parameters(reloaded) == count_parameters(api.load(tmp_path / "compressed")[0])
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
