@@ -80,6 +80,10 @@ def compress(
     eval_max_tokens=None,
     overwrite=False,
     progress=True,
+    stream=None,
+    resume=False,
+    activation_dtype="auto",
+    activation_store="memory",
     **settings,
 ) -> Compressed:
     """Load a model, compress it by LoRAP, save it to `out` (if given) and report what was done.
@@ -99,6 +103,16 @@ def compress(
 
     config = config or CompressionConfig(**settings)
     config.validate()
+    # Streamed (stream=True, resume=True, or stream=None and the model would not fit in memory): the
+    # model is read layer by layer from its shards and never held whole; Compressed.model is None.
+    if stream or resume or (stream is None and _would_not_fit(model)):
+        from .errors import LorapError
+        from .streaming import StreamOptions, compress_streamed
+
+        if evaluate_ppl:
+            raise LorapError("a streamed run never holds the whole model, so it cannot --eval; run `lorap eval OUT` after it")
+        options = StreamOptions(resume, activation_dtype, activation_store)
+        return compress_streamed(model, out, config, overwrite, progress, options)
     started = time.perf_counter()
     source = resolve_model(model)
     if out is not None:  # fail before the long work, not after it
@@ -149,6 +163,13 @@ def compress(
     if out is not None:  # the report in the checkpoint includes the save and total times too
         write_json_atomic(Path(out) / REPORT_FILE, report)
     return Compressed(loaded, tokenizer, report)
+
+
+def _would_not_fit(model) -> bool:
+    from .models import resolve_model
+    from .streaming import should_stream
+
+    return should_stream(resolve_model(model))
 
 
 def checkpoint_metadata(result, base_model, base_architecture) -> dict:

@@ -142,15 +142,21 @@ def walk_layers(model, batches: list, device, compress_layer, progress: bool = T
     """
     layers = decoder_layers(model)
     for index in tqdm(range(len(layers)), desc="compressing layers", unit="layer", disable=not progress):
-        layer = layers[index]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        stats = InputStatistics(layer)
-        with stats.recording():
-            for batch in batches:
-                layer_output(layer, batch)
-        stats.check_finite(index)
-        compress_layer(index, layer, stats)
+        process_layer(index, layers[index], batches, device, compress_layer)
+
+
+@torch.no_grad()
+def process_layer(index, layer, batches, device, compress_layer) -> None:
+    """One step of the walk (shared by the in-memory and the streamed walk): statistics, compression,
+    propagation. Only this layer visits the compute device; `batch.hidden` becomes its output."""
+    home = next(layer.parameters()).device
+    layer.to(device)
+    stats = InputStatistics(layer)
+    with stats.recording():
         for batch in batches:
-            batch.hidden = layer_output(layer, batch)
-        layer.to(home)
+            layer_output(layer, batch)
+    stats.check_finite(index)
+    compress_layer(index, layer, stats)
+    for batch in batches:
+        batch.hidden = layer_output(layer, batch)
+    layer.to(home)

@@ -163,6 +163,26 @@ def _add_compress(sub):
     p.add_argument("--eval-seqlen", type=_csv(int), default=[128], help="windows for --eval (default 128)")
     p.add_argument("--eval-max-tokens", type=int, help="only the first N test tokens in --eval")
     p.add_argument("--json", type=Path, help="also write the report here (it is always saved in --out)")
+    p.add_argument(
+        "--stream",
+        action="store_const",
+        const=True,
+        help="read, compress and write one decoder layer at a time from the safetensors shards, never holding the "
+        "whole model (default: only when the model would not fit in the memory available)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --stream run from its last finished layer")
+    p.add_argument(
+        "--activation-dtype",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        default="auto",
+        help="storage dtype of the calibration activations between layers in a streamed run (default: the model's)",
+    )
+    p.add_argument(
+        "--activation-store",
+        choices=["memory", "disk"],
+        default="memory",
+        help="keep the streamed run's calibration activations in memory or in a memory-mapped file beside --out",
+    )
     p.set_defaults(run=_run_compress)
 
 
@@ -194,6 +214,10 @@ def _run_compress(args):
         eval_seqlens=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens,
         overwrite=args.overwrite,
+        stream=args.stream,
+        resume=args.resume,
+        activation_dtype=args.activation_dtype,
+        activation_store=args.activation_store,
     )
     print(format_compression(result.report))
     _write_json(args.json, result.report)
@@ -209,17 +233,22 @@ def _add_plan(sub):
 
 def _run_plan(args):
     from .api import plan
+    from .models import load_config
     from .report import format_plan
+    from .streaming import format_memory_estimate, memory_estimate
 
-    result = plan(
+    planned = plan(
         args.model,
         ratio=args.ratio,
         mode=args.mode,
         allocation_a=args.allocation_a,
         bottom_keep=args.bottom_keep,
         sublayers=tuple(args.sublayers),
-    ).to_dict()
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    )
+    result = planned.to_dict()
+    memory = memory_estimate(load_config(args.model), planned)
+    result["memory_estimate"] = memory
+    print(json.dumps(result, indent=2) if args.json else format_plan(result) + "\n" + format_memory_estimate(memory))
 
 
 def _add_recover(sub):
