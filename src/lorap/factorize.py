@@ -48,14 +48,7 @@ def factorized_linear(linear: torch.nn.Linear, statistic: torch.Tensor, rank: in
         )
     weight = linear.weight.detach().to(compute_dtype)
     left, right = FACTORIZERS[method](weight, statistic.to(device=weight.device, dtype=compute_dtype), rank)
-    pair = LowRankLinear(
-        linear.in_features,
-        linear.out_features,
-        rank,
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
+    pair = LowRankLinear.shaped_like(linear, rank)
     with torch.no_grad():
         pair.left.weight.copy_(left.to(linear.weight.dtype))
         pair.right.weight.copy_(right.to(linear.weight.dtype))

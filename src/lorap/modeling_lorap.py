@@ -27,6 +27,18 @@ class LowRankLinear(nn.Module):
         self.right = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.left = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
+    @classmethod
+    def shaped_like(cls, linear, rank):
+        """An (uninitialised) factor pair with the shapes, bias, device and dtype of `linear`."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+
     def forward(self, x):
         return self.left(self.right(x))
 
@@ -55,19 +67,7 @@ def apply_layout(model, layers_layout):
             rank = layout.get(name)
             if rank is None:
                 continue
-            dense = getattr(attention, name)
-            setattr(
-                attention,
-                name,
-                LowRankLinear(
-                    dense.in_features,
-                    dense.out_features,
-                    rank,
-                    bias=dense.bias is not None,
-                    device=dense.weight.device,
-                    dtype=dense.weight.dtype,
-                ),
-            )
+            setattr(attention, name, LowRankLinear.shaped_like(getattr(attention, name), rank))
         width = layout.get("intermediate_size")
         mlp = layer.mlp
         if width is not None and width != mlp.gate_proj.out_features:
