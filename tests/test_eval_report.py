@@ -111,3 +111,18 @@ def test_a_real_checkpoint_is_compared_with_its_base(two_dirs, tmp_path, capsys)
     assert 0 < report["comparison"]["parameters_removed"] < 0.3
     model, _, _ = load_model(str(checkpoint))
     assert counted_macs_per_token(model, 48) == macs_per_token(model, 48)["total"]  # factorized shapes too
+
+
+def test_speed_verdict_says_plainly_when_not_faster():
+    from lorap.evaluate.render import speed_verdict
+
+    report = {
+        "model": "small",
+        "against": {"model": "big"},
+        "comparison": {"prefill_speedup": {"128": 0.8, "512": 1.25}, "decode_speedup": 1.0},
+    }
+    lines = speed_verdict(report)
+    assert lines[0].startswith("prefill 128 tokens: small is NOT faster (slower) than big (0.80x")
+    assert "small is faster than big (1.25x" in lines[1]
+    assert "exactly as fast" in lines[2]
+    assert speed_verdict({"model": "x"}) == []

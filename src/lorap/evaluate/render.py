@@ -32,8 +32,27 @@ def format_text(report: dict) -> str:
     if "comparison" in report:
         removed = report["comparison"]["parameters_removed"]
         lines += ["", f"{report['model']} vs {report['against']['model']}: {removed:.2%} fewer parameters"]
+        lines += speed_verdict(report)
     lines.extend(f"note: {note}" for note in report.get("notes", []))
     return "\n".join(lines)
+
+
+def speed_verdict(report: dict) -> list[str]:
+    """Plain sentences on whether the evaluated model is faster than the one it is compared with."""
+    comparison = report.get("comparison", {})
+    if "decode_speedup" not in comparison:
+        return []
+    name, other = report["model"], report["against"]["model"]
+
+    def sentence(what, speedup):
+        if speedup is None:
+            return f"{what}: not measured for both models"
+        verdict = "faster" if speedup > 1 else "NOT faster (slower)" if speedup < 1 else "exactly as fast"
+        return f"{what}: {name} is {verdict} than {other} ({speedup:.2f}x the speed, medians)"
+
+    lines = [sentence(f"prefill {seqlen} tokens", speedup) for seqlen, speedup in comparison["prefill_speedup"].items()]
+    lines.append(sentence("decode", comparison["decode_speedup"]))
+    return lines
 
 
 def _row(label: str, values) -> str:
@@ -121,6 +140,7 @@ def to_markdown(report: dict, charts: dict | None = None) -> str:
         lines += [f"## Efficiency (batch {settings['batch']}, {settings['warmup']} warm-up runs, "
                   f"{settings['repeats']} repeats, {settings['threads']} threads)", ""]
         lines += _table(header, _efficiency_rows(models))
+        lines += [f"- {sentence}" for sentence in speed_verdict(report)] + ([""] if "comparison" in report else [])
     if charts:
         lines += ["## Charts", ""] + [f"![{name}]({path})" for name, path in charts.items()] + [""]
     lines += ["## Provenance", ""]
