@@ -122,6 +122,20 @@ assert diff <= 1e-5, diff
 """
 
 
+def assert_reloads_without_lorap(folder, inputs, expected, tmp_path):
+    """In a separate process where lorap cannot be imported, plain transformers reloads `folder`
+    (trust_remote_code) and gives `expected` logits for `inputs` within 1e-5."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_checkpoint_round_trip(tiny_model_dir, tmp_path, tiny_arch):
     out = tmp_path / "compressed"
     result = api.compress(str(tiny_model_dir), out, ratio=0.4, progress=False, **SMALL)
@@ -144,15 +158,7 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path, tiny_arch):
     with torch.no_grad():
         assert (reloaded(inputs).logits - expected).abs().max() <= 1e-5
 
-    torch.save(inputs, tmp_path / "inputs.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    done = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "expected.pt")],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "modules")},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_reloads_without_lorap(out, inputs, expected, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from lorap.recover import (
     recover,
     resolve_data,
 )
-from test_compress import REMOTE_LOAD, SMALL
+from test_compress import SMALL, assert_reloads_without_lorap
 
 # Tiny runs: a 64-token cutoff, 8 held out, batches of 4; a high learning rate so a few steps show.
 FAST = dict(cutoff=64, val_size=8, batch_size=4, lr=2e-2, eval_every=3, save_every=2, progress=False)
@@ -215,15 +213,7 @@ def test_recovery_lowers_the_loss_keeps_the_count_and_reloads(compressed_dir, tm
         assert (reloaded(inputs).logits - expected).abs().max() <= 1e-5
         assert (source_model(inputs).logits - expected).abs().max() > 1e-3
     # ... and in a separate process through plain transformers, with lorap not importable.
-    torch.save(inputs, tmp_path / "inputs.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    done = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "expected.pt")],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "modules")},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert_reloads_without_lorap(out, inputs, expected, tmp_path)
 
 
 def _weights(folder):
