@@ -108,3 +108,14 @@ def test_untied_head_is_counted():
     model = build_tiny_model("llama_gqa", tie_word_embeddings=False)
     assert make_plan(model.config, PlanSettings(0.3)).dense_parameters == count_parameters(model)
     assert tiny_config("llama_gqa").tie_word_embeddings
+
+
+@pytest.mark.parametrize("config", [LLAMA_7B, SMOLLM2])
+def test_attention_scale_sets_attentions_ratio_relative_to_the_ffns(config):
+    scaled = make_plan(config, PlanSettings(0.2, attention_scale=2.0))
+    attention_at_double = make_plan(config, PlanSettings(0.4))
+    same_ffn = make_plan(config, PlanSettings(0.2))
+    assert scaled.layers[0].ranks == attention_at_double.layers[0].ranks
+    assert scaled.layers[0].ffn_width == same_ffn.layers[0].ffn_width
+    with pytest.raises(LorapError, match="attention scale"):
+        make_plan(config, PlanSettings(0.2, attention_scale=0))

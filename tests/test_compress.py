@@ -12,7 +12,7 @@ from conftest import build_tiny_model
 from lorap import api
 from lorap.allocate import EXACT_TOLERANCE
 from lorap.calibration import InputStatistics, capture_first_layer_inputs
-from lorap.compression import compress_layer_lorap, compress_model
+from lorap.compression import LayerCompressor, compress_model
 from lorap.config import CompressionConfig
 from lorap.counting import count_parameters
 from lorap.data import calibration_samples
@@ -73,7 +73,7 @@ def test_each_layer_is_calibrated_on_the_compressed_outputs_before_it(tiny_token
     seen = {}
     model = _tiny("llama_gqa", tiny_tokenizer)
     result = compress_model(model, tiny_tokenizer, config, progress=False)
-    inner = compress_layer_lorap(config, result.plan)
+    inner = LayerCompressor(config, result.plan)
 
     # Re-run the walk on a fresh copy, recording what layer 1 was calibrated on.
     def recording(index, layer, stats):

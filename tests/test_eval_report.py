@@ -66,6 +66,19 @@ def test_single_model_keeps_the_plain_keys(two_dirs, tmp_path, capsys):
     assert "perplexity wiki @ 32 tokens:" in capsys.readouterr().out
 
 
+def test_a_device_map_spreads_the_model_and_gives_the_same_perplexity(two_dirs, tmp_path):
+    """accelerate's device map (several GPUs where there are some) runs on a CPU-only machine too,
+    and the report says where the model went."""
+    plain, mapped = tmp_path / "plain.json", tmp_path / "mapped.json"
+    common = ["eval", str(two_dirs[0]), "--seqlen", "32", "--max-tokens", "500", "--tasks", "none"]
+    assert main([*common, "--json", str(plain)]) == 0
+    assert main([*common, "--device-map", "auto", "--json", str(mapped)]) == 0
+    plain, mapped = json.loads(plain.read_text()), json.loads(mapped.read_text())
+    assert mapped["device_map"]["requested"] == "auto" and mapped["device_map"]["devices"]
+    assert "device_map" not in plain
+    assert abs(mapped["perplexity"]["wiki"]["32"] - plain["perplexity"]["wiki"]["32"]) < 1e-4
+
+
 def test_limit_without_tasks_is_a_plain_error(two_dirs, capsys):
     assert main(["eval", str(two_dirs[0]), "--limit", "3", "--tasks", "none"]) == 2
     assert "--limit counts zero-shot examples" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from .architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes
 from .counting import factorization_saves, linear_parameters
+from .choices import FFN_UPDATES
 from .errors import LorapError
 
 MAX_RATIO = 0.9
@@ -22,6 +23,9 @@ class PlanSettings:
     allocation_a: float = 3.0  # kept (v+o) : (q+k) parameters
     bottom_keep: float = 0.01  # lowest-scoring FFN channels that are kept anyway
     sublayers: tuple = SUBLAYERS
+    ffn_update: str = "none"  # what replaces removed FFN channels: none, bias or lstsq (prune.py)
+    # Attention's per-layer ratio relative to the FFN's (the paper: 1, the same ratio for both).
+    attention_scale: float = 1.0
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
@@ -35,6 +39,10 @@ class PlanSettings:
         unknown = set(self.sublayers) - set(SUBLAYERS)
         if unknown or not self.sublayers:
             raise LorapError(f"sublayers must be a non-empty subset of {', '.join(SUBLAYERS)}, got {self.sublayers}")
+        if self.attention_scale <= 0:
+            raise LorapError(f"attention scale must be positive, got {self.attention_scale}")
+        if self.ffn_update not in FFN_UPDATES:
+            raise LorapError(f"FFN update must be one of {', '.join(FFN_UPDATES)}, got {self.ffn_update!r}")
 
 
 @dataclass
@@ -42,10 +50,14 @@ class LayerPlan:
     index: int
     ranks: dict  # projection -> rank, or None for a dense projection
     ffn_width: int  # intermediate channels kept
+    down_bias_added: bool = False  # the down projection gains a bias (compensation of removed channels)
 
     def layout(self) -> dict:
         """What a checkpoint records to rebuild this layer's shapes."""
-        return {**self.ranks, "intermediate_size": self.ffn_width}
+        layout = {**self.ranks, "intermediate_size": self.ffn_width}
+        if self.down_bias_added:
+            layout["down_proj_bias"] = True
+        return layout
 
 
 @dataclass
@@ -77,6 +89,17 @@ class Plan:
 
     def layout(self) -> list:
         return [layer.layout() for layer in self.layers]
+
+    def with_ffn_widths(self, widths: list) -> "Plan":
+        """The same plan with other per-layer FFN widths (adaptive allocation), counted afresh."""
+        if len(widths) != len(self.layers):
+            raise ValueError(f"{len(widths)} widths for {len(self.layers)} layers")
+        layers = [
+            _layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias)
+            for layer, width in zip(self.layers, widths)
+        ]
+        return Plan(self.settings, self.layer_ratio, layers, self.hidden_size, self.intermediate_size,
+                    self.attention, self.ffn_bias, self.other_parameters)
 
     def to_dict(self) -> dict:
         return {
@@ -115,9 +138,9 @@ def module_rows(plan: Plan) -> list:
                 }
             )
         dense_ffn = ffn_shapes_from(plan, plan.intermediate_size)
-        kept_ffn = ffn_shapes_from(plan, layer.ffn_width)
+        kept_ffn = ffn_shapes_from(plan, layer.ffn_width, layer.down_bias_added)
         for name in dense_ffn:
-            (out_d, in_d, bias), (out_k, in_k, _) = dense_ffn[name], kept_ffn[name]
+            (out_d, in_d, bias), (out_k, in_k, kept_bias) = dense_ffn[name], kept_ffn[name]
             rows.append(
                 {
                     "layer": layer.index,
@@ -125,16 +148,16 @@ def module_rows(plan: Plan) -> list:
                     "shape": [out_k, in_k],
                     "width": layer.ffn_width,
                     "dense_parameters": linear_parameters(in_d, out_d, bias),
-                    "parameters": linear_parameters(in_k, out_k, bias),
+                    "parameters": linear_parameters(in_k, out_k, kept_bias),
                 }
             )
     return rows
 
 
-def ffn_shapes_from(plan: Plan, width: int) -> dict:
+def ffn_shapes_from(plan: Plan, width: int, down_bias_added: bool = False) -> dict:
     d = plan.hidden_size
     bias = plan.ffn_bias
-    return {"gate_proj": (width, d, bias), "up_proj": (width, d, bias), "down_proj": (d, width, bias)}
+    return {"gate_proj": (width, d, bias), "up_proj": (width, d, bias), "down_proj": (d, width, bias or down_bias_added)}
 
 
 def totals(plan: Plan) -> dict:
@@ -235,10 +258,12 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     dense_ranks = {name: None for name in ATTENTION_PROJECTIONS}
     compress_attention = "attention" in settings.sublayers
     compress_ffn = "ffn" in settings.sublayers
-    ranks = attention_ranks(shapes, 1 - layer_ratio, settings.allocation_a) if compress_attention else dense_ranks
+    attention_ratio = min(layer_ratio * settings.attention_scale, MAX_RATIO)
+    ranks = attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a) if compress_attention else dense_ranks
     m = config.intermediate_size
     width = ffn_kept_width(m, layer_ratio, settings.bottom_keep) if compress_ffn else m
-    layers = [LayerPlan(i, dict(ranks), width) for i in range(config.num_hidden_layers)]
+    ffn_bias = ffn_shapes(config)["gate_proj"][2]
+    layers = [_layer_plan(i, ranks, width, settings, m, ffn_bias) for i in range(config.num_hidden_layers)]
     return Plan(
         settings=settings,
         layer_ratio=layer_ratio,
@@ -246,9 +271,15 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
         hidden_size=config.hidden_size,
         intermediate_size=m,
         attention=shapes,
-        ffn_bias=ffn_shapes(config)["gate_proj"][2],
+        ffn_bias=ffn_bias,
         other_parameters=other_parameters(config),
     )
+
+
+def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, ffn_bias: bool) -> LayerPlan:
+    # Compensating removed channels needs a bias on down; a model without FFN biases gains one.
+    added = settings.ffn_update != "none" and width < dense_width and not ffn_bias
+    return LayerPlan(index, dict(ranks), width, added)
 
 
 def make_plan(config, settings: PlanSettings) -> Plan:

@@ -42,13 +42,18 @@ def protocol(max_tokens=None) -> dict:
     }
 
 
-def plan(model=None, **settings):
-    """The compression plan from shapes alone (a config.json, a folder or a hub id): no weights loaded."""
+def plan(model=None, preset="paper", **settings):
+    """The compression plan from shapes alone (a config.json, a folder or a hub id): no weights loaded.
+
+    `settings` are CompressionConfig fields over those of the named preset (methods.py). With
+    adaptive FFN allocation the real per-layer widths depend on calibration data; the plan shows
+    the uniform widths, whose total the adaptive run keeps.
+    """
     from .allocate import make_plan
-    from .config import CompressionConfig
+    from .methods import config_for
     from .models import load_config
 
-    return make_plan(load_config(model), CompressionConfig(**settings).plan_settings())
+    return make_plan(load_config(model), config_for(preset, **settings).plan_settings())
 
 
 def peak_memory(device) -> dict:
@@ -88,7 +93,8 @@ def compress(
 ) -> Compressed:
     """Load a model, compress it by LoRAP, save it to `out` (if given) and report what was done.
 
-    `settings` are CompressionConfig fields (ratio, mode, allocation_a, ...). With
+    `settings` are a `preset` name (methods.py, default "paper") and CompressionConfig fields
+    over it (ratio, mode, allocation_a, ...). With
     `evaluate_ppl` (corpus names), perplexity is measured before and after, same protocol.
     """
     import time
@@ -96,12 +102,12 @@ def compress(
     from .architectures import architecture_of
     from .checkpoint import REPORT_FILE, check_output_folder, mark_compressed, save_checkpoint
     from .compression import compress_model, resolve_device
-    from .config import CompressionConfig
     from .evaluate.perplexity import perplexity_table
+    from .methods import config_for
     from .models import resolve_model
     from .report import write_json_atomic
 
-    config = config or CompressionConfig(**settings)
+    config = config or config_for(settings.pop("preset", "paper"), **settings)
     config.validate()
     # Streamed (stream=True, resume=True, or stream=None and the model would not fit in memory): the
     # model is read layer by layer from its shards and never held whole; Compressed.model is None.

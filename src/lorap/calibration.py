@@ -72,14 +72,36 @@ def capture_first_layer_inputs(model, samples: torch.Tensor, batch_size: int, de
     return batches
 
 
-class InputStatistics:
-    """Per-channel sums of squares of the inputs of the seven projections of one layer.
+@dataclass
+class ProjectionInputs:
+    """What the calibration tokens looked like at one projection's input, per input channel.
 
-    statistic(name) = sqrt(sum over calibration tokens of x_j^2 / n_sequences), accumulated
-    in float64 so long calibration runs never overflow or lose precision.
+    `norm` is the paper's statistic sqrt(sum x_j^2 / n_sequences); the others serve the
+    baselines (ASVD: mean |x|; FLAP: mean and variance; SVD-LLM whitening and least-squares
+    FFN updates: the Gram matrix sum x x^T, only collected when a method asks for it).
     """
 
-    def __init__(self, layer):
+    norm: torch.Tensor
+    mean: torch.Tensor | None = None
+    mean_abs: torch.Tensor | None = None
+    variance: torch.Tensor | None = None
+    gram: torch.Tensor | None = None  # float64 [in, in], sum over tokens of x x^T
+    tokens: int = 0
+
+    @classmethod
+    def from_norm(cls, norm: torch.Tensor) -> "ProjectionInputs":
+        return cls(norm=norm)
+
+
+class InputStatistics:
+    """Per-channel sums over the calibration tokens at the inputs of the seven projections of one layer.
+
+    Accumulated in float64 so long calibration runs never overflow or lose precision. Gram
+    matrices (in x in) are collected only for the input sources named in `gram_sources`
+    (q_proj, o_proj, gate_proj, down_proj), as they cost memory and time.
+    """
+
+    def __init__(self, layer, gram_sources=()):
         attention, mlp = attention_module(layer), ffn_module(layer)
         self._modules = {
             "q_proj": attention.q_proj,
@@ -87,20 +109,38 @@ class InputStatistics:
             "gate_proj": mlp.gate_proj,
             "down_proj": mlp.down_proj,
         }
+        unknown = set(gram_sources) - set(self._modules)
+        if unknown:
+            raise ValueError(f"no input source named {sorted(unknown)}")
+        self.gram_sources = set(gram_sources)
         self.sum_squares: dict = {}
+        self.sums: dict = {}
+        self.sum_abs: dict = {}
+        self.grams: dict = {}
+        self.tokens: dict = {}
         self.sequences = 0
         self._handles = []
+
+    @staticmethod
+    def _add(table: dict, name: str, value: torch.Tensor) -> None:
+        if name in table:
+            table[name] += value
+        else:
+            table[name] = value
 
     @contextmanager
     def recording(self):
         def hook_for(name):
             def hook(module, args):
                 x = args[0].detach()
-                squares = x.float().pow(2).sum(dim=tuple(range(x.dim() - 1))).double()
-                if name in self.sum_squares:
-                    self.sum_squares[name] += squares
-                else:
-                    self.sum_squares[name] = squares
+                flat = x.reshape(-1, x.shape[-1]).float()
+                self._add(self.sum_squares, name, flat.pow(2).sum(0).double())
+                self._add(self.sums, name, flat.sum(0).double())
+                self._add(self.sum_abs, name, flat.abs().sum(0).double())
+                self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
+                if name in self.gram_sources:
+                    # float32 products per batch (exact enough over ~1k tokens), float64 across batches
+                    self._add(self.grams, name, (flat.T @ flat).double())
                 if name == "q_proj":
                     self.sequences += x.shape[0] if x.dim() == 3 else 1
 
@@ -121,11 +161,32 @@ class InputStatistics:
                     "the model or its dtype overflows on the calibration data (try --dtype float32)"
                 )
 
-    def statistic(self, projection: str) -> torch.Tensor:
+    @staticmethod
+    def source_of(projection: str) -> str:
         for source, served in SHARED_INPUTS.items():
             if projection in served:
-                return (self.sum_squares[source] / max(self.sequences, 1)).sqrt().float()
+                return source
         raise KeyError(projection)
+
+    def statistic(self, projection: str) -> torch.Tensor:
+        """The paper's per-channel statistic s_j of this projection's input (float32)."""
+        source = self.source_of(projection)
+        return (self.sum_squares[source] / max(self.sequences, 1)).sqrt().float()
+
+    def inputs(self, projection: str) -> ProjectionInputs:
+        source = self.source_of(projection)
+        tokens = max(self.tokens.get(source, 0), 1)
+        mean = self.sums[source] / tokens
+        # Sample variance over tokens, as FLAP's fluctuation; clamped against rounding below zero.
+        variance = ((self.sum_squares[source] - tokens * mean.pow(2)) / max(tokens - 1, 1)).clamp_min(0)
+        return ProjectionInputs(
+            norm=self.statistic(projection),
+            mean=mean,
+            mean_abs=self.sum_abs[source] / tokens,
+            variance=variance,
+            gram=self.grams.get(source),
+            tokens=tokens,
+        )
 
 
 def layer_output(layer, batch: CalibrationBatch) -> torch.Tensor:
@@ -134,14 +195,14 @@ def layer_output(layer, batch: CalibrationBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def walk_layers(model, batches: list, device, compress_layer, progress: bool = True) -> None:
+def walk_layers(model, batches: list, device, compress_layer, progress: bool = True, desc: str = "compressing layers") -> None:
     """For each layer: collect input statistics, call compress_layer(index, layer, stats), propagate.
 
     `batches` are the first layer's inputs; they are replaced in place by each layer's
     outputs, so memory holds one set of activations whatever the depth.
     """
     layers = decoder_layers(model)
-    for index in tqdm(range(len(layers)), desc="compressing layers", unit="layer", disable=not progress):
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
         process_layer(index, layers[index], batches, device, compress_layer)
 
 
@@ -151,7 +212,7 @@ def process_layer(index, layer, batches, device, compress_layer) -> None:
     propagation. Only this layer visits the compute device; `batch.hidden` becomes its output."""
     home = next(layer.parameters()).device
     layer.to(device)
-    stats = InputStatistics(layer)
+    stats = InputStatistics(layer, getattr(compress_layer, "gram_sources", ()))
     with stats.recording():
         for batch in batches:
             layer_output(layer, batch)

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from .choices import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES
 from .errors import LorapError
 
 
@@ -46,6 +47,8 @@ def _add_eval(sub):
     p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
     p.add_argument("--speed", action="store_true", help="also measure MACs, prefill latency, decode throughput and peak memory")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device-map", help="spread a model too big for one device over all GPUs (and the host): "
+                   "'auto', 'balanced', 'sequential' (accelerate's device map); overrides --device")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="write a markdown report here (charts go beside it unless --charts)")
     p.add_argument("--charts", type=Path, help="write PNG charts into this folder")
@@ -73,6 +76,7 @@ def _run_eval(args):
         speed=args.speed,
         device=args.device,
         batch_size=args.batch_size,
+        device_map=args.device_map,
     )
     print(format_text(report))
     _write_json(args.json, report)
@@ -129,9 +133,16 @@ def _write_json(path: Path | None, data: dict) -> None:
 
 
 def _add_ratio_options(p):
-    from .allocate import SUBLAYERS
+    from .methods import METHODS
 
     p.add_argument("--ratio", type=float, required=True, help="fraction of parameters to remove, in (0, 0.9]")
+    p.add_argument(
+        "--preset",
+        choices=list(METHODS),
+        default="paper",
+        help="named method: 'paper' (LoRAP as published, the default), 'best' (lorap's best measured combination), "
+        "or a baseline/ablation (docs/benchmarks.md); the options below override its settings",
+    )
     p.add_argument(
         "--mode",
         choices=["reference", "exact"],
@@ -139,9 +150,30 @@ def _add_ratio_options(p):
         help="reference: RATIO of every layer's attention and FFN, as in the paper (the whole model loses a bit "
         "less); exact: RATIO of the whole model's parameters, within 0.2 points",
     )
-    p.add_argument("-a", "--allocation-a", type=float, default=3.0, help="kept (v+o):(q+k) parameters (default 3)")
-    p.add_argument("--bottom-keep", type=float, default=0.01, help="lowest-scoring FFN channels kept anyway (default 0.01)")
-    p.add_argument("--sublayers", type=_csv(str), default=list(SUBLAYERS), help="attention,ffn (default both)")
+    p.add_argument("-a", "--allocation-a", type=float, help="kept (v+o):(q+k) parameters (paper: 3)")
+    p.add_argument("--bottom-keep", type=float, help="lowest-scoring FFN channels kept anyway (paper: 0.01)")
+    p.add_argument("--sublayers", type=_csv(str), help="attention,ffn (paper: both)")
+    p.add_argument("--attention-scale", type=float,
+                   help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
+    p.add_argument("--ffn-update", choices=list(FFN_UPDATES),
+                   help="what replaces removed FFN channels: none (paper), bias (their mean output) or lstsq "
+                   "(kept channels refitted by least squares)")
+
+
+def _method_settings(args) -> dict:
+    """CompressionConfig fields given on the command line (None: the preset's)."""
+    settings = dict(
+        ratio=args.ratio,
+        mode=args.mode,
+        allocation_a=args.allocation_a,
+        bottom_keep=args.bottom_keep,
+        sublayers=tuple(args.sublayers) if args.sublayers else None,
+        ffn_update=args.ffn_update,
+        attention_scale=args.attention_scale,
+    )
+    for name in ("factorization", "ffn_score", "ffn_allocation"):
+        settings[name] = getattr(args, name, None)
+    return settings
 
 
 def _add_compress(sub):
@@ -149,7 +181,12 @@ def _add_compress(sub):
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     _add_ratio_options(p)
-    p.add_argument("--factorization", default="awsvd", help="attention factorization: awsvd (default) or svd")
+    p.add_argument("--factorization", choices=list(FACTORIZATIONS),
+                   help="attention factorization: awsvd (paper), svd, asvd or svdllm (whitening)")
+    p.add_argument("--ffn-score", choices=list(FFN_SCORES), help="FFN channel criterion (paper: lorap)")
+    p.add_argument("--ffn-allocation", choices=list(FFN_ALLOCATIONS),
+                   help="uniform (paper): every layer keeps the same FFN width; adaptive: the same total, spread "
+                   "over layers by standardised channel scores (FLAP)")
     p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
@@ -188,16 +225,12 @@ def _add_compress(sub):
 
 def _run_compress(args):
     from .api import compress
-    from .config import CompressionConfig
+    from .methods import config_for
     from .report import format_compression
 
-    config = CompressionConfig(
-        ratio=args.ratio,
-        mode=args.mode,
-        allocation_a=args.allocation_a,
-        bottom_keep=args.bottom_keep,
-        sublayers=tuple(args.sublayers),
-        factorization=args.factorization,
+    config = config_for(
+        args.preset,
+        **_method_settings(args),
         calibration_source=args.calibration,
         calibration_samples=args.samples,
         calibration_seqlen=args.sample_len,
@@ -237,14 +270,7 @@ def _run_plan(args):
     from .report import format_plan
     from .streaming import format_memory_estimate, memory_estimate
 
-    planned = plan(
-        args.model,
-        ratio=args.ratio,
-        mode=args.mode,
-        allocation_a=args.allocation_a,
-        bottom_keep=args.bottom_keep,
-        sublayers=tuple(args.sublayers),
-    )
+    planned = plan(args.model, args.preset, **_method_settings(args))
     result = planned.to_dict()
     memory = memory_estimate(load_config(args.model), planned)
     result["memory_estimate"] = memory
@@ -330,6 +356,60 @@ def _run_recover(args):
     _write_json(args.json, result.report)
 
 
+def _add_compare(sub):
+    from .methods import DEFAULT_COMPARISON, METHODS
+
+    p = sub.add_parser(
+        "compare",
+        help="several compression methods side by side under one parameter budget (table + plot)",
+        description="Compress the same model with each method at each ratio (share of the whole model's parameters, "
+        "exact mode), on the same calibration samples, and evaluate every result the same way. Methods: "
+        + ", ".join(METHODS),
+    )
+    p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
+    p.add_argument("--out", type=Path, required=True, help="folder for rows/, comparison.json, comparison.md, comparison.png")
+    p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_COMPARISON),
+                   help=f"comma-separated (default: {','.join(DEFAULT_COMPARISON)}; 'all' for every one)")
+    p.add_argument("--ratios", type=_csv(float), default=[0.2, 0.5], help="shares of the whole model to remove (default 0.2,0.5)")
+    p.add_argument("--seqlen", type=_csv(int), default=[128, 2048], help="perplexity windows (default 128,2048)")
+    p.add_argument("--max-tokens", type=int, help="only the first N test tokens for each window length")
+    p.add_argument("--ppl", default="wiki", help="perplexity corpus (default wiki)")
+    p.add_argument("--tasks", type=_csv(str), default=["proxies"], help="zero-shot tasks (default: proxies; 'none')")
+    p.add_argument("--limit", type=int, help="at most N zero-shot items per task")
+    p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
+    p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="compute device (default: cuda if available)")
+    p.add_argument("--fresh", action="store_true", help="redo rows already saved in OUT/rows")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args):
+    from .compare import ComparisonSettings, compare
+    from .methods import METHODS
+
+    settings = ComparisonSettings(
+        methods=tuple(METHODS) if args.methods == ["all"] else tuple(args.methods),
+        ratios=tuple(args.ratios),
+        seqlens=tuple(args.seqlen),
+        max_tokens=args.max_tokens,
+        dataset=args.ppl,
+        tasks=() if args.tasks == ["none"] else tuple(args.tasks),
+        limit=args.limit,
+        calibration_source=args.calibration,
+        calibration_samples=args.samples,
+        calibration_seqlen=args.sample_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    compare(args.model, args.out, settings, fresh=args.fresh)
+    print((args.out / "comparison.md").read_text())
+    print(f"wrote {args.out / 'comparison.json'}, {args.out / 'comparison.md'}, {args.out / 'comparison.png'}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -341,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recover(sub)
     _add_eval(sub)
     _add_analyze(sub)
+    _add_compare(sub)
     return parser
 
 

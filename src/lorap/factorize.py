@@ -1,17 +1,29 @@
 """Low-rank factorizations of attention projections, registered by name.
 
-Each takes a weight W [out, in] and the per-channel statistic s of its input [in], and
-returns factors (left [out, k], right [k, in]) with W ~ left @ right. They run in float32
-or wider whatever the model's dtype.
+Each takes a weight W [out, in], what the calibration inputs of that projection looked like
+(`calibration.ProjectionInputs`) and a rank k, and returns factors (left [out, k], right
+[k, in]) with W ~ left @ right. They run in float32 or wider whatever the model's dtype.
+
+  svd     truncated SVD of W alone (the inputs are ignored)
+  asvd    ASVD (Yuan et al. 2023): SVD of W S, S = diag(mean |x_j|)^0.5, S undone on the right
+  awsvd   LoRAP's activation-weighted SVD: SVD of W diag(||x_j||), undone on the right
+  svdllm  SVD-LLM (Wang et al. 2024) whitening: SVD of W L with L L^T = sum x x^T (Cholesky),
+          so that truncating singular values is exactly minimising ||W X - W' X||_F
 """
 import torch
 
+from .calibration import ProjectionInputs
+from .choices import FACTORIZATIONS
 from .counting import factorization_saves
 from .errors import LorapError
 from .modeling_lorap import LowRankLinear
 
 # The authors replace zero statistics (dead input channels) by this before dividing by them.
 ZERO_STATISTIC_EPSILON = 1e-4
+ASVD_ALPHA = 0.5  # ASVD's default exponent of the activation scale
+# Relative diagonal damping added to a Gram matrix that is not positive definite (dead or
+# collinear input channels), grown tenfold until the Cholesky factorisation succeeds.
+WHITENING_DAMPING = 1e-6
 
 
 def _top_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,33 +33,73 @@ def _top_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def awsvd(weight: torch.Tensor, statistic: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-weighted SVD: truncate W diag(s), then undo diag(s) on the right factor.
-
-    This minimises the error on inputs whose channel norms are s, rather than on the weights.
-    """
-    s = torch.where(statistic == 0, torch.full_like(statistic, ZERO_STATISTIC_EPSILON), statistic)
-    left, right = _top_factors(weight * s[None, :], rank)
-    return left, right / s[None, :]
+def _diagonal_scaled(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate W diag(scale), then undo diag(scale) on the right factor."""
+    scale = torch.where(scale == 0, torch.full_like(scale, ZERO_STATISTIC_EPSILON), scale)
+    left, right = _top_factors(weight * scale[None, :], rank)
+    return left, right / scale[None, :]
 
 
-def plain_svd(weight: torch.Tensor, statistic: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of the weight alone (the statistic is ignored): the ablation baseline."""
+def awsvd(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-weighted SVD: minimises the error on inputs whose channel norms are ||x_j||."""
+    return _diagonal_scaled(weight, inputs.norm.to(weight), rank)
+
+
+def asvd(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASVD: the scale is the mean absolute activation per channel, raised to ASVD_ALPHA."""
+    if inputs.mean_abs is None:
+        raise LorapError("asvd needs the mean absolute input of each channel (collected by the layer walk)")
+    return _diagonal_scaled(weight, inputs.mean_abs.to(weight).pow(ASVD_ALPHA), rank)
+
+
+def plain_svd(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of the weight alone: the ablation baseline."""
     return _top_factors(weight, rank)
 
 
-FACTORIZERS = {"awsvd": awsvd, "svd": plain_svd}
+def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular L with L L^T = gram (+ the smallest damping that makes it positive definite)."""
+    gram = gram.double()
+    scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    damping = 0.0
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + damping * scale * eye)
+        if int(info) == 0:
+            return factor
+        damping = WHITENING_DAMPING if damping == 0 else damping * 10
+    raise LorapError("the input Gram matrix is not positive definite even with damping; calibrate on more tokens")
 
 
-def factorized_linear(linear: torch.nn.Linear, statistic: torch.Tensor, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:
-    """A LowRankLinear replacing `linear`, in the linear's own dtype and device."""
+def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM's truncation-aware whitening: SVD of W L, then right = sqrt(S_k) V_k^T L^-1."""
+    if inputs.gram is None:
+        raise LorapError("svdllm needs the Gram matrix of the projection's inputs (collected by the layer walk)")
+    factor = whitening_factor(inputs.gram.to(weight.device))
+    left, whitened_right = _top_factors(weight.double() @ factor, rank)
+    right = torch.linalg.solve_triangular(factor, whitened_right, upper=False, left=False)
+    return left.to(weight.dtype), right.to(weight.dtype)
+
+
+FACTORIZERS = {"awsvd": awsvd, "svd": plain_svd, "asvd": asvd, "svdllm": svdllm}
+NEEDS_GRAM = {"svdllm"}
+assert tuple(FACTORIZERS) == FACTORIZATIONS
+
+
+def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:
+    """A LowRankLinear replacing `linear`, in the linear's own dtype and device.
+
+    `inputs` is a ProjectionInputs, or just the paper's statistic (a tensor) for awsvd and svd.
+    """
     if not factorization_saves(linear.in_features, linear.out_features, rank):
         raise LorapError(
             f"rank {rank} would make a {linear.out_features}x{linear.in_features} matrix bigger, not smaller; "
             "keep it dense (ranks must satisfy rank * (in + out) < in * out)"
         )
+    if isinstance(inputs, torch.Tensor):
+        inputs = ProjectionInputs.from_norm(inputs)
     weight = linear.weight.detach().to(compute_dtype)
-    left, right = FACTORIZERS[method](weight, statistic.to(device=weight.device, dtype=compute_dtype), rank)
+    left, right = FACTORIZERS[method](weight, inputs, rank)
     pair = LowRankLinear.shaped_like(linear, rank)
     with torch.no_grad():
         pair.left.weight.copy_(left.to(linear.weight.dtype))

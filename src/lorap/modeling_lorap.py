@@ -5,7 +5,8 @@ config.json `auto_map`, so `AutoModelForCausalLM.from_pretrained(DIR, trust_remo
 works where lorap is not installed. It must therefore import nothing from lorap.
 
 The compressed shapes are recorded in `config.lorap["layers"]`: for each decoder layer, the
-rank of each attention projection (null when it stayed dense) and the FFN width kept.
+rank of each attention projection (null when it stayed dense), the FFN width kept, and
+`down_proj_bias: true` where the down projection gained a bias (compensated channels).
 """
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
@@ -46,11 +47,11 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _like(linear, in_features, out_features):
+def _like(linear, in_features, out_features, bias=False):
     return nn.Linear(
         in_features,
         out_features,
-        bias=linear.bias is not None,
+        bias=bias or linear.bias is not None,
         device=linear.weight.device,
         dtype=linear.weight.dtype,
     )
@@ -68,13 +69,14 @@ def apply_layout(model, layers_layout):
             if rank is None:
                 continue
             setattr(attention, name, LowRankLinear.shaped_like(getattr(attention, name), rank))
-        width = layout.get("intermediate_size")
         mlp = layer.mlp
-        if width is not None and width != mlp.gate_proj.out_features:
+        width = layout.get("intermediate_size") or mlp.gate_proj.out_features
+        down_bias = bool(layout.get("down_proj_bias"))  # gained by compensating removed channels
+        if width != mlp.gate_proj.out_features or (down_bias and mlp.down_proj.bias is None):
             hidden = mlp.gate_proj.in_features
             mlp.gate_proj = _like(mlp.gate_proj, hidden, width)
             mlp.up_proj = _like(mlp.up_proj, hidden, width)
-            mlp.down_proj = _like(mlp.down_proj, width, hidden)
+            mlp.down_proj = _like(mlp.down_proj, width, hidden, bias=down_bias)
             mlp.intermediate_size = width
 
 

@@ -227,7 +227,7 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
     from .architectures import architecture_of
     from .calibration import capture_first_layer_inputs, process_layer
     from .checkpoint import MODELING_FILE, REPORT_FILE, _swap_into_place, check_output_folder, mark_compressed
-    from .compression import CompressionResult, compress_layer_lorap, resolve_device
+    from .compression import CompressionResult, LayerCompressor, resolve_device
     from .data import calibration_samples
     from .models import _check_tokenizer_files, resolve_model
     from .provenance import environment
@@ -237,6 +237,12 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
     options = options or StreamOptions()
     options.validate()
     config.validate()
+    if config.needs_whole_model:
+        raise LorapError(
+            "adaptive FFN allocation and Taylor scores look at every layer before compressing any, so they need "
+            "the whole model in memory, and this run streams (--stream, --resume, or the model would not fit in "
+            "memory); use --ffn-allocation uniform and an --ffn-score other than llm-pruner-taylor"
+        )
     started = time.perf_counter()
     if out is None:
         raise LorapError("a streamed run writes its checkpoint as it goes: give an output folder (--out)")
@@ -325,7 +331,7 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
     timings["copy_embeddings_and_head"] = time.perf_counter() - begin
 
     begin = time.perf_counter()
-    compress_layer = compress_layer_lorap(config, plan)
+    compress_layer = LayerCompressor(config, plan)
     layers = inner.layers
     for index in tqdm(range(finished, n_layers), desc="compressing layers (streamed)", unit="layer", disable=not progress):
         prefix = f"model.layers.{index}."

@@ -23,7 +23,7 @@ def max_context(model) -> int | None:
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, desc: str = "perplexity") -> tuple[float, int]:
     """Summed negative log-likelihood (nats, float64) and number of predicted tokens."""
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the tokens go in, also when spread over devices
     seqlen = windows.shape[1]
     batch_size = max(1, TOKENS_PER_BATCH // seqlen)
     total_nll, total_tokens = 0.0, 0

@@ -36,13 +36,19 @@ def _release(model) -> None:
 
 
 def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_size, speed, speed_settings=None,
-                 task_manager=None) -> dict:
-    """Every requested measurement of one model; the model is freed before returning."""
+                 task_manager=None, device_map=None) -> dict:
+    """Every requested measurement of one model; the model is freed before returning.
+
+    With `device_map` ("auto", "balanced" ...) accelerate spreads the layers over every GPU
+    (and the host when they are full) instead of putting the model on `device`."""
     from ..models import load_model
     from .perplexity import perplexity_table
 
-    model, tokenizer, source = load_model(spec, device=device)
+    model, tokenizer, source = load_model(spec, device=None if device_map else device, device_map=device_map)
     entry = {"model": source.name, "source": source.describe(), "parameters": count_parameters(model)}
+    if device_map:
+        placement = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+        entry["device_map"] = {"requested": device_map, "devices": sorted({str(d) for d in placement.values()})}
     entry["perplexity"] = perplexity_table(model, tokenizer, ppl, seqlens, max_tokens)
     if tasks:
         from .zeroshot import average, evaluate_zeroshot
@@ -123,7 +129,7 @@ def _resolve_against(model, against, alone, notes) -> str | None | bool:
 
 def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens=(128,), max_tokens=None,
                    tasks=None, limit=None, offline=False, speed=False, device=None, batch_size=8,
-                   speed_settings=None) -> dict:
+                   speed_settings=None, device_map=None) -> dict:
     """The report of `lorap eval`. `tasks`: None or [] for no zero-shot, ["auto"] for the default
     choice (the seven standard tasks when the hub can be reached, else the proxies), or names."""
     from ..api import default_device, protocol
@@ -152,7 +158,8 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
         manager, chosen, missing_note = prepare(chosen, replace_missing)
         notes += [n for n in (note, missing_note) if n]
     run = dict(device=device, ppl=list(ppl), seqlens=list(seqlens), max_tokens=max_tokens, tasks=chosen,
-               limit=limit, batch_size=batch_size, speed=speed, speed_settings=speed_settings, task_manager=manager)
+               limit=limit, batch_size=batch_size, speed=speed, speed_settings=speed_settings, task_manager=manager,
+               device_map=device_map)
     report = evaluate_one(model, **run)
     if other_spec is not False:
         report["against"] = evaluate_one(other_spec, **run)

@@ -1,0 +1,71 @@
+"""Benchmark: every method side by side on the built-in default model (docs/benchmarks.md).
+
+Two `lorap compare` runs on the same calibration samples and evaluation windows:
+  main       the paper, the best preset and the baselines, at 20% and 50% of the whole model's
+             parameters: perplexity at 128 and 2048 tokens and the offline proxy zero-shot tasks;
+  ablations  the paper's parts switched one at a time (and the options the best preset combines),
+             at the same ratios: perplexity at 128 tokens.
+Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes.
+
+    .venv/bin/python benchmarks/compare_default.py
+"""
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from docsection import machine_line, update_section
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = "paper,best,svd-magnitude,wanda-sp,flap,llm-pruner-l2,llm-pruner-taylor"
+ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive,best"
+
+
+def run_compare(out: Path, methods: str, extra: list, args) -> tuple[str, float]:
+    command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", args.ratios,
+               "--max-tokens", str(args.max_tokens), *extra]
+    print("$", " ".join(command), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lorap.cli", *command[1:]], check=True, cwd=ROOT)
+    return " ".join(command), time.perf_counter() - started
+
+
+def section(title: str, command: str, seconds: float, table: Path, image_link: str) -> str:
+    body = table.read_text().replace("](comparison.png)", f"]({image_link})")
+    return "\n".join([
+        f"## {title}", "",
+        f"Measured {datetime.date.today().isoformat()} by `.venv/bin/python benchmarks/compare_default.py` "
+        f"({seconds / 60:.0f} min), which ran:", "", "```", command, "```", "", machine_line(), "", body,
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
+    parser.add_argument("--limit", type=int, default=100, help="zero-shot items per proxy task")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-compare")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--only", choices=["main", "ablations"], help="run one of the two tables")
+    args = parser.parse_args()
+    images = args.page.parent / "img"
+    images.mkdir(parents=True, exist_ok=True)
+    runs = {
+        "main": ("Baselines under one budget", MAIN, ["--seqlen", "128,2048", "--tasks", "proxies", "--limit", str(args.limit)]),
+        "ablations": ("Ablations and options, one at a time", ABLATIONS, ["--seqlen", "128", "--tasks", "none"]),
+    }
+    for name, (title, methods, extra) in runs.items():
+        if args.only and name != args.only:
+            continue
+        out = args.work / name
+        command, seconds = run_compare(out, methods, extra, args)
+        image = images / f"compare_{name}.png"
+        image.write_bytes((out / "comparison.png").read_bytes())
+        update_section(args.page, f"compare_{name}", section(title, command, seconds, out / "comparison.md", f"img/{image.name}"))
+        print(f"wrote {args.page} ({name})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

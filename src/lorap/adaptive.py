@@ -1,0 +1,49 @@
+"""Adaptive FFN widths: the plan's total of removed channels, spread over layers by their scores.
+
+FLAP's rule (An et al. 2024, "AL"): every channel's score is standardised within its layer
+((score - mean) / std), and the lowest standardised scores of the whole model are removed,
+whichever layers they are in. Layers whose channels matter less lose more. The scores are
+taken on the dense model (one pass over all layers before any is compressed), as in FLAP.
+"""
+import torch
+
+from .architectures import ffn_module
+from .calibration import walk_layers
+from .prune import channel_scores, protected_count
+
+# No layer keeps fewer than this share of its channels, however low its scores.
+MIN_KEPT_FRACTION = 0.05
+
+
+def dense_channel_scores(model, batches: list, device, method: str, progress: bool = True) -> list:
+    """Scores of every layer's FFN channels on the unmodified model (consumes `batches`)."""
+    scores = []
+
+    def record(index, layer, stats):
+        inputs = {name: stats.inputs(name) for name in ("gate_proj", "up_proj", "down_proj")}
+        scores.append(channel_scores(ffn_module(layer), inputs, method).cpu())
+
+    walk_layers(model, batches, device, record, progress, desc="scoring FFN channels")
+    return scores
+
+
+def adaptive_widths(scores: list, removed_total: int, bottom_keep: float) -> list:
+    """Kept width per layer so that `removed_total` channels go in all, lowest standardised first.
+
+    The lowest `bottom_keep` of each layer are protected as in the uniform rule.
+    """
+    candidates, owners = [], []
+    for index, layer_scores in enumerate(scores):
+        layer_scores = layer_scores.double()
+        width = layer_scores.numel()
+        standardised = (layer_scores - layer_scores.mean()) / layer_scores.std().clamp_min(1e-12)
+        ordered = torch.sort(standardised).values
+        removable = ordered[protected_count(width, bottom_keep) : width - max(1, int(MIN_KEPT_FRACTION * width))]
+        candidates.append(removable)
+        owners.append(torch.full((removable.numel(),), index, dtype=torch.long))
+    pool, owner = torch.cat(candidates), torch.cat(owners)
+    if removed_total > pool.numel():
+        raise ValueError(f"cannot remove {removed_total} channels; at most {pool.numel()} are removable")
+    chosen = owner[torch.argsort(pool, stable=True)[:removed_total]]
+    removed = torch.bincount(chosen, minlength=len(scores))
+    return [layer_scores.numel() - int(count) for layer_scores, count in zip(scores, removed)]

@@ -1,0 +1,178 @@
+"""`lorap compare`: several methods, one model, one parameter budget, one evaluation.
+
+Every row starts from the same dense model, calibrates on the same samples (same corpus, count,
+length and seed), removes the same share of the whole model's parameters (exact mode: within
+0.2 points, every row's count is printed), and is evaluated on the same windows and tasks.
+Each finished row is saved under OUT/rows/, so an interrupted comparison resumes where it
+stopped; a row is redone when any of its settings differ.
+"""
+import gc
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import LorapError
+from .log import info
+from .methods import DEFAULT_COMPARISON, config_for, method
+from .report import write_json_atomic
+
+RESULT_FILE = "comparison.json"
+TABLE_FILE = "comparison.md"
+PLOT_FILE = "comparison.png"
+
+
+@dataclass
+class ComparisonSettings:
+    methods: tuple = DEFAULT_COMPARISON
+    ratios: tuple = (0.2, 0.5)
+    seqlens: tuple = (128, 2048)
+    max_tokens: int | None = None  # test tokens per window length; None: the whole split
+    dataset: str = "wiki"
+    tasks: tuple = ("proxies",)  # zero-shot; () for none
+    limit: int | None = None  # zero-shot items per task
+    calibration_source: str = "wiki"
+    calibration_samples: int = 128
+    calibration_seqlen: int = 128
+    seed: int = 0
+    batch_size: int = 8
+    device: str | None = None
+    extra_settings: dict = field(default_factory=dict)  # CompressionConfig fields applied to every method
+
+    def validate(self) -> None:
+        if not self.methods or not self.ratios:
+            raise LorapError("give at least one method and one ratio")
+        for name in self.methods:
+            method(name)
+        for ratio in self.ratios:
+            if not 0 < ratio < 1:
+                raise LorapError(f"ratios are shares of the whole model's parameters in (0, 1), got {ratio}")
+
+
+def _key(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _release(model) -> None:
+    del model
+    gc.collect()
+
+
+def _evaluate(model, tokenizer, settings: ComparisonSettings, tasks, manager) -> dict:
+    from .evaluate.perplexity import perplexity_table
+
+    result = {"perplexity": perplexity_table(model, tokenizer, [settings.dataset], settings.seqlens, settings.max_tokens)[settings.dataset]}
+    if tasks:
+        from .evaluate.zeroshot import average, evaluate_zeroshot
+
+        table = evaluate_zeroshot(model, tokenizer, tasks, settings.limit, settings.batch_size, manager=manager)
+        result["zeroshot"], result["zeroshot_average"] = table, average(table)
+    return result
+
+
+def _dense_row(spec, settings, tasks, manager, device) -> dict:
+    from .counting import count_parameters
+    from .models import load_model
+
+    model, tokenizer, source = load_model(spec, device=device)
+    row = {"method": "dense", "label": "dense", "parameters": count_parameters(model), "removed_fraction": 0.0,
+           **_evaluate(model, tokenizer, settings, tasks, manager)}
+    _release(model)
+    return row
+
+
+def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -> dict:
+    from .compression import compress_model
+    from .models import load_model
+
+    chosen = method(name)
+    config = config_for(name, ratio=ratio, mode="exact", calibration_source=settings.calibration_source,
+                        calibration_samples=settings.calibration_samples, calibration_seqlen=settings.calibration_seqlen,
+                        seed=settings.seed, batch_size=settings.batch_size, device=settings.device,
+                        **settings.extra_settings)
+    row = {"method": name, "label": chosen.label, "attention": chosen.attention, "ffn": chosen.ffn,
+           "ratio": ratio, "settings": config.to_dict()}
+    model, tokenizer, _ = load_model(spec)
+    started = time.perf_counter()
+    try:
+        result = compress_model(model, tokenizer, config, progress)
+    except LorapError as err:  # e.g. attention alone cannot remove half of the model
+        row["error"] = str(err)
+        _release(model)
+        return row
+    row["compress_seconds"] = time.perf_counter() - started
+    row["timings"] = result.timings
+    row["parameters"] = result.plan.compressed_parameters
+    row["removed_parameters"] = result.plan.dense_parameters - result.plan.compressed_parameters
+    row["removed_fraction"] = result.plan.removed_fraction
+    row["plan_totals"] = result.plan.to_dict()["totals"]
+    row["ffn_widths"] = [layer.ffn_width for layer in result.plan.layers]
+    model.to(device)
+    row.update(_evaluate(model, tokenizer, settings, tasks, manager))
+    _release(model)
+    return row
+
+
+def compare(model=None, out=None, settings: ComparisonSettings | None = None, fresh: bool = False, progress: bool = True) -> dict:
+    """Run every method at every ratio (and the dense model once); write OUT/comparison.{json,md,png}."""
+    from .api import default_device
+    from .models import resolve_model
+    from .provenance import environment
+
+    settings = settings or ComparisonSettings()
+    settings.validate()
+    if out is None:
+        raise LorapError("give an output folder (--out) for the comparison's rows, table and plot")
+    out = Path(out)
+    source = resolve_model(model)
+    device = settings.device or default_device()
+    tasks, manager = [], None
+    if settings.tasks:
+        from .evaluate.zeroshot import choose_tasks, prepare
+
+        tasks, _, replace = choose_tasks(list(settings.tasks))
+        manager, tasks, _ = prepare(tasks, replace)
+    evaluation = {"dataset": settings.dataset, "seqlens": list(settings.seqlens), "max_tokens": settings.max_tokens,
+                  "tasks": tasks, "limit": settings.limit}
+    base = {"model": source.location, "evaluation": evaluation}
+
+    def cached(path: Path, key_data: dict, run):
+        key = _key({**base, **key_data})
+        if path.exists() and not fresh:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                info(f"reusing {path} (same settings)")
+                return saved
+        row = {**run(), "key": key}
+        write_json_atomic(path, row)
+        return row
+
+    rows_dir = out / "rows"
+    dense = cached(rows_dir / "dense.json", {"dense": True}, lambda: _dense_row(model, settings, tasks, manager, device))
+    rows = []
+    for ratio in settings.ratios:
+        for name in settings.methods:
+            info(f"--- {name} at {ratio:.0%} of the whole model's parameters")
+            key_data = {"method": name, "ratio": ratio,
+                        "settings": config_for(name, ratio=ratio, mode="exact", **settings.extra_settings).to_dict(),
+                        "calibration": [settings.calibration_source, settings.calibration_samples,
+                                        settings.calibration_seqlen, settings.seed]}
+            rows.append(cached(rows_dir / f"r{ratio}" / f"{name}.json", key_data,
+                               lambda: _method_row(model, name, ratio, settings, tasks, manager, device, progress)))
+    result = {
+        "model": source.name,
+        "source": source.describe(),
+        "settings": {**asdict(settings), "methods": list(settings.methods), "ratios": list(settings.ratios)},
+        "evaluation": evaluation,
+        "dense": dense,
+        "rows": rows,
+        **environment(device),
+    }
+    from .compare_report import comparison_markdown, comparison_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RESULT_FILE, result)
+    comparison_plot(result, out / PLOT_FILE)
+    (out / TABLE_FILE).write_text(comparison_markdown(result, PLOT_FILE), encoding="utf-8")
+    return result

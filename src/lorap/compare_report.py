@@ -1,0 +1,94 @@
+"""The table and plot of `lorap compare`, made from its result dict alone (comparison.json)."""
+from pathlib import Path
+
+
+def _ppl(row: dict, seqlen) -> float | None:
+    return row.get("perplexity", {}).get(str(seqlen))
+
+
+def ranked(rows: list, ratio: float, seqlen) -> list:
+    """The rows of one ratio, lowest perplexity first; rows that failed last."""
+    mine = [r for r in rows if r["ratio"] == ratio]
+    done = sorted((r for r in mine if "error" not in r), key=lambda r: _ppl(r, seqlen))
+    return done + [r for r in mine if "error" in r]
+
+
+def _number(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
+    settings, evaluation = result["settings"], result["evaluation"]
+    seqlens = evaluation["seqlens"]
+    first = seqlens[0]
+    tokens = f"the first {evaluation['max_tokens']:,} tokens" if evaluation["max_tokens"] else "all"
+    zeroshot = bool(evaluation["tasks"])
+    lines = [
+        f"Model: {result['source']}. Calibration: {settings['calibration_samples']} x {settings['calibration_seqlen']} "
+        f"tokens of `{settings['calibration_source']}` (train), seed {settings['seed']}, the same for every row. "
+        f"Perplexity: {tokens} of the `{evaluation['dataset']}` test split, non-overlapping windows. "
+        "Every method removes the stated share of the whole model's parameters (embeddings and LM head included in "
+        "the total, never compressed), counted by the one counting function; rows are ranked by perplexity at "
+        f"{first} tokens. Compress time is the in-memory compression alone (calibration, any scoring pass, layer walk).",
+        "",
+    ]
+    if zeroshot:
+        limit = f"{evaluation['limit']} items of each" if evaluation["limit"] else "every item of"
+        lines += [f"Zero-shot: mean accuracy over {limit} {', '.join(evaluation['tasks'])}"
+                  + (" (lorap's offline proxies, not comparable with published tables)" if any(
+                      t.startswith("lorap_") for t in evaluation["tasks"]) else "") + ".", ""]
+    dense = result["dense"]
+    header = ["rank", "method", "attention", "FFN", "parameters", "removed"] + [f"PPL @ {s}" for s in seqlens]
+    header += ["zero-shot"] if zeroshot else []
+    header += ["compress (s)"]
+    for ratio in settings["ratios"]:
+        lines += [f"### {ratio:.0%} of the parameters removed", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        dense_cells = ["", "dense", "-", "-", f"{dense['parameters']:,}", "0"] + [_number(_ppl(dense, s)) for s in seqlens]
+        dense_cells += [_number(dense.get("zeroshot_average"), 4)] if zeroshot else []
+        lines.append("| " + " | ".join(dense_cells + ["-"]) + " |")
+        for rank, row in enumerate(ranked(result["rows"], ratio, first), 1):
+            if "error" in row:
+                cells = ["-", row["label"], row["attention"], row["ffn"], "cannot reach this budget", ""]
+                cells += [""] * len(seqlens) + ([""] if zeroshot else []) + [""]
+            else:
+                cells = [str(rank), f"**{row['label']}**" if row["method"] == "best" else row["label"], row["attention"],
+                         row["ffn"], f"{row['parameters']:,}", f"{row['removed_fraction']:.2%}"]
+                cells += [_number(_ppl(row, s)) for s in seqlens]
+                cells += [_number(row.get("zeroshot_average"), 4)] if zeroshot else []
+                cells += [f"{row['compress_seconds']:.0f}"]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        failed = [r for r in result["rows"] if r["ratio"] == ratio and "error" in r]
+        lines += [""] + [f"- {r['label']}: {r['error']}" for r in failed] + ([""] if failed else [])
+    if plot_file:
+        lines += [f"![perplexity by method]({plot_file})", ""]
+    return "\n".join(lines)
+
+
+def comparison_plot(result: dict, path: Path) -> Path:
+    """Perplexity at the first window length, one bar per method, one panel per ratio (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = result["settings"]["ratios"]
+    seqlen = result["evaluation"]["seqlens"][0]
+    figure, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.5), squeeze=False)
+    for axis, ratio in zip(axes[0], ratios):
+        rows = [r for r in ranked(result["rows"], ratio, seqlen) if "error" not in r]
+        labels = [r["label"] for r in rows]
+        values = [_ppl(r, seqlen) for r in rows]
+        colors = ["tab:green" if r["method"] == "best" else "tab:blue" if r["method"] == "paper" else "tab:gray" for r in rows]
+        axis.barh(labels[::-1], values[::-1], color=colors[::-1])
+        axis.axvline(_ppl(result["dense"], seqlen), color="black", linestyle="--", label="dense")
+        axis.set_xscale("log")
+        axis.set_title(f"{ratio:.0%} of parameters removed")
+        axis.set_xlabel(f"perplexity @ {seqlen} ({result['evaluation']['dataset']} test, lower is better)")
+        axis.legend(loc="lower right")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

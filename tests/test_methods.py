@@ -1,0 +1,179 @@
+"""Named methods (the paper, the best preset, baselines, ablations) and `lorap compare`."""
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from lorap import api
+from lorap.compression import compress_model
+from lorap.config import CompressionConfig
+from lorap.counting import count_parameters
+from lorap.errors import LorapError
+from lorap.methods import METHODS, PAPER, config_for
+from test_compress import assert_reloads_without_lorap
+
+SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
+
+
+@pytest.fixture
+def gqa_dir(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "tiny-gqa"
+    build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_paper_preset_is_the_default_configuration():
+    defaults = CompressionConfig()
+    assert all(getattr(defaults, key) == tuple(value) if key == "sublayers" else getattr(defaults, key) == value
+               for key, value in PAPER.items())
+    assert config_for("paper", ratio=0.3) == CompressionConfig(ratio=0.3)
+
+
+def test_options_override_a_preset_and_unknown_names_are_refused():
+    config = config_for("flap", ratio=0.3, ffn_update="lstsq", bottom_keep=None)
+    assert (config.ffn_score, config.ffn_allocation, config.ffn_update, config.bottom_keep) == ("flap", "adaptive", "lstsq", 0.0)
+    assert config.preset == "flap"
+    with pytest.raises(LorapError, match="unknown method"):
+        config_for("sparsegpt")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_compresses_to_its_plan(name, tiny_tokenizer):
+    model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
+    dense = count_parameters(model)
+    config = config_for(name, ratio=0.3, **SMALL)
+    result = compress_model(model, tiny_tokenizer, config, progress=False)  # raises if the count differs from the plan
+    assert count_parameters(model) == result.plan.compressed_parameters
+    assert result.plan.layer_ratio == 0.3
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 500, (2, 16))).logits).all()
+    assert count_parameters(model) < dense
+
+
+def test_adaptive_widths_differ_by_layer_and_keep_the_total(tiny_tokenizer):
+    uniform = compress_model(build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer)), tiny_tokenizer,
+                             config_for("paper", ratio=0.4, **SMALL), progress=False).plan
+    adaptive = compress_model(build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer), num_hidden_layers=4),
+                              tiny_tokenizer, config_for("adaptive", ratio=0.4, **SMALL), progress=False).plan
+    widths = [layer.ffn_width for layer in adaptive.layers]
+    assert len(set(widths)) > 1
+    assert sum(widths) == 4 * uniform.layers[0].ffn_width
+
+
+@pytest.mark.parametrize("name", ["flap", "lstsq"])
+def test_compensated_checkpoints_reload_with_their_new_biases(name, gqa_dir, tmp_path):
+    out = tmp_path / "out"
+    result = api.compress(str(gqa_dir), out, preset=name, ratio=0.4, progress=False, **SMALL)
+    layers = json.loads((out / "config.json").read_text())["lorap"]["layers"]
+    assert all(layer["down_proj_bias"] for layer in layers)
+    model = result.model
+    assert all(layer.mlp.down_proj.bias is not None for layer in model.model.layers)
+    inputs = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        expected = model(inputs).logits
+    reloaded, _ = api.load(out)
+    assert count_parameters(reloaded) == result.report["plan"]["totals"]["compressed_parameters"]
+    with torch.no_grad():
+        assert (reloaded(inputs).logits - expected).abs().max() <= 1e-5
+    assert_reloads_without_lorap(out, inputs, expected, tmp_path)
+
+
+def test_the_plan_counts_the_added_biases():
+    from lorap.allocate import PlanSettings, make_plan
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama_gqa")
+    plain = make_plan(config, PlanSettings(0.3))
+    biased = make_plan(config, PlanSettings(0.3, ffn_update="bias"))
+    assert biased.compressed_parameters - plain.compressed_parameters == config.num_hidden_layers * config.hidden_size
+
+
+def test_taylor_scores_are_the_group_sum_of_weight_times_gradient(tiny_tokenizer):
+    from lorap.gradients import taylor_channel_scores
+
+    model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
+    samples = torch.randint(0, len(tiny_tokenizer), (4, 16))
+    scores = taylor_channel_scores(model, samples, batch_size=2, device="cpu", progress=False)
+    # By hand: one loss per batch of 2, gradients summed over the batches.
+    model.zero_grad()
+    for start in (0, 2):
+        model(input_ids=samples[start : start + 2], labels=samples[start : start + 2]).loss.backward()
+    mlp = model.model.layers[1].mlp
+    expected = ((mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
+                + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
+                + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0))
+    assert torch.allclose(scores[1], expected.detach(), rtol=1e-4, atol=1e-8)
+
+
+def test_taylor_leaves_no_gradients_and_restores_requires_grad(tiny_tokenizer):
+    from lorap.gradients import taylor_channel_scores
+
+    model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
+    model.model.embed_tokens.weight.requires_grad_(False)
+    taylor_channel_scores(model, torch.randint(0, 500, (2, 8)), 2, "cpu", progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.model.embed_tokens.weight.requires_grad and model.model.layers[0].mlp.up_proj.weight.requires_grad
+
+
+def test_whole_model_methods_refuse_to_stream(gqa_dir, tmp_path):
+    for name in ("flap", "llm-pruner-taylor"):
+        with pytest.raises(LorapError, match="whole model in memory"):
+            api.compress(str(gqa_dir), tmp_path / name, preset=name, ratio=0.3, stream=True, progress=False, **SMALL)
+
+
+def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, monkeypatch):
+    from lorap import compare as compare_module
+    from lorap.compare import ComparisonSettings, compare
+
+    settings = ComparisonSettings(methods=("paper", "svd-magnitude", "attention-only"), ratios=(0.3, 0.5), seqlens=(32,),
+                                  max_tokens=2048, tasks=(), **SMALL)
+    result = compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
+    rows = {(r["method"], r["ratio"]): r for r in result["rows"]}
+    for ratio in (0.3, 0.5):
+        done = [r for (m, q), r in rows.items() if q == ratio and "error" not in r]
+        removed = [r["removed_parameters"] for r in done]
+        assert max(removed) - min(removed) <= 0.02 * result["dense"]["parameters"]  # one budget
+    # Attention is a fifth of this tiny model: removing 30% or 50% from it alone is reported, not faked.
+    assert "error" in rows[("attention-only", 0.5)] and "can be removed from its attention" in rows[("attention-only", 0.5)]["error"]
+    assert all("error" not in r for (m, q), r in rows.items() if m != "attention-only")
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "cannot reach this budget" in table and (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
+    ranked = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(ranked) == 4  # paper and plain SVD + magnitude, at each ratio
+    ppl = sorted((r["perplexity"]["32"], r["method"]) for (m, q), r in rows.items() if q == 0.3 and "error" not in r)
+    assert f"| 1 | {METHODS[ppl[0][1]].label} |" in table
+
+    # A second run with the same settings reuses every row; a changed setting redoes them.
+    def no_compression(*args, **kwargs):
+        raise AssertionError("a saved row was recomputed")
+
+    monkeypatch.setattr(compare_module, "_method_row", no_compression)
+    again = compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
+    assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
+    settings.seed = 1
+    with pytest.raises(AssertionError, match="recomputed"):
+        compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
+
+
+
+def test_cli_presets_and_options_reach_the_plan(tmp_path, capsys):
+    from conftest import tiny_config
+    from lorap.cli import main
+
+    tiny_config("llama_gqa").save_pretrained(tmp_path)
+    config = str(tmp_path / "config.json")
+
+    def planned(*options):
+        assert main(["plan", config, "--ratio", "0.3", "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    paper, best = planned(), planned("--preset", "best")
+    assert paper["settings"]["ffn_update"] == "none" and best["settings"]["ffn_update"] == "lstsq"
+    added = best["totals"]["compressed_parameters"] - paper["totals"]["compressed_parameters"]
+    assert added == 2 * 64  # one new down-projection bias per layer (2 layers, hidden 64)
+    assert planned("--preset", "best", "--ffn-update", "none")["totals"] == paper["totals"]
+    with pytest.raises(SystemExit):  # argparse lists the presets
+        main(["plan", config, "--ratio", "0.3", "--preset", "nonesuch"])
