@@ -20,7 +20,7 @@ from docsection import machine_line, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = "paper,best,svd-magnitude,wanda-sp,flap,llm-pruner-l2,llm-pruner-taylor"
-ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive,best"
+ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive"
 
 
 def run_compare(out: Path, methods: str, extra: list, args) -> tuple[str, float]:
