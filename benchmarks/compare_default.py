@@ -3,8 +3,8 @@
 Two `lorap compare` runs on the same calibration samples and evaluation windows:
   main       the paper, the best preset and the baselines, at 20% and 50% of the whole model's
              parameters: perplexity at 128 and 2048 tokens and the offline proxy zero-shot tasks;
-  ablations  the paper's parts switched one at a time (and the options the best preset combines),
-             at the same ratios: perplexity at 128 tokens.
+  ablations  the paper's parts switched one at a time, and the FFN options alone, at 20% (by
+             default; --ablation-ratios): perplexity at 128 tokens.
 Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes.
 
     .venv/bin/python benchmarks/compare_default.py
@@ -23,8 +23,8 @@ MAIN = "paper,best,svd-magnitude,wanda-sp,flap,llm-pruner-l2,llm-pruner-taylor"
 ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive"
 
 
-def run_compare(out: Path, methods: str, extra: list, args) -> tuple[str, float]:
-    command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", args.ratios,
+def run_compare(out: Path, methods: str, ratios: str, extra: list, args) -> tuple[str, float]:
+    command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", ratios,
                "--max-tokens", str(args.max_tokens), *extra]
     print("$", " ".join(command), file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -43,7 +43,8 @@ def section(title: str, command: str, seconds: float, table: Path, image_link: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--ratios", default="0.2,0.5", help="of the main table")
+    parser.add_argument("--ablation-ratios", default="0.2", help="of the ablation table")
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
     parser.add_argument("--limit", type=int, default=100, help="zero-shot items per proxy task")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-compare")
@@ -53,14 +54,15 @@ def main() -> None:
     images = args.page.parent / "img"
     images.mkdir(parents=True, exist_ok=True)
     runs = {
-        "main": ("Baselines under one budget", MAIN, ["--seqlen", "128,2048", "--tasks", "proxies", "--limit", str(args.limit)]),
-        "ablations": ("Ablations and options, one at a time", ABLATIONS, ["--seqlen", "128", "--tasks", "none"]),
+        "main": ("Baselines under one budget", MAIN, args.ratios,
+                 ["--seqlen", "128,2048", "--tasks", "proxies", "--limit", str(args.limit)]),
+        "ablations": ("Ablations and options, one at a time", ABLATIONS, args.ablation_ratios, ["--seqlen", "128", "--tasks", "none"]),
     }
-    for name, (title, methods, extra) in runs.items():
+    for name, (title, methods, ratios, extra) in runs.items():
         if args.only and name != args.only:
             continue
         out = args.work / name
-        command, seconds = run_compare(out, methods, extra, args)
+        command, seconds = run_compare(out, methods, ratios, extra, args)
         image = images / f"compare_{name}.png"
         image.write_bytes((out / "comparison.png").read_bytes())
         update_section(args.page, f"compare_{name}", section(title, command, seconds, out / "comparison.md", f"img/{image.name}"))

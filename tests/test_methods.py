@@ -177,3 +177,22 @@ def test_cli_presets_and_options_reach_the_plan(tmp_path, capsys):
     assert planned("--preset", "best", "--ffn-update", "none")["totals"] == paper["totals"]
     with pytest.raises(SystemExit):  # argparse lists the presets
         main(["plan", config, "--ratio", "0.3", "--preset", "nonesuch"])
+
+
+def test_memory_estimate_counts_gram_matrices_and_says_when_a_preset_cannot_stream(tmp_path, capsys):
+    from conftest import tiny_config
+    from lorap.cli import main
+
+    tiny_config("llama_gqa").save_pretrained(tmp_path)
+
+    def estimate(*options):
+        assert main(["plan", str(tmp_path / "config.json"), "--ratio", "0.3", "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out)["memory_estimate"]
+
+    paper, whitened, best = estimate(), estimate("--preset", "svd-llm"), estimate("--preset", "best")
+    assert paper["gram_bytes"] == 0 and whitened["gram_bytes"] == 2 * 3 * 8 * 64**2  # q and o inputs, float64
+    assert best["gram_bytes"] == whitened["gram_bytes"] + 3 * 8 * 160**2  # and the FFN's down input
+    assert whitened["streaming_peak_bytes"] > paper["streaming_peak_bytes"]
+    assert best["streaming_peak_bytes"] is None  # adaptive widths need the whole model
+    assert main(["plan", str(tmp_path / "config.json"), "--ratio", "0.3", "--preset", "best"]) == 0
+    assert "not possible with these settings" in capsys.readouterr().out

@@ -270,9 +270,15 @@ def _run_plan(args):
     from .report import format_plan
     from .streaming import format_memory_estimate, memory_estimate
 
-    planned = plan(args.model, args.preset, **_method_settings(args))
+    from .compression import gram_sources
+    from .methods import config_for
+
+    settings = _method_settings(args)
+    planned = plan(args.model, args.preset, **settings)
     result = planned.to_dict()
-    memory = memory_estimate(load_config(args.model), planned)
+    config = config_for(args.preset, **settings)
+    memory = memory_estimate(load_config(args.model), planned, gram_sources=gram_sources(config),
+                             streamable=not config.needs_whole_model)
     result["memory_estimate"] = memory
     print(json.dumps(result, indent=2) if args.json else format_plan(result) + "\n" + format_memory_estimate(memory))
 

@@ -41,6 +41,16 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def gram_sources(config: CompressionConfig) -> tuple:
+    """The projection inputs whose Gram matrices the configured methods need (calibration.InputStatistics)."""
+    sources = set()
+    if config.factorization in NEEDS_GRAM and "attention" in config.sublayers:
+        sources |= {"q_proj", "o_proj"}
+    if config.ffn_update == "lstsq" and "ffn" in config.sublayers:
+        sources.add("down_proj")
+    return tuple(sorted(sources))
+
+
 class LayerCompressor:
     """The per-layer step of the walk: factorize attention projections, remove FFN channels.
 
@@ -54,12 +64,7 @@ class LayerCompressor:
         self.svd_dtype = getattr(torch, config.svd_dtype)
         if config.ffn_score in PRECOMPUTED_SCORERS and precomputed_scores is None:
             raise LorapError(f"the {config.ffn_score} criterion needs scores computed before the layer walk")
-        sources = set()
-        if config.factorization in NEEDS_GRAM and "attention" in config.sublayers:
-            sources |= {"q_proj", "o_proj"}
-        if config.ffn_update == "lstsq" and "ffn" in config.sublayers:
-            sources.add("down_proj")
-        self.gram_sources = tuple(sorted(sources))
+        self.gram_sources = gram_sources(config)
 
     def __call__(self, index, layer, stats) -> None:
         self.compress_attention(index, layer, stats)

@@ -145,12 +145,14 @@ def should_stream(source) -> bool:
     return available is not None and 1.2 * size > available
 
 
-def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, batch_size: int = 8, dtype_bytes=None) -> dict:
+def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, batch_size: int = 8, dtype_bytes=None,
+                    gram_sources=(), streamable=True) -> dict:
     """Peak host memory of a compression run, in bytes, from shapes alone.
 
     Streamed: the largest of (embeddings + captured activations), (LM head copied to the output),
     (two decoder layers + activations + one batch's float32 working set + float32 copies of the
-    largest matrix for SVD / channel scores). In memory: the whole model instead of two layers.
+    largest matrix for SVD / channel scores + the float64 Gram matrices some methods collect, with
+    room for their factorisation). In memory: the whole model instead of two layers.
     """
     from .architectures import attention_shapes, ffn_shapes
 
@@ -169,7 +171,9 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
     activations = samples * seqlen * d * dtype_bytes
     working = 4 * min(batch_size, samples) * seqlen * (3 * m + heads * seqlen + 4 * d)
     decompose = 3 * 4 * max(o * i for o, i in matrices)
-    per_layer = activations + working + decompose
+    gram_inputs = {"q_proj": d, "o_proj": attention_shapes(model_config)["o_proj"][1], "down_proj": m}
+    grams = sum(3 * 8 * gram_inputs[name] ** 2 for name in gram_sources)  # the sum, a copy, a factor (float64)
+    per_layer = activations + working + decompose + grams
     streamed = RUNTIME_BASELINE_BYTES + max(
         embed * dtype_bytes + 2 * activations, head * dtype_bytes, 2 * layer * dtype_bytes + per_layer
     )
@@ -179,8 +183,9 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
         "dtype_bytes": dtype_bytes,
         "calibration": {"samples": samples, "seqlen": seqlen},
         "activation_bytes": activations,
+        "gram_bytes": grams,
         "in_memory_peak_bytes": in_memory,
-        "streaming_peak_bytes": streamed,
+        "streaming_peak_bytes": streamed if streamable else None,  # None: these settings cannot stream
     }
 
 
@@ -191,7 +196,8 @@ def format_memory_estimate(estimate: dict) -> str:
         f"memory estimate ({estimate['dtype_bytes']}-byte weights, calibration {calibration['samples']} x "
         f"{calibration['seqlen']}): checkpoint {estimate['checkpoint_bytes'] / gib:.1f} GiB; peak host memory "
         f"in memory {estimate['in_memory_peak_bytes'] / gib:.1f} GiB, streamed (--stream) "
-        f"{estimate['streaming_peak_bytes'] / gib:.1f} GiB"
+        + (f"{estimate['streaming_peak_bytes'] / gib:.1f} GiB" if estimate["streaming_peak_bytes"] is not None
+           else "not possible with these settings (adaptive widths or Taylor scores need the whole model)")
     )
 
 
@@ -227,7 +233,7 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
     from .architectures import architecture_of
     from .calibration import capture_first_layer_inputs, process_layer
     from .checkpoint import MODELING_FILE, REPORT_FILE, _swap_into_place, check_output_folder, mark_compressed
-    from .compression import CompressionResult, LayerCompressor, resolve_device
+    from .compression import CompressionResult, LayerCompressor, gram_sources, resolve_device
     from .data import calibration_samples
     from .models import _check_tokenizer_files, resolve_model
     from .provenance import environment
@@ -375,7 +381,8 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
 
     (staging / MODELING_FILE).write_bytes(Path(modeling_lorap.__file__).read_bytes())
 
-    estimate = memory_estimate(model_config, plan, config.calibration_samples, config.calibration_seqlen, config.batch_size)
+    estimate = memory_estimate(model_config, plan, config.calibration_samples, config.calibration_seqlen, config.batch_size,
+                               gram_sources=gram_sources(config))
     report = {
         "model": source.name,
         "base_model": base_model,
