@@ -13,6 +13,11 @@ from .architectures import decoder_layers, ffn_module
 FFN_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _salience(weight) -> torch.Tensor:
+    """|w * dL/dw| per weight, in float32."""
+    return (weight.detach().float() * weight.grad.float()).abs()
+
+
 def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device, progress: bool = True) -> list:
     """[scores of layer 0's channels, ...] for the model as it is (dense)."""
     home = next(model.parameters()).device
@@ -31,13 +36,7 @@ def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device,
                               disable=not progress):
                 batch = samples[start : start + batch_size].to(device)
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        scores = []
-        for gate, up, down in weights:
-            def salience(weight):
-                return (weight.detach().float() * weight.grad.float()).abs()
-
-            scores.append((salience(gate).sum(1) + salience(up).sum(1) + salience(down).sum(0)).cpu())
-        return scores
+        return [(_salience(gate).sum(1) + _salience(up).sum(1) + _salience(down).sum(0)).cpu() for gate, up, down in weights]
     finally:
         for layer_weights in weights:
             for weight in layer_weights:
