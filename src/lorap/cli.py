@@ -280,7 +280,11 @@ def _run_plan(args):
     memory = memory_estimate(load_config(args.model), planned, gram_sources=gram_sources(config),
                              streamable=not config.needs_whole_model)
     result["memory_estimate"] = memory
-    print(json.dumps(result, indent=2) if args.json else format_plan(result) + "\n" + format_memory_estimate(memory))
+    if config.ffn_allocation == "adaptive":
+        result["note"] = ("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
+                          "the same total of channels, spread over layers by their scores")
+    text = format_plan(result) + "\n" + format_memory_estimate(memory) + (f"\nnote: {result['note']}" if "note" in result else "")
+    print(json.dumps(result, indent=2) if args.json else text)
 
 
 def _add_recover(sub):
