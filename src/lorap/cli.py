@@ -160,6 +160,18 @@ def _add_ratio_options(p):
                    "(kept channels refitted by least squares)")
 
 
+def _calibration_settings(args) -> dict:
+    """Calibration and compute options, named as CompressionConfig and ComparisonSettings name them."""
+    return dict(
+        calibration_source=args.calibration,
+        calibration_samples=args.samples,
+        calibration_seqlen=args.sample_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+
+
 def _method_settings(args) -> dict:
     """CompressionConfig fields given on the command line (None: the preset's)."""
     settings = dict(
@@ -231,12 +243,7 @@ def _run_compress(args):
     config = config_for(
         args.preset,
         **_method_settings(args),
-        calibration_source=args.calibration,
-        calibration_samples=args.samples,
-        calibration_seqlen=args.sample_len,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
+        **_calibration_settings(args),
         svd_dtype=args.svd_dtype,
     )
     result = compress(
@@ -408,12 +415,7 @@ def _run_compare(args):
         dataset=args.ppl,
         tasks=() if args.tasks == ["none"] else tuple(args.tasks),
         limit=args.limit,
-        calibration_source=args.calibration,
-        calibration_samples=args.samples,
-        calibration_seqlen=args.sample_len,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
+        **_calibration_settings(args),
     )
     compare(args.model, args.out, settings, fresh=args.fresh)
     print((args.out / "comparison.md").read_text())

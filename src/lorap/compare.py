@@ -6,7 +6,6 @@ length and seed), removes the same share of the whole model's parameters (exact 
 Each finished row is saved under OUT/rows/, so an interrupted comparison resumes where it
 stopped; a row is redone when any of its settings differ.
 """
-import gc
 import hashlib
 import json
 import time
@@ -14,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LorapError
+from .evaluate.suite import release_model
 from .log import info
 from .methods import DEFAULT_COMPARISON, config_for, method
 from .report import write_json_atomic
@@ -54,11 +54,6 @@ def _key(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _release(model) -> None:
-    del model
-    gc.collect()
-
-
 def _evaluate(model, tokenizer, settings: ComparisonSettings, tasks, manager) -> dict:
     from .evaluate.perplexity import perplexity_table
 
@@ -78,7 +73,7 @@ def _dense_row(spec, settings, tasks, manager, device) -> dict:
     model, tokenizer, source = load_model(spec, device=device)
     row = {"method": "dense", "label": "dense", "parameters": count_parameters(model), "removed_fraction": 0.0,
            **_evaluate(model, tokenizer, settings, tasks, manager)}
-    _release(model)
+    release_model(model)
     return row
 
 
@@ -99,7 +94,7 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
         result = compress_model(model, tokenizer, config, progress)
     except LorapError as err:  # e.g. attention alone cannot remove half of the model
         row["error"] = str(err)
-        _release(model)
+        release_model(model)
         return row
     row["compress_seconds"] = time.perf_counter() - started
     row["timings"] = result.timings
@@ -110,7 +105,7 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
     row["ffn_widths"] = [layer.ffn_width for layer in result.plan.layers]
     model.to(device)
     row.update(_evaluate(model, tokenizer, settings, tasks, manager))
-    _release(model)
+    release_model(model)
     return row
 
 

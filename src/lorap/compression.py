@@ -41,6 +41,16 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def timed_calibration_samples(tokenizer, config: CompressionConfig, timings: dict):
+    """The run's calibration token windows; the seconds spent go into timings["calibration_data"]."""
+    started = time.perf_counter()
+    samples = calibration_samples(
+        tokenizer, config.calibration_source, config.calibration_samples, config.calibration_seqlen, config.seed
+    )
+    timings["calibration_data"] = time.perf_counter() - started
+    return samples
+
+
 def gram_sources(config: CompressionConfig) -> tuple:
     """The projection inputs whose Gram matrices the configured methods need (calibration.InputStatistics)."""
     sources = set()
@@ -119,12 +129,7 @@ def compress_model(model, tokenizer, config: CompressionConfig, progress: bool =
         raise RuntimeError(f"plan counts {plan.dense_parameters} dense parameters, the model has {dense_counted}")
     device = resolve_device(config.device)
     timings = {}
-
-    started = time.perf_counter()
-    samples = calibration_samples(
-        tokenizer, config.calibration_source, config.calibration_samples, config.calibration_seqlen, config.seed
-    )
-    timings["calibration_data"] = time.perf_counter() - started
+    samples = timed_calibration_samples(tokenizer, config, timings)
     info(
         f"calibration: {config.calibration_samples} x {config.calibration_seqlen} tokens from "
         f"'{config.calibration_source}' (train), seed {config.seed}; compute device {device}"

@@ -233,8 +233,7 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
     from .architectures import architecture_of
     from .calibration import capture_first_layer_inputs, process_layer
     from .checkpoint import MODELING_FILE, REPORT_FILE, _swap_into_place, check_output_folder, mark_compressed
-    from .compression import CompressionResult, LayerCompressor, gram_sources, resolve_device
-    from .data import calibration_samples
+    from .compression import CompressionResult, LayerCompressor, gram_sources, resolve_device, timed_calibration_samples
     from .models import _check_tokenizer_files, resolve_model
     from .provenance import environment
     from .report import write_json_atomic
@@ -297,11 +296,7 @@ def compress_streamed(model=None, out=None, config=None, overwrite=False, progre
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     timings = {}
-    begin = time.perf_counter()
-    samples = calibration_samples(
-        tokenizer, config.calibration_source, config.calibration_samples, config.calibration_seqlen, config.seed
-    )
-    timings["calibration_data"] = time.perf_counter() - begin
+    samples = timed_calibration_samples(tokenizer, config, timings)
     info(
         f"streaming {n_layers} layers from {folder} ({reader.total_bytes() / 2**30:.2f} GiB); calibration "
         f"{config.calibration_samples} x {config.calibration_seqlen} tokens from '{config.calibration_source}', "

@@ -26,7 +26,7 @@ def base_model_of(spec) -> tuple[bool, str | None]:
     return True, metadata.get("base_model")
 
 
-def _release(model) -> None:
+def release_model(model) -> None:
     import torch
 
     del model
@@ -60,7 +60,7 @@ def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_siz
 
         info(f"measuring speed and memory of {source.name}")
         entry["efficiency"] = measure(model, **(speed_settings or {}))
-    _release(model)
+    release_model(model)
     return entry
 
 
