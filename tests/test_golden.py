@@ -1,0 +1,125 @@
+"""Golden outputs: what each preset computes on the tiny models, pinned tensor for tensor.
+
+The hashes in tests/golden/tiny_compressions.json were recorded by this file's `--record` mode.
+A change that alters a compression fails here; if the change is meant, re-record
+(`.venv/bin/python tests/test_golden.py --record`) and say why in the commit message.
+
+Exact bytes depend on the floating-point kernels, so they are compared where the torch version and
+CPU capability match the recording; elsewhere each tensor's float64 sum and sum of squares must agree
+to 1e-5 relative, which still catches any changed rank, width, channel choice or factor.
+"""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN_FILE = Path(__file__).parent / "golden" / "tiny_compressions.json"
+CALIBRATION = dict(calibration_samples=16, calibration_seqlen=32, batch_size=8)
+PERPLEXITY = dict(dataset="wiki", seqlen=32, max_tokens=2048)
+# Every architecture with the paper's method and lorap's best; every preset on one GQA model.
+PRESETS_ON_EVERY_ARCHITECTURE = ("paper", "best")
+EVERY_PRESET_ON = "llama_gqa"
+
+
+def golden_cases() -> list:
+    from lorap.methods import METHODS
+    from conftest import TINY_ARCHITECTURES
+
+    cases = [(arch, preset) for arch in sorted(TINY_ARCHITECTURES) for preset in PRESETS_ON_EVERY_ARCHITECTURE]
+    cases += [(EVERY_PRESET_ON, preset) for preset in METHODS if preset not in PRESETS_ON_EVERY_ARCHITECTURE]
+    return cases
+
+
+def platform() -> dict:
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def fingerprint(folder: Path) -> dict:
+    """{tensor name: {sha256, sum, sum of squares, shape}} of every tensor a checkpoint saved."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name).contiguous()
+                wide = tensor.double()
+                tensors[name] = {
+                    "sha256": hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest(),
+                    "sum": wide.sum().item(),
+                    "sum_squares": wide.pow(2).sum().item(),
+                    "shape": list(tensor.shape),
+                }
+    return dict(sorted(tensors.items()))
+
+
+def compress_case(arch: str, preset: str, tokenizer, root: Path) -> dict:
+    from conftest import build_tiny_model
+    from lorap import api
+
+    source = root / f"{arch}-dense"
+    if not source.exists():
+        build_tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    out = root / f"{arch}-{preset}"
+    result = api.compress(str(source), str(out), preset=preset, ratio=0.2, progress=False, stream=False, **CALIBRATION)
+    return {
+        "tensors": fingerprint(out),
+        "perplexity": api.perplexity(result.model, tokenizer, **PERPLEXITY),
+        "compressed_parameters": result.report["plan"]["totals"]["compressed_parameters"],
+    }
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(GOLDEN_FILE.read_text())
+
+
+@pytest.mark.parametrize("arch,preset", golden_cases())
+def test_presets_compute_what_they_computed_when_recorded(arch, preset, golden, tiny_tokenizer, tmp_path):
+    expected = golden["cases"][f"{arch}/{preset}"]
+    got = compress_case(arch, preset, tiny_tokenizer, tmp_path)
+    assert got["compressed_parameters"] == expected["compressed_parameters"]
+    assert sorted(got["tensors"]) == sorted(expected["tensors"])
+    for name, want in expected["tensors"].items():
+        have = got["tensors"][name]
+        assert have["shape"] == want["shape"], name
+    if platform() == golden["platform"]:
+        changed = [name for name, want in expected["tensors"].items() if got["tensors"][name]["sha256"] != want["sha256"]]
+        assert not changed, f"{arch}/{preset}: tensors changed: {changed[:5]}"
+        assert got["perplexity"] == expected["perplexity"]
+    else:
+        for name, want in expected["tensors"].items():
+            have = got["tensors"][name]
+            assert _close(have["sum"], want["sum"]) and _close(have["sum_squares"], want["sum_squares"]), name
+        assert _close(got["perplexity"], expected["perplexity"])
+
+
+def record() -> None:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_tokenizer  # the fixture's function, called directly
+
+    torch.set_num_threads(2)
+    tokenizer = tiny_tokenizer.__wrapped__()
+    cases = {}
+    with tempfile.TemporaryDirectory() as root:
+        for arch, preset in golden_cases():
+            cases[f"{arch}/{preset}"] = compress_case(arch, preset, tokenizer, Path(root))
+            print(f"recorded {arch}/{preset}", file=sys.stderr)
+    GOLDEN_FILE.parent.mkdir(exist_ok=True)
+    GOLDEN_FILE.write_text(json.dumps({"platform": platform(), "cases": cases}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python tests/test_golden.py --record")
+    record()
