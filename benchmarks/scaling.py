@@ -122,10 +122,10 @@ def main() -> None:
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "scaling.md")
     parser.add_argument("--quick", action="store_true", help="only the first model of each series")
     args = parser.parse_args()
-    from lorap.default_model import default_model_dir
+    from lorap.io.default_model import default_model_dir
     from transformers import AutoTokenizer
 
-    from lorap.data import DOCUMENT_SEPARATOR, wiki_documents
+    from lorap.io.data import DOCUMENT_SEPARATOR, wiki_documents
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     shutil.rmtree(args.work, ignore_errors=True)

@@ -59,7 +59,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lorap.data import wiki_documents
+    from lorap.io.data import wiki_documents
 
     texts = wiki_documents("train")[:400]
     tokenizer = Tokenizer(models.BPE())
@@ -99,6 +99,6 @@ def tiny_model_dir(tmp_path, tiny_arch, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The real default model (converted once into the user's lorap cache)."""
-    from lorap.default_model import default_model_dir as _default_model_dir
+    from lorap.io.default_model import default_model_dir as _default_model_dir
 
     return _default_model_dir()

@@ -3,8 +3,9 @@ import pytest
 from transformers import LlamaConfig
 
 from conftest import build_tiny_model, tiny_config
-from lorap.allocate import EXACT_TOLERANCE, PlanSettings, attention_ranks, make_plan, reference_square_ranks
-from lorap.counting import count_parameters
+from lorap.plan.plan import EXACT_TOLERANCE, PlanSettings, make_plan
+from lorap.plan.ranks import attention_ranks, reference_square_ranks
+from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
 
 LLAMA_7B = LlamaConfig(

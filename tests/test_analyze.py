@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from lorap import analyze
+from lorap.analyze import spectra as analyze
 from lorap.cli import main
 
 
@@ -19,7 +19,7 @@ def test_rank_for_energy_counts_leading_squares():
 
 @torch.no_grad()
 def test_input_norms_are_root_sum_of_squares_per_sequence(tiny_tokenizer):
-    from lorap.data import calibration_samples
+    from lorap.io.data import calibration_samples
 
     model = build_tiny_model("llama_gqa")
     batches = calibration_samples(tiny_tokenizer, "wiki", 6, 24)

@@ -11,7 +11,7 @@ import pytest
 from conftest import build_tiny_model
 from lorap import __version__
 from lorap.cli import main
-from lorap.counting import count_parameters
+from lorap.plan.counting import count_parameters
 from lorap.evaluate.perplexity import perplexity
 
 SHORT_TEXT = "Only a few words of text here, nothing more.\n"

@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
+from lorap.architectures import Architecture
 from lorap import api
-from lorap.allocate import EXACT_TOLERANCE
-from lorap.calibration import InputStatistics, capture_first_layer_inputs
-from lorap.compression import LayerCompressor, compress_model
-from lorap.config import CompressionConfig
-from lorap.counting import count_parameters
-from lorap.data import calibration_samples
+from lorap.plan.plan import EXACT_TOLERANCE
+from lorap.pipeline.statistics import InputStatistics
+from lorap.pipeline.walk import capture_first_layer_inputs
+from lorap.pipeline.layer_step import LayerCompressor
+from lorap.pipeline.run import compress_model
+from lorap.pipeline.config import CompressionConfig
+from lorap.plan.counting import count_parameters
+from lorap.io.data import calibration_samples
 from lorap.errors import LorapError
 from lorap.modeling_lorap import LowRankLinear
 
@@ -64,7 +67,7 @@ def test_each_layer_is_calibrated_on_the_compressed_outputs_before_it(tiny_token
     dense = _tiny("llama_gqa", tiny_tokenizer)
 
     def second_layer_q_input_squares(model):
-        stats = InputStatistics(model.model.layers[1])
+        stats = InputStatistics(Architecture(model.config).input_modules(model.model.layers[1]))
         with stats.recording(), torch.no_grad():
             model(samples, use_cache=False)
         return stats.sum_squares["q_proj"]
@@ -73,14 +76,14 @@ def test_each_layer_is_calibrated_on_the_compressed_outputs_before_it(tiny_token
     seen = {}
     model = _tiny("llama_gqa", tiny_tokenizer)
     result = compress_model(model, tiny_tokenizer, config, progress=False)
-    inner = LayerCompressor(config, result.plan)
+    inner = LayerCompressor(config, result.plan, Architecture(model.config))
 
     # Re-run the walk on a fresh copy, recording what layer 1 was calibrated on.
     def recording(index, layer, stats):
         seen[index] = stats.sum_squares["q_proj"].clone()
         inner(index, layer, stats)
 
-    from lorap.calibration import walk_layers
+    from lorap.pipeline.walk import walk_layers
 
     fresh = _tiny("llama_gqa", tiny_tokenizer)
     walk_layers(fresh, capture_first_layer_inputs(fresh, samples, 4, "cpu"), "cpu", recording, progress=False)
@@ -101,7 +104,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer)))
-    with pytest.raises(LorapError, match="llama, mistral, qwen2"):
+    with pytest.raises(LorapError, match="gemma, llama, mistral, phi3, qwen2"):
         compress_model(model, tiny_tokenizer, CompressionConfig(ratio=0.3, **SMALL), progress=False)
 
 

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from lorap import data
-from lorap.data import (
+from lorap.io import data
+from lorap.io.data import (
     DOCUMENT_SEPARATOR,
     calibration_samples,
     evaluation_windows,
@@ -248,7 +248,7 @@ def fake_hub(tmp_path, monkeypatch):
             "json", data_files=str(files[corpus]), split="train", cache_dir=str(tmp_path / "hf-cache")
         )
 
-    monkeypatch.setattr("lorap.network.hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr("lorap.io.network.hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setattr(data, "_STREAM_CACHE", {})
     return calls
@@ -287,7 +287,7 @@ def test_hub_loader_failure_is_a_lorap_error(monkeypatch):
     def failing(*args, **kwargs):
         raise ConnectionError("simulated outage")
 
-    monkeypatch.setattr("lorap.network.hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr("lorap.io.network.hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(LorapError, match=r"could not load corpus 'wikitext2' \(wikitext, test\): simulated outage"):
         load_documents("wikitext2", "test")
@@ -300,7 +300,7 @@ def test_hub_corpus_unreachable_fails_fast(monkeypatch, name):
     def must_not_load(*args, **kwargs):
         raise AssertionError("load_dataset called although the hub is unreachable")
 
-    monkeypatch.setattr("lorap.network.hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("lorap.io.network.hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(datasets, "load_dataset", must_not_load)
     started = time.perf_counter()
     with pytest.raises(LorapError, match=f"corpus '{name}' comes from the Hugging Face hub, which cannot be reached"):
@@ -310,7 +310,7 @@ def test_hub_corpus_unreachable_fails_fast(monkeypatch, name):
 
 def test_hub_corpus_offline_environment_fails_fast(monkeypatch):
     """The real reachability check, with HF_HUB_OFFLINE set, answers at once."""
-    from lorap import network
+    from lorap.io import network
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     network.hub_reachable.cache_clear()

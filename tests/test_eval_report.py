@@ -113,7 +113,7 @@ def test_a_real_checkpoint_is_compared_with_its_base(two_dirs, tmp_path, capsys)
     """End to end: compress a tiny model, then `lorap eval` the checkpoint with no --against."""
     from lorap.api import compress
     from lorap.evaluate.efficiency import counted_macs_per_token, macs_per_token
-    from lorap.models import load_model
+    from lorap.io.models import load_model
 
     checkpoint = tmp_path / "ckpt"
     compress(str(two_dirs[0]), checkpoint, ratio=0.3, calibration_samples=4, calibration_seqlen=32, progress=False)

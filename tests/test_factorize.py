@@ -3,8 +3,8 @@ rank, the error each one minimises, shapes, bias."""
 import pytest
 import torch
 
-from lorap.calibration import ProjectionInputs
-from lorap.factorize import (ASVD_ALPHA, ZERO_STATISTIC_EPSILON, asvd, awsvd, factorized_linear, plain_svd, svdllm,
+from lorap.pipeline.statistics import ProjectionInputs
+from lorap.methods.factorizations import (ASVD_ALPHA, ZERO_STATISTIC_EPSILON, asvd, awsvd, factorized_linear, plain_svd, svdllm,
                              whitening_factor)
 
 

@@ -25,7 +25,7 @@ EVERY_PRESET_ON = "llama_gqa"
 
 
 def golden_cases() -> list:
-    from lorap.methods import METHODS
+    from lorap.methods.presets import METHODS
     from conftest import TINY_ARCHITECTURES
 
     cases = [(arch, preset) for arch in sorted(TINY_ARCHITECTURES) for preset in PRESETS_ON_EVERY_ARCHITECTURE]

@@ -6,11 +6,11 @@ import torch
 
 from conftest import build_tiny_model
 from lorap import api
-from lorap.compression import compress_model
-from lorap.config import CompressionConfig
-from lorap.counting import count_parameters
+from lorap.pipeline.run import compress_model
+from lorap.pipeline.config import CompressionConfig
+from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
-from lorap.methods import METHODS, PAPER, config_for
+from lorap.methods.presets import METHODS, PAPER, config_for
 from test_compress import assert_reloads_without_lorap
 
 SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
@@ -81,7 +81,7 @@ def test_compensated_checkpoints_reload_with_their_new_biases(name, gqa_dir, tmp
 
 
 def test_the_plan_counts_the_added_biases():
-    from lorap.allocate import PlanSettings, make_plan
+    from lorap.plan.plan import PlanSettings, make_plan
 
     from conftest import tiny_config
 
@@ -92,7 +92,7 @@ def test_the_plan_counts_the_added_biases():
 
 
 def test_taylor_scores_are_the_group_sum_of_weight_times_gradient(tiny_tokenizer):
-    from lorap.gradients import taylor_channel_scores
+    from lorap.methods.taylor import taylor_channel_scores
 
     model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
     samples = torch.randint(0, len(tiny_tokenizer), (4, 16))
@@ -109,7 +109,7 @@ def test_taylor_scores_are_the_group_sum_of_weight_times_gradient(tiny_tokenizer
 
 
 def test_taylor_leaves_no_gradients_and_restores_requires_grad(tiny_tokenizer):
-    from lorap.gradients import taylor_channel_scores
+    from lorap.methods.taylor import taylor_channel_scores
 
     model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
     model.model.embed_tokens.weight.requires_grad_(False)
@@ -125,7 +125,7 @@ def test_whole_model_methods_refuse_to_stream(gqa_dir, tmp_path):
 
 
 def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, monkeypatch):
-    from lorap import compare as compare_module
+    from lorap.compare import run as compare_module
     from lorap.compare import ComparisonSettings, compare
 
     settings = ComparisonSettings(methods=("paper", "svd-magnitude", "attention-only"), ratios=(0.3, 0.5), seqlens=(32,),

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from lorap import network
-from lorap.counting import count_parameters
+from lorap.io import network
+from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
-from lorap.models import is_lorap_checkpoint, load_config, load_model, resolve_model
+from lorap.io.models import is_lorap_checkpoint, load_config, load_model, resolve_model
 
 
 @pytest.fixture
@@ -264,7 +264,7 @@ def test_default_model_short_perplexity(default_loaded):
 
 @pytest.mark.slow
 def test_default_model_resolves_gguf_file():
-    from lorap.default_model import default_gguf_path
+    from lorap.io.default_model import default_gguf_path
 
     gguf = default_gguf_path()
     source = resolve_model(str(gguf))
@@ -277,7 +277,7 @@ def test_default_model_converts_into_a_fresh_cache(tmp_path, monkeypatch, defaul
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from lorap import default_model
+    from lorap.io import default_model
 
     monkeypatch.setenv("LORAP_CACHE", str(tmp_path / "cache"))
     target = default_model.default_model_dir()

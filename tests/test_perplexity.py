@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from lorap.data import DOCUMENT_SEPARATOR, evaluation_windows, wiki_documents
+from lorap.io.data import DOCUMENT_SEPARATOR, evaluation_windows, wiki_documents
 from lorap.errors import LorapError
 from lorap.evaluate import perplexity as ppl_module
 from lorap.evaluate.perplexity import perplexity, perplexity_table, window_nll

@@ -2,7 +2,16 @@
 import torch
 from torch import nn
 
-from lorap.prune import channel_scores, kept_channels, prune_ffn
+from lorap.architectures import Architecture
+from lorap.methods.ffn_pruning import kept_channels, prune_ffn
+from lorap.methods.ffn_scores import channel_scores
+
+
+def prune_in_place(ffn, *args):
+    """What the layer step does through the architecture adapter: the pruned linears replace the FFN's."""
+    pruned = prune_ffn(ffn, *args)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(ffn, name, getattr(pruned, name))
 
 
 class GatedFFN(nn.Module):
@@ -58,7 +67,7 @@ def test_pruning_removes_exactly_the_channels():
     mask = torch.zeros(200)
     mask[keep] = 1
     expected = ffn.down_proj(nn.functional.silu(ffn.gate_proj(x)) * ffn.up_proj(x) * mask)
-    prune_ffn(ffn, keep)
+    prune_in_place(ffn, keep)
     assert ffn.gate_proj.weight.shape == (100, 8) and ffn.down_proj.weight.shape == (8, 100)
     assert torch.allclose(ffn(x), expected, atol=1e-6)
 
@@ -68,7 +77,7 @@ def test_pruning_removes_exactly_the_channels():
 
 def _ffn_and_inputs(seed=0, tokens=3000):
     """An FFN, calibration inputs x, the down projection's inputs h, and what the walk records of them."""
-    from lorap.calibration import ProjectionInputs
+    from lorap.pipeline.statistics import ProjectionInputs
 
     torch.manual_seed(seed)
     ffn = GatedFFN()
@@ -125,7 +134,7 @@ def test_bias_compensation_adds_the_removed_channels_mean_output():
     with torch.no_grad():
         dense_out = ffn(x)
         expected_bias = ffn.down_proj.weight[:, dropped].double() @ h[:, dropped].double().mean(0)
-    prune_ffn(ffn, keep, "bias", inputs["down_proj"])
+    prune_in_place(ffn, keep, "bias", inputs["down_proj"])
     assert ffn.down_proj.bias is not None
     assert torch.allclose(ffn.down_proj.bias.double(), expected_bias, atol=1e-5)
     with torch.no_grad():
@@ -140,7 +149,7 @@ def test_lstsq_update_has_lower_error_than_bias_which_beats_nothing():
         with torch.no_grad():
             dense_out = ffn(x)
         keep = kept_channels(channel_scores(ffn, inputs, "lorap"), 120, 0.0)
-        prune_ffn(ffn, keep, update, inputs["down_proj"])
+        prune_in_place(ffn, keep, update, inputs["down_proj"])
         with torch.no_grad():
             errors[update] = (ffn(x) - dense_out).pow(2).sum().item()
     assert errors["lstsq"] < errors["bias"] < errors["none"], errors
@@ -149,7 +158,7 @@ def test_lstsq_update_has_lower_error_than_bias_which_beats_nothing():
 def test_updates_are_validated_and_need_their_statistics():
     import pytest
 
-    from lorap.calibration import ProjectionInputs
+    from lorap.pipeline.statistics import ProjectionInputs
     from lorap.errors import LorapError
 
     ffn, _, _, inputs = _ffn_and_inputs()
@@ -161,14 +170,14 @@ def test_updates_are_validated_and_need_their_statistics():
 
 
 def test_walk_statistics_match_a_direct_computation():
-    from lorap.calibration import InputStatistics
+    from lorap.pipeline.statistics import InputStatistics
 
     from conftest import build_tiny_model
 
     model = build_tiny_model("llama_gqa", vocab_size=64)
     captured = {}
     model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0].detach()))
-    stats = InputStatistics(model.model.layers[0], gram_sources=("down_proj",))
+    stats = InputStatistics(Architecture(model.config).input_modules(model.model.layers[0]), gram_sources=("down_proj",))
     tokens = torch.randint(0, 64, (3, 10))
     with stats.recording(), torch.no_grad():
         model(tokens, use_cache=False)
@@ -184,7 +193,7 @@ def test_walk_statistics_match_a_direct_computation():
 
 
 def test_adaptive_widths_remove_the_lowest_standardised_scores_of_the_whole_model():
-    from lorap.adaptive import MIN_KEPT_FRACTION, adaptive_widths
+    from lorap.methods.allocations import MIN_KEPT_FRACTION, adaptive_widths
 
     generator = torch.Generator().manual_seed(0)
     scores = [torch.rand(100, generator=generator).pow(p) for p in (1.0, 0.2, 4.0)]

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_model
 from lorap import api
-from lorap.counting import count_parameters
+from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
-from lorap.instructions import IGNORE_INDEX, encode_records, prompt_of
+from lorap.io.instructions import IGNORE_INDEX, encode_records, prompt_of
 from lorap.modeling_lorap import LowRankLinear
-from lorap.recover import (
+from lorap.recover.run import (
     RecoveryConfig,
     Schedule,
     attach_lora,
@@ -33,7 +33,7 @@ FAST = dict(cutoff=64, val_size=8, batch_size=4, lr=2e-2, eval_every=3, save_eve
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A local text corpus of ~60 kB of wiki train articles (tokenizing it takes milliseconds)."""
-    from lorap.data import wiki_documents
+    from lorap.io.data import wiki_documents
 
     path = tmp_path_factory.mktemp("corpus") / "wiki-slice.txt"
     path.write_text("\n\n".join(wiki_documents("train")[:60]), encoding="utf-8")
@@ -149,7 +149,7 @@ def test_data_sources_are_recognised(tiny_tokenizer, tmp_path, corpus):
 
 
 def test_default_data_is_alpaca_online_and_wiki_offline(monkeypatch, tiny_tokenizer):
-    from lorap import network
+    from lorap.io import network
 
     monkeypatch.setattr(network, "hub_reachable", lambda: False)
     assert resolve_data(None) == "wiki" and resolve_data("x.txt") == "x.txt"

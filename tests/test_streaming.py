@@ -61,11 +61,11 @@ def test_streamed_equals_in_memory(sharded_model_dir, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(sharded_model_dir, tmp_path, monkeypatch):
-    import lorap.calibration
+    import lorap.pipeline.sharded
 
     api.compress(str(sharded_model_dir), tmp_path / "whole", progress=False, stream=True, **SMALL)
 
-    real_step = lorap.calibration.process_layer
+    real_step = lorap.pipeline.sharded.process_layer
     visited = []
 
     def interrupted_after_layer_1(index, *args):
@@ -74,7 +74,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(sharded_model_dir, tmp_path, 
         visited.append(index)
         real_step(index, *args)
 
-    monkeypatch.setattr(lorap.calibration, "process_layer", interrupted_after_layer_1)
+    monkeypatch.setattr(lorap.pipeline.sharded, "process_layer", interrupted_after_layer_1)
     with pytest.raises(KeyboardInterrupt):
         api.compress(str(sharded_model_dir), tmp_path / "resumed", progress=False, stream=True, **SMALL)
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.streaming").is_dir()
@@ -83,7 +83,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(sharded_model_dir, tmp_path, 
         visited.append(index)
         real_step(index, *args)
 
-    monkeypatch.setattr(lorap.calibration, "process_layer", counting_step)
+    monkeypatch.setattr(lorap.pipeline.sharded, "process_layer", counting_step)
     with pytest.raises(LorapError, match="--resume"):
         api.compress(str(sharded_model_dir), tmp_path / "resumed", progress=False, stream=True, **SMALL)
     with pytest.raises(LorapError, match="settings"):
@@ -136,8 +136,8 @@ def test_cli_stream_and_plan_memory_estimate(sharded_model_dir, tmp_path, capsys
 def test_llama_memory_estimates_are_ordered():
     from transformers import LlamaConfig
 
-    from lorap.allocate import PlanSettings, make_plan
-    from lorap.streaming import memory_estimate
+    from lorap.plan.plan import PlanSettings, make_plan
+    from lorap.plan.memory import memory_estimate
 
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000, torch_dtype="float16"

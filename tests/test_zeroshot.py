@@ -31,7 +31,7 @@ def _records(folder, task):
 
 
 def test_proxy_items_are_well_formed(tmp_path):
-    from lorap.data import wiki_documents
+    from lorap.io.data import wiki_documents
 
     proxy_tasks.build_proxy_tasks(tmp_path)
     documents = wiki_documents("test")
@@ -146,7 +146,7 @@ def test_without_network_the_proxies_replace_what_cannot_be_had(monkeypatch):
     import time
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from lorap.network import hub_reachable
+    from lorap.io.network import hub_reachable
 
     hub_reachable.cache_clear()
     tasks, note, replace_missing = zeroshot.choose_tasks(None)
@@ -167,7 +167,7 @@ def test_unknown_task_is_a_plain_error():
 @pytest.mark.slow
 def test_real_model_solves_the_ending_proxy_well_above_chance(default_model_dir):
     """A proxy that a real 135M model cannot beat chance on would measure nothing."""
-    from lorap.models import load_model
+    from lorap.io.models import load_model
 
     model, tokenizer, _ = load_model(str(default_model_dir))
     table = zeroshot.evaluate_zeroshot(model, tokenizer, [ENDING_TASK], limit=8)

@@ -9,7 +9,7 @@ _PUBLIC = {
     "load": "lorap.api",
     "plan": "lorap.api",
     "perplexity": "lorap.api",
-    "load_model": "lorap.models",
+    "load_model": "lorap.io.models",
     "recover": "lorap.recover",
 }
 

@@ -4,8 +4,8 @@ import json
 import sys
 from pathlib import Path
 
-from .choices import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES
 from .errors import LorapError
+from .methods.registry import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, Registry
 
 
 def _csv(kind):
@@ -126,14 +126,21 @@ def _run_analyze(args):
 def _write_json(path: Path | None, data: dict) -> None:
     if path is None:
         return
-    from .report import write_json_atomic
+    from .io.files import write_json_atomic
 
     write_json_atomic(path, data)
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _add_registry_option(p, registry: Registry, what: str) -> None:
+    """An option whose choices and help are the registered parts (methods/registry.py)."""
+    paper = registry.names()[0]
+    p.add_argument(registry.option, choices=list(registry.names()), metavar="{" + ",".join(registry.names()) + "}",
+                   help=f"{what} (paper: {paper}): {registry.help()}".replace("%", "%%"))
+
+
 def _add_ratio_options(p):
-    from .methods import METHODS
+    from .methods.presets import METHODS
 
     p.add_argument("--ratio", type=float, required=True, help="fraction of parameters to remove, in (0, 0.9]")
     p.add_argument(
@@ -155,9 +162,7 @@ def _add_ratio_options(p):
     p.add_argument("--sublayers", type=_csv(str), help="attention,ffn (paper: both)")
     p.add_argument("--attention-scale", type=float,
                    help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
-    p.add_argument("--ffn-update", choices=list(FFN_UPDATES),
-                   help="what replaces removed FFN channels: none (paper), bias (their mean output) or lstsq "
-                   "(kept channels refitted by least squares)")
+    _add_registry_option(p, FFN_UPDATES, "what replaces removed FFN channels")
 
 
 def _calibration_settings(args) -> dict:
@@ -193,12 +198,9 @@ def _add_compress(sub):
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     _add_ratio_options(p)
-    p.add_argument("--factorization", choices=list(FACTORIZATIONS),
-                   help="attention factorization: awsvd (paper), svd, asvd or svdllm (whitening)")
-    p.add_argument("--ffn-score", choices=list(FFN_SCORES), help="FFN channel criterion (paper: lorap)")
-    p.add_argument("--ffn-allocation", choices=list(FFN_ALLOCATIONS),
-                   help="uniform (paper): every layer keeps the same FFN width; adaptive: the same total, spread "
-                   "over layers by standardised channel scores (FLAP)")
+    _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
+    _add_registry_option(p, FFN_SCORES, "FFN channel criterion")
+    _add_registry_option(p, FFN_ALLOCATIONS, "FFN widths across layers")
     p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
@@ -237,7 +239,7 @@ def _add_compress(sub):
 
 def _run_compress(args):
     from .api import compress
-    from .methods import config_for
+    from .methods.presets import config_for
     from .report import format_compression
 
     config = config_for(
@@ -273,21 +275,19 @@ def _add_plan(sub):
 
 def _run_plan(args):
     from .api import plan
-    from .models import load_config
+    from .io.models import load_config
+    from .methods.presets import config_for
+    from .plan.memory import format_memory_estimate, memory_estimate
     from .report import format_plan
-    from .streaming import format_memory_estimate, memory_estimate
-
-    from .compression import gram_sources
-    from .methods import config_for
 
     settings = _method_settings(args)
     planned = plan(args.model, args.preset, **settings)
     result = planned.to_dict()
     config = config_for(args.preset, **settings)
-    memory = memory_estimate(load_config(args.model), planned, gram_sources=gram_sources(config),
-                             streamable=not config.needs_whole_model)
+    memory = memory_estimate(load_config(args.model), planned, gram_sources=config.gram_sources(),
+                             whole_model_parts=config.whole_model_parts())
     result["memory_estimate"] = memory
-    if config.ffn_allocation == "adaptive":
+    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
         result["note"] = ("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
                           "the same total of channels, spread over layers by their scores")
     text = format_plan(result) + "\n" + format_memory_estimate(memory) + (f"\nnote: {result['note']}" if "note" in result else "")
@@ -374,7 +374,7 @@ def _run_recover(args):
 
 
 def _add_compare(sub):
-    from .methods import DEFAULT_COMPARISON, METHODS
+    from .methods.presets import DEFAULT_COMPARISON, METHODS
 
     p = sub.add_parser(
         "compare",
@@ -405,7 +405,7 @@ def _add_compare(sub):
 
 def _run_compare(args):
     from .compare import ComparisonSettings, compare
-    from .methods import METHODS
+    from .methods.presets import METHODS
 
     settings = ComparisonSettings(
         methods=tuple(METHODS) if args.methods == ["all"] else tuple(args.methods),

@@ -7,11 +7,25 @@ works where lorap is not installed. It must therefore import nothing from lorap.
 The compressed shapes are recorded in `config.lorap["layers"]`: for each decoder layer, the
 rank of each attention projection (null when it stayed dense), the FFN width kept, and
 `down_proj_bias: true` where the down projection gained a bias (compensated channels).
+`config.lorap["architecture"]` says where the projections live (written by lorap's
+architectures.py; checkpoints without it have LLaMA's names): the decoder layer list, the
+module of each logical projection, and the fused modules with the rows of each part.
 """
+import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LLAMA_ARCHITECTURE = {
+    "layers": "model.layers",
+    "ffn": "mlp",
+    "projections": {
+        **{name: f"self_attn.{name}" for name in ATTENTION_PROJECTIONS},
+        **{name: f"mlp.{name}" for name in FFN_PROJECTIONS},
+    },
+    "fused": {},
+}
 
 
 class LowRankLinear(nn.Module):
@@ -47,37 +61,89 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _like(linear, in_features, out_features, bias=False):
-    return nn.Linear(
-        in_features,
-        out_features,
-        bias=bias or linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
+class SplitLinear(nn.Module):
+    """A fused projection (Phi-3's qkv_proj) whose parts were compressed apart: each part is a
+    linear or a factor pair, and the output is their outputs side by side, as the fused one's."""
+
+    def __init__(self, parts: dict):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        first = next(iter(parts.values()))
+        self.in_features = first.in_features
+        self.out_features = sum(part.out_features for part in parts.values())
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts.values()], dim=-1)
 
 
-def apply_layout(model, layers_layout):
+def module_at(root, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def set_module_at(root, path: str, module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(module_at(root, parent) if parent else root, name, module)
+
+
+def _linear(in_features, out_features, bias, like):
+    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+
+
+def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
+    """{module path: new module} giving one decoder layer the recorded compressed shapes."""
+    width = layout.get("intermediate_size")
+    down_bias = bool(layout.get("down_proj_bias"))  # gained by compensating removed channels
+    by_path: dict = {}
+    for name, path in architecture["projections"].items():
+        by_path.setdefault(path, []).append(name)
+    replacements = {}
+    for path, names in by_path.items():
+        module = module_at(layer, path)
+        sizes = architecture["fused"].get(path) or {names[0]: module.out_features}
+        bias = module.bias is not None
+        built, changed = {}, False
+        for name in sizes:
+            out_features, in_features = sizes[name], module.in_features
+            rank = layout.get(name) if name in ATTENTION_PROJECTIONS else None
+            if name in FFN_PROJECTIONS and width is not None:
+                changed |= width != (in_features if name == "down_proj" else out_features)
+                if name == "down_proj":
+                    in_features = width
+                else:
+                    out_features = width
+            part_bias = bias or (name == "down_proj" and down_bias)
+            changed |= rank is not None or part_bias != bias
+            if rank is not None:
+                built[name] = LowRankLinear(in_features, out_features, rank, bias=bias,
+                                            device=module.weight.device, dtype=module.weight.dtype)
+            else:
+                built[name] = _linear(in_features, out_features, part_bias, module)
+        if not changed:
+            continue
+        if len(built) == 1:
+            replacements[path] = next(iter(built.values()))
+        elif all(type(part) is nn.Linear for part in built.values()):
+            first = next(iter(built.values()))
+            replacements[path] = _linear(first.in_features, sum(p.out_features for p in built.values()), bias, module)
+        else:
+            replacements[path] = SplitLinear(built)
+    return replacements
+
+
+def apply_layout(model, layers_layout, architecture=None):
     """Give a freshly built dense model the shapes of a compressed one (weights are loaded after)."""
-    decoder_layers = model.model.layers
+    architecture = architecture or LLAMA_ARCHITECTURE
+    decoder_layers = module_at(model, architecture["layers"])
     if len(layers_layout) != len(decoder_layers):
         raise ValueError(f"layout has {len(layers_layout)} layers, model has {len(decoder_layers)}")
     for layer, layout in zip(decoder_layers, layers_layout):
-        attention = layer.self_attn
-        for name in ATTENTION_PROJECTIONS:
-            rank = layout.get(name)
-            if rank is None:
-                continue
-            setattr(attention, name, LowRankLinear.shaped_like(getattr(attention, name), rank))
-        mlp = layer.mlp
-        width = layout.get("intermediate_size") or mlp.gate_proj.out_features
-        down_bias = bool(layout.get("down_proj_bias"))  # gained by compensating removed channels
-        if width != mlp.gate_proj.out_features or (down_bias and mlp.down_proj.bias is None):
-            hidden = mlp.gate_proj.in_features
-            mlp.gate_proj = _like(mlp.gate_proj, hidden, width)
-            mlp.up_proj = _like(mlp.up_proj, hidden, width)
-            mlp.down_proj = _like(mlp.down_proj, width, hidden, bias=down_bias)
-            mlp.intermediate_size = width
+        for path, module in _layer_modules(layer, layout, architecture).items():
+            set_module_at(layer, path, module)
+        ffn = module_at(layer, architecture["ffn"])
+        if layout.get("intermediate_size") is not None and hasattr(ffn, "intermediate_size"):
+            ffn.intermediate_size = layout["intermediate_size"]
 
 
 class _LorapMixin:
@@ -87,7 +153,7 @@ class _LorapMixin:
         super().__init__(config)
         lorap = getattr(config, "lorap", None)
         if lorap is not None:
-            apply_layout(self, lorap["layers"])
+            apply_layout(self, lorap["layers"], lorap.get("architecture"))
 
 
 class LorapLlamaForCausalLM(_LorapMixin, LlamaForCausalLM):
@@ -99,4 +165,12 @@ class LorapMistralForCausalLM(_LorapMixin, MistralForCausalLM):
 
 
 class LorapQwen2ForCausalLM(_LorapMixin, Qwen2ForCausalLM):
+    pass
+
+
+class LorapGemmaForCausalLM(_LorapMixin, GemmaForCausalLM):
+    pass
+
+
+class LorapPhi3ForCausalLM(_LorapMixin, Phi3ForCausalLM):
     pass

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..counting import count_parameters
+from ..plan.counting import count_parameters
 
 PREFILL_SEQLENS = (128, 512)
 MACS_SEQLEN = 128

@@ -8,8 +8,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..data import evaluation_windows
 from ..errors import LorapError
+from ..io.data import DOCUMENT_SEPARATOR, evaluation_windows
 
 # Tokens per forward pass: on 2 CPU threads about 1k tokens is fastest, and it bounds the
 # float32 logits [batch, seqlen, vocab] to well under a GB for 128k-token vocabularies.
@@ -57,4 +57,15 @@ def perplexity_table(model, tokenizer, datasets, seqlens, max_tokens=None) -> di
     return {
         dataset: {str(seqlen): perplexity(model, tokenizer, dataset, seqlen, max_tokens) for seqlen in seqlens}
         for dataset in datasets
+    }
+
+
+def protocol(max_tokens=None) -> dict:
+    """How perplexity was measured, as every report records it."""
+    return {
+        "split": "test",
+        "documents_joined_with": DOCUMENT_SEPARATOR,
+        "windows": "non-overlapping, tail dropped",
+        "perplexity": "exp(mean token NLL over all predicted tokens)",
+        "max_tokens": max_tokens,
     }

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..data import wiki_data_file, wiki_documents
+from ..io.data import wiki_data_file, wiki_documents
 
 BUILD_VERSION = 1  # bump when the construction below changes, so cached builds are redone
 CLOZE_TASK = "lorap_wiki_cloze"
@@ -200,7 +200,7 @@ def build_proxy_tasks(folder: Path, final_folder: Path | None = None) -> dict:
 
 def proxy_task_folder() -> Path:
     """The cached build, made on first use: one folder per (build version, corpus file contents)."""
-    from ..default_model import cache_root
+    from ..io.default_model import cache_root
 
     corpus = hashlib.sha256(wiki_data_file().read_bytes()).hexdigest()[:12]
     target = cache_root() / "tasks" / f"wiki-proxies-v{BUILD_VERSION}-{corpus}"

@@ -9,7 +9,7 @@ import gc
 import json
 from pathlib import Path
 
-from ..counting import count_parameters
+from ..plan.counting import count_parameters
 from ..errors import LorapError
 from ..log import info
 from ..provenance import environment
@@ -17,7 +17,7 @@ from ..provenance import environment
 
 def base_model_of(spec) -> tuple[bool, str | None]:
     """(is a lorap checkpoint, the base model spec its config names; None = built-in default)."""
-    from ..models import resolve_model
+    from ..io.models import resolve_model
 
     source = resolve_model(spec)
     if source.kind != "lorap":
@@ -41,7 +41,7 @@ def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_siz
 
     With `device_map` ("auto", "balanced" ...) accelerate spreads the layers over every GPU
     (and the host when they are full) instead of putting the model on `device`."""
-    from ..models import load_model
+    from ..io.models import load_model
     from .perplexity import perplexity_table
 
     model, tokenizer, source = load_model(spec, device=None if device_map else device, device_map=device_map)
@@ -66,7 +66,7 @@ def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_siz
 
 def perplexity_data(datasets, seqlens, max_tokens) -> dict:
     """What text the perplexities were measured on (so a report says its data, not only its numbers)."""
-    from ..data import HUB_CORPORA, wiki_data_file
+    from ..io.data import HUB_CORPORA, wiki_data_file
     from .proxy_tasks import file_sha256
 
     record = {}
@@ -107,7 +107,7 @@ def comparison(entry: dict, other: dict) -> dict:
 
 def _resolve_against(model, against, alone, notes) -> str | None | bool:
     """The spec to compare with; False for no comparison. Says why when the default is skipped."""
-    from ..models import resolve_model
+    from ..io.models import resolve_model
 
     if alone:
         return False
@@ -132,8 +132,9 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
                    speed_settings=None, device_map=None) -> dict:
     """The report of `lorap eval`. `tasks`: None or [] for no zero-shot, ["auto"] for the default
     choice (the seven standard tasks when the hub can be reached, else the proxies), or names."""
-    from ..api import default_device, protocol
-    from ..models import resolve_model
+    from ..devices import default_device
+    from .perplexity import protocol
+    from ..io.models import resolve_model
 
     device = device or default_device()
     notes: list[str] = []
@@ -141,7 +142,7 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise LorapError(f"{name} must be a positive integer, got {value!r}")
     if offline:
-        from ..network import force_offline
+        from ..io.network import force_offline
 
         force_offline()
     # Cheap checks first: a wrong model name fails before lm-eval indexes its tasks.

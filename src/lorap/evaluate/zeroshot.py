@@ -34,7 +34,7 @@ NO_HUB = "the Hugging Face hub cannot be reached"
 def choose_tasks(requested: list[str] | None, offline: bool = False) -> tuple[list[str], str | None, bool]:
     """(task names, a note for the report or None, whether unavailable standard tasks may be
     replaced by the proxies). Says plainly when the hub is out of reach."""
-    from ..network import force_offline, hub_reachable
+    from ..io.network import force_offline, hub_reachable
 
     online = not offline and hub_reachable()
     if not online:
@@ -84,7 +84,7 @@ def load_tasks(tasks: list[str], manager) -> dict:
         try:
             loaded.update(manager.load([name])["tasks"])
         except Exception as err:  # datasets and the hub raise many types; all mean "no data"
-            from ..network import hub_reachable
+            from ..io.network import hub_reachable
 
             where = "" if hub_reachable() else f" ({NO_HUB} and it is not in the local datasets cache)"
             raise LorapError(
@@ -115,7 +115,7 @@ def prepare(tasks: list[str], replace_missing: bool = False):
             missing.append(name)
     if not missing:
         return manager, available, None
-    from ..network import hub_reachable
+    from ..io.network import hub_reachable
 
     why = NO_HUB + " and they are not in the local datasets cache" if not hub_reachable() else "their data could not be loaded"
     note = f"no data for {', '.join(missing)} ({why}): ran lorap's offline proxy tasks in their place"

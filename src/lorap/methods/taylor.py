@@ -8,9 +8,7 @@ of down, with dL/dw accumulated over all calibration batches (the language-model
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import decoder_layers, ffn_module
-
-FFN_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+from ..architectures import FFN_PROJECTIONS, Architecture
 
 
 def _salience(weight) -> torch.Tensor:
@@ -20,15 +18,18 @@ def _salience(weight) -> torch.Tensor:
 
 def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device, progress: bool = True) -> list:
     """[scores of layer 0's channels, ...] for the model as it is (dense)."""
+    architecture = Architecture(model.config)
+    layers = architecture.decoder_layers(model)
     home = next(model.parameters()).device
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    weights = [[getattr(ffn_module(layer), name).weight for name in FFN_WEIGHTS] for layer in decoder_layers(model)]
+    # The physical weights holding the FFN projections (one fused weight may hold two).
+    holders = (architecture.holder(layer, name)[0] for layer in layers for name in FFN_PROJECTIONS)
+    weights = {id(module.weight): module.weight for module in holders}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for layer_weights in weights:
-        for weight in layer_weights:
-            weight.requires_grad_(True)
-            weight.grad = None
+    for weight in weights.values():
+        weight.requires_grad_(True)
+        weight.grad = None
     model.to(device)
     try:
         with torch.enable_grad():
@@ -36,11 +37,20 @@ def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device,
                               disable=not progress):
                 batch = samples[start : start + batch_size].to(device)
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        return [(_salience(gate).sum(1) + _salience(up).sum(1) + _salience(down).sum(0)).cpu() for gate, up, down in weights]
+        scores = []
+        for layer in layers:
+            gate, up, down = (architecture.projection_weight(layer, name, _salience) for name in FFN_PROJECTIONS)
+            scores.append((gate.sum(1) + up.sum(1) + down.sum(0)).cpu())
+        return scores
     finally:
-        for layer_weights in weights:
-            for weight in layer_weights:
-                weight.grad = None
+        for weight in weights.values():
+            weight.grad = None
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
         model.to(home)
+
+
+def prepare_taylor_scores(run) -> None:
+    """The registered whole-model pass of the Taylor criterion: per-layer scores before the walk."""
+    if "ffn" in run.config.sublayers:
+        run.channel_scores = taylor_channel_scores(run.model, run.samples, run.config.batch_size, run.device, run.progress)

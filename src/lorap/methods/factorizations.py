@@ -1,7 +1,7 @@
 """Low-rank factorizations of attention projections, registered by name.
 
 Each takes a weight W [out, in], what the calibration inputs of that projection looked like
-(`calibration.ProjectionInputs`) and a rank k, and returns factors (left [out, k], right
+(`pipeline.statistics.ProjectionInputs`) and a rank k, and returns factors (left [out, k], right
 [k, in]) with W ~ left @ right. They run in float32 or wider whatever the model's dtype.
 
   svd     truncated SVD of W alone (the inputs are ignored)
@@ -12,11 +12,10 @@ Each takes a weight W [out, in], what the calibration inputs of that projection 
 """
 import torch
 
-from .calibration import ProjectionInputs
-from .choices import FACTORIZATIONS
-from .counting import factorization_saves
-from .errors import LorapError
-from .modeling_lorap import LowRankLinear
+from ..errors import LorapError
+from ..modeling_lorap import LowRankLinear
+from ..pipeline.statistics import ProjectionInputs
+from ..plan.counting import factorization_saves
 
 # The authors replace zero statistics (dead input channels) by this before dividing by them.
 ZERO_STATISTIC_EPSILON = 1e-4
@@ -81,11 +80,6 @@ def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[t
     return left.to(weight.dtype), right.to(weight.dtype)
 
 
-FACTORIZERS = {"awsvd": awsvd, "svd": plain_svd, "asvd": asvd, "svdllm": svdllm}
-NEEDS_GRAM = {"svdllm"}
-assert tuple(FACTORIZERS) == FACTORIZATIONS
-
-
 def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:
     """A LowRankLinear replacing `linear`, in the linear's own dtype and device.
 
@@ -99,7 +93,9 @@ def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = 
     if isinstance(inputs, torch.Tensor):
         inputs = ProjectionInputs.from_norm(inputs)
     weight = linear.weight.detach().to(compute_dtype)
-    left, right = FACTORIZERS[method](weight, inputs, rank)
+    from .registry import FACTORIZATIONS
+
+    left, right = FACTORIZATIONS[method].function()(weight, inputs, rank)
     pair = LowRankLinear.shaped_like(linear, rank)
     with torch.no_grad():
         pair.left.weight.copy_(left.to(linear.weight.dtype))

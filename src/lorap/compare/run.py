@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import LorapError
-from .evaluate.suite import release_model
-from .log import info
-from .methods import DEFAULT_COMPARISON, config_for, method
-from .report import write_json_atomic
+from ..errors import LorapError
+from ..evaluate.suite import release_model
+from ..log import info
+from ..methods.presets import DEFAULT_COMPARISON, config_for, method
+from ..io.files import write_json_atomic
 
 RESULT_FILE = "comparison.json"
 TABLE_FILE = "comparison.md"
@@ -55,11 +55,11 @@ def _key(data: dict) -> str:
 
 
 def _evaluate(model, tokenizer, settings: ComparisonSettings, tasks, manager) -> dict:
-    from .evaluate.perplexity import perplexity_table
+    from ..evaluate.perplexity import perplexity_table
 
     result = {"perplexity": perplexity_table(model, tokenizer, [settings.dataset], settings.seqlens, settings.max_tokens)[settings.dataset]}
     if tasks:
-        from .evaluate.zeroshot import average, evaluate_zeroshot
+        from ..evaluate.zeroshot import average, evaluate_zeroshot
 
         table = evaluate_zeroshot(model, tokenizer, tasks, settings.limit, settings.batch_size, manager=manager)
         result["zeroshot"], result["zeroshot_average"] = table, average(table)
@@ -67,8 +67,8 @@ def _evaluate(model, tokenizer, settings: ComparisonSettings, tasks, manager) ->
 
 
 def _dense_row(spec, settings, tasks, manager, device) -> dict:
-    from .counting import count_parameters
-    from .models import load_model
+    from ..plan.counting import count_parameters
+    from ..io.models import load_model
 
     model, tokenizer, source = load_model(spec, device=device)
     row = {"method": "dense", "label": "dense", "parameters": count_parameters(model), "removed_fraction": 0.0,
@@ -78,8 +78,8 @@ def _dense_row(spec, settings, tasks, manager, device) -> dict:
 
 
 def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -> dict:
-    from .compression import compress_model
-    from .models import load_model
+    from ..pipeline.run import compress_model
+    from ..io.models import load_model
 
     chosen = method(name)
     config = config_for(name, ratio=ratio, mode="exact", calibration_source=settings.calibration_source,
@@ -111,9 +111,9 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
 
 def compare(model=None, out=None, settings: ComparisonSettings | None = None, fresh: bool = False, progress: bool = True) -> dict:
     """Run every method at every ratio (and the dense model once); write OUT/comparison.{json,md,png}."""
-    from .api import default_device
-    from .models import resolve_model
-    from .provenance import environment
+    from ..devices import default_device
+    from ..io.models import resolve_model
+    from ..provenance import environment
 
     settings = settings or ComparisonSettings()
     settings.validate()
@@ -124,7 +124,7 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
     device = settings.device or default_device()
     tasks, manager = [], None
     if settings.tasks:
-        from .evaluate.zeroshot import choose_tasks, prepare
+        from ..evaluate.zeroshot import choose_tasks, prepare
 
         tasks, _, replace = choose_tasks(list(settings.tasks))
         manager, tasks, _ = prepare(tasks, replace)
@@ -164,7 +164,7 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
         "rows": rows,
         **environment(device),
     }
-    from .compare_report import comparison_markdown, comparison_plot
+    from .report import comparison_markdown, comparison_plot
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RESULT_FILE, result)

@@ -1,75 +1,16 @@
-"""The sequential layer walk and the input statistics it collects.
+"""What the calibration tokens look like at the inputs of one decoder layer's projections.
 
-Layers are visited in order. Layer i is calibrated on the outputs of layers 0..i-1 *after*
-they were compressed, so each layer's compression sees (and can absorb) the error of the
-layers before it. Only the layer being processed is on the compute device.
+The paper's statistic (per-channel L2 norm) and what the baselines read (mean, mean |x|, variance,
+and on request the Gram matrix) are accumulated by forward pre-hooks while the layer walk runs the
+calibration batch through the layer (walk.py).
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .architectures import attention_module, decoder_layers, ffn_module
-from .errors import LorapError
-
-# Which linear's input hook serves which projections: q/k/v share the normed hidden state,
-# gate/up share the other normed hidden state.
-SHARED_INPUTS = {
-    "q_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the first layer's inputs are recorded."""
-
-
-@dataclass
-class CalibrationBatch:
-    hidden: torch.Tensor  # the current layer's input hidden states [batch, seq, hidden]
-    kwargs: dict  # what the model passes every decoder layer (masks, rotary embeddings ...)
-
-
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
-@torch.no_grad()
-def capture_first_layer_inputs(model, samples: torch.Tensor, batch_size: int, device) -> list:
-    """Run the embeddings only, recording exactly what the model hands its first decoder layer."""
-    first = decoder_layers(model)[0]
-    inner = model.model
-    movable = [inner.embed_tokens] + ([inner.rotary_emb] if hasattr(inner, "rotary_emb") else [])
-    home = next(inner.embed_tokens.parameters()).device
-    for module in movable:
-        module.to(device)
-    batches = []
-
-    def record(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: _to(v, device) for k, v in kwargs.items() if k != "hidden_states"}
-        batches.append(CalibrationBatch(hidden.detach(), kwargs))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        for start in range(0, samples.shape[0], batch_size):
-            try:
-                model(input_ids=samples[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        for module in movable:
-            module.to(home)
-    return batches
+from ..architectures import SHARED_INPUTS
+from ..errors import LorapError
 
 
 @dataclass
@@ -101,14 +42,9 @@ class InputStatistics:
     (q_proj, o_proj, gate_proj, down_proj), as they cost memory and time.
     """
 
-    def __init__(self, layer, gram_sources=()):
-        attention, mlp = attention_module(layer), ffn_module(layer)
-        self._modules = {
-            "q_proj": attention.q_proj,
-            "o_proj": attention.o_proj,
-            "gate_proj": mlp.gate_proj,
-            "down_proj": mlp.down_proj,
-        }
+    def __init__(self, input_modules: dict, gram_sources=()):
+        """`input_modules`: {input source: module}, from Architecture.input_modules(layer)."""
+        self._modules = dict(input_modules)
         unknown = set(gram_sources) - set(self._modules)
         if unknown:
             raise ValueError(f"no input source named {sorted(unknown)}")
@@ -187,37 +123,3 @@ class InputStatistics:
             gram=self.grams.get(source),
             tokens=tokens,
         )
-
-
-def layer_output(layer, batch: CalibrationBatch) -> torch.Tensor:
-    out = layer(batch.hidden, **batch.kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def walk_layers(model, batches: list, device, compress_layer, progress: bool = True, desc: str = "compressing layers") -> None:
-    """For each layer: collect input statistics, call compress_layer(index, layer, stats), propagate.
-
-    `batches` are the first layer's inputs; they are replaced in place by each layer's
-    outputs, so memory holds one set of activations whatever the depth.
-    """
-    layers = decoder_layers(model)
-    for index in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
-        process_layer(index, layers[index], batches, device, compress_layer)
-
-
-@torch.no_grad()
-def process_layer(index, layer, batches, device, compress_layer) -> None:
-    """One step of the walk (shared by the in-memory and the streamed walk): statistics, compression,
-    propagation. Only this layer visits the compute device; `batch.hidden` becomes its output."""
-    home = next(layer.parameters()).device
-    layer.to(device)
-    stats = InputStatistics(layer, getattr(compress_layer, "gram_sources", ()))
-    with stats.recording():
-        for batch in batches:
-            layer_output(layer, batch)
-    stats.check_finite(index)
-    compress_layer(index, layer, stats)
-    for batch in batches:
-        batch.hidden = layer_output(layer, batch)
-    layer.to(home)

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import LorapError
-from .log import info
+from ..errors import LorapError
+from ..log import info
 
 RECOVERY_REPORT_FILE = "recovery_report.json"
 ADAPTER_FOLDER = "adapter"
@@ -116,7 +116,7 @@ class Recovered:
 def resolve_data(source: str | None) -> str:
     if source is not None:
         return source
-    from .network import hub_reachable
+    from ..io.network import hub_reachable
 
     return DEFAULT_HUB_DATA if hub_reachable() else OFFLINE_DATA
 
@@ -129,7 +129,7 @@ def _text_windows(stream, cutoff: int) -> list:
 
 def load_examples(tokenizer, source: str, cutoff: int):
     """All examples of a source and a description of what they are (format, counts)."""
-    from . import data, instructions
+    from ..io import data, instructions
 
     path = Path(source.split(".jsonl:")[0] + (".jsonl" if ".jsonl:" in source else "")).expanduser()
     records = documents = None
@@ -191,7 +191,7 @@ def collate(examples: list, pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
     import torch
 
-    from .instructions import IGNORE_INDEX
+    from ..io.instructions import IGNORE_INDEX
 
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -266,11 +266,11 @@ def lora_target_names(model) -> list:
     factors of each LowRankLinear (PEFT can only wrap the Linear leaves, not the pair)."""
     from torch import nn
 
-    from .architectures import decoder_layers
+    from ..architectures import Architecture
 
     names = {id(module): name for name, module in model.named_modules()}
     targets = []
-    for layer in decoder_layers(model):
+    for layer in Architecture(model.config).decoder_layers(model):
         targets += [names[id(module)] for module in layer.modules() if isinstance(module, nn.Linear)]
     if not targets:
         raise LorapError("the model has no linear layers in its decoder layers to attach LoRA to")
@@ -315,7 +315,7 @@ def batch_loss_sum(model, batch, device):
     """Summed token NLL of a batch and the number of predicted tokens."""
     import torch
 
-    from .instructions import IGNORE_INDEX
+    from ..io.instructions import IGNORE_INDEX
 
     input_ids, mask, labels = (t.to(device) for t in batch)
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
@@ -397,7 +397,7 @@ class WorkFolder:
         return json.loads(run.read_text()) if run.is_file() else None
 
     def start(self, run: dict) -> None:
-        from .report import write_json_atomic
+        from ..io.files import write_json_atomic
 
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path / RUN_FILE, run)
@@ -406,7 +406,7 @@ class WorkFolder:
         import torch
         from safetensors.torch import save_file
 
-        from .checkpoint import _swap_into_place
+        from ..io.checkpoint import swap_into_place
 
         staging = Path(tempfile.mkdtemp(prefix=".checkpoint.partial-", dir=self.path))
         try:
@@ -417,7 +417,7 @@ class WorkFolder:
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, staging / "optimizer.pt")
             (staging / "state.json").write_text(json.dumps(asdict(state)) + "\n")
-            _swap_into_place(staging, self.checkpoint)
+            swap_into_place(staging, self.checkpoint)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -569,11 +569,11 @@ def recover(
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from .checkpoint import REPORT_FILE, check_output_folder, load_checkpoint_model, save_checkpoint
-    from .compression import resolve_device
-    from .counting import count_parameters
-    from .models import is_lorap_checkpoint
-    from .provenance import environment
+    from ..io.checkpoint import REPORT_FILE, check_output_folder, load_checkpoint_model, save_checkpoint
+    from ..devices import resolve_device
+    from ..plan.counting import count_parameters
+    from ..io.models import is_lorap_checkpoint
+    from ..provenance import environment
 
     config = config or RecoveryConfig(**settings)
     config.validate()

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LorapError
+from ..errors import LorapError
 
 SPLITS = ("train", "test")
 DOCUMENT_SEPARATOR = "\n\n"

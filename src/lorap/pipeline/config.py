@@ -1,9 +1,9 @@
 """One dataclass for a compression run: what the CLI fills in and what the checkpoint records."""
 from dataclasses import asdict, dataclass, field
 
-from .allocate import SUBLAYERS, PlanSettings
-from .choices import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES
-from .errors import LorapError
+from ..errors import LorapError
+from ..methods.registry import REGISTRIES, MethodSpec
+from ..plan.plan import SUBLAYERS, PlanSettings
 
 
 @dataclass
@@ -13,14 +13,15 @@ class CompressionConfig:
     allocation_a: float = 3.0
     bottom_keep: float = 0.01
     sublayers: tuple = SUBLAYERS
-    factorization: str = "awsvd"  # attention: factorize.FACTORIZERS
-    ffn_score: str = "lorap"  # FFN channel criterion: prune.CHANNEL_SCORERS
-    ffn_update: str = "none"  # compensation of removed FFN channels: prune.FFN_UPDATES
+    # The method parts, each a name in its registry (methods/registry.py)
+    factorization: str = "awsvd"  # attention factor pairs: FACTORIZATIONS
+    ffn_score: str = "lorap"  # FFN channel criterion: FFN_SCORES
+    ffn_update: str = "none"  # compensation of removed FFN channels: FFN_UPDATES
     # uniform: every layer keeps the plan's FFN width; adaptive: the same total is removed, the
     # channels chosen across layers by their scores standardised per layer (FLAP's AL rule)
     ffn_allocation: str = "uniform"
     attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
-    preset: str = "paper"  # the named method (methods.py) these settings started from
+    preset: str = "paper"  # the named method (methods/presets.py) these settings started from
     calibration_source: str = "wiki"
     calibration_samples: int = 128
     calibration_seqlen: int = 128
@@ -36,14 +37,7 @@ class CompressionConfig:
 
     def validate(self) -> None:
         self.plan_settings().validate()
-        if self.factorization not in FACTORIZATIONS:
-            raise LorapError(f"unknown factorization {self.factorization!r}; choose from {', '.join(FACTORIZATIONS)}")
-        if self.ffn_score not in FFN_SCORES:
-            raise LorapError(f"unknown FFN channel criterion {self.ffn_score!r}; choose from {', '.join(FFN_SCORES)}")
-        if self.ffn_update not in FFN_UPDATES:
-            raise LorapError(f"unknown FFN update {self.ffn_update!r}; choose from {', '.join(FFN_UPDATES)}")
-        if self.ffn_allocation not in FFN_ALLOCATIONS:
-            raise LorapError(f"unknown FFN allocation {self.ffn_allocation!r}; choose from {', '.join(FFN_ALLOCATIONS)}")
+        self.specs()  # every part is a registered name
         if self.svd_dtype not in ("float32", "float64"):
             raise LorapError(f"svd dtype must be float32 or float64, got {self.svd_dtype!r}")
         for name in ("calibration_samples", "calibration_seqlen", "batch_size"):
@@ -51,10 +45,29 @@ class CompressionConfig:
             if not isinstance(value, int) or value <= 0:
                 raise LorapError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
 
+    def specs(self) -> dict:
+        """{part: its registered MethodSpec}, in the order their whole-model passes run."""
+        return {part: registry[getattr(self, part)] for part, registry in REGISTRIES.items()}
+
     @property
     def needs_whole_model(self) -> bool:
         """Settings that look at every layer before compressing any (so cannot be streamed)."""
-        return self.ffn_allocation == "adaptive" or self.ffn_score == "llm-pruner-taylor"
+        return any(spec.needs_whole_model for spec in self.specs().values())
+
+    def whole_model_parts(self) -> list:
+        return [f"{part.replace('_', ' ')} {spec.name}" for part, spec in self.specs().items() if spec.needs_whole_model]
+
+    def gram_sources(self) -> tuple:
+        """The input sources whose Gram matrices the chosen parts read (pipeline/statistics.py)."""
+        from ..architectures import SHARED_INPUTS
+
+        compressed = {"factorization": "attention", "ffn_score": "ffn", "ffn_update": "ffn"}
+        sources = set()
+        for part, sublayer in compressed.items():
+            spec: MethodSpec = self.specs()[part]
+            if spec.needs_gram and sublayer in self.sublayers:
+                sources |= {source for source, served in SHARED_INPUTS.items() if set(served) & set(spec.reads)}
+        return tuple(sorted(sources))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sublayers": list(self.sublayers)}

@@ -9,8 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import LorapError
-from .log import info
+from ..errors import LorapError
+from ..log import info
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

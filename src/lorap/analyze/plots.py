@@ -5,7 +5,7 @@ paper's claim (attention far more low-rank) can be read at a glance, or seen to 
 """
 from pathlib import Path
 
-from .analyze import ATTENTION, PROJECTIONS, VARIANTS
+from .spectra import ATTENTION, PROJECTIONS, VARIANTS
 
 STYLE = {name: ("-" if name in ATTENTION else "--") for name in PROJECTIONS}
 TITLES = {"plain": "plain: W", "weighted": "activation-weighted: W diag(s)"}

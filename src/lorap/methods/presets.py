@@ -8,8 +8,8 @@ original methods prune attention heads instead; lorap does not implement head pr
 """
 from dataclasses import dataclass, fields
 
-from .config import CompressionConfig
-from .errors import LorapError
+from ..pipeline.config import CompressionConfig
+from ..errors import LorapError
 
 PAPER = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
              ffn_score="lorap", ffn_update="none", ffn_allocation="uniform")

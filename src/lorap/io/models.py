@@ -6,8 +6,8 @@ checkpoint folder, a `.gguf` file, or a hub id (when the hub can be reached).
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LorapError
-from .log import info
+from ..errors import LorapError
+from ..log import info
 
 
 @dataclass
@@ -110,7 +110,7 @@ def load_config(spec: str | None):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _check_tokenizer_files(folder: Path) -> None:
+def check_tokenizer_files(folder: Path) -> None:
     """Fail clearly when a folder holds a model without its tokenizer (transformers' own error
     for that case is a traceback about protobuf)."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -128,7 +128,7 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
 
     source = resolve_model(spec)
     if source.kind in ("default", "folder", "lorap"):
-        _check_tokenizer_files(Path(source.location))
+        check_tokenizer_files(Path(source.location))
     info(f"loading {source.describe()}")
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if device_map is not None:

@@ -11,7 +11,7 @@ Sources: a local .json file (a list of records, like alpaca_data_cleaned.json) o
 import json
 from pathlib import Path
 
-from .errors import LorapError
+from ..errors import LorapError
 
 IGNORE_INDEX = -100  # the label torch's cross entropy (and transformers) skip
 ALPACA_HUB_ID = "yahma/alpaca-cleaned"

@@ -3,15 +3,14 @@
 Nothing here touches weights, so `lorap plan` can print it from a config.json alone, and the
 reference figures of the paper (LLaMA-7B) are unit-tested without a model.
 """
-import math
 from dataclasses import asdict, dataclass, field
 
-from .architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes
-from .counting import factorization_saves, linear_parameters
-from .choices import FFN_UPDATES
-from .errors import LorapError
+from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes, other_parameters
+from ..errors import LorapError
+from ..methods.registry import FFN_UPDATES
+from .counting import linear_parameters
+from .ranks import MAX_RATIO, attention_ranks, ffn_kept_width
 
-MAX_RATIO = 0.9
 EXACT_TOLERANCE = 0.002  # exact mode must land within 0.2 percentage points
 SUBLAYERS = ("attention", "ffn")
 
@@ -23,7 +22,7 @@ class PlanSettings:
     allocation_a: float = 3.0  # kept (v+o) : (q+k) parameters
     bottom_keep: float = 0.01  # lowest-scoring FFN channels that are kept anyway
     sublayers: tuple = SUBLAYERS
-    ffn_update: str = "none"  # what replaces removed FFN channels: none, bias or lstsq (prune.py)
+    ffn_update: str = "none"  # what replaces removed FFN channels (registry.FFN_UPDATES): adds a bias?
     # Attention's per-layer ratio relative to the FFN's (the paper: 1, the same ratio for both).
     attention_scale: float = 1.0
 
@@ -41,8 +40,7 @@ class PlanSettings:
             raise LorapError(f"sublayers must be a non-empty subset of {', '.join(SUBLAYERS)}, got {self.sublayers}")
         if self.attention_scale <= 0:
             raise LorapError(f"attention scale must be positive, got {self.attention_scale}")
-        if self.ffn_update not in FFN_UPDATES:
-            raise LorapError(f"FFN update must be one of {', '.join(FFN_UPDATES)}, got {self.ffn_update!r}")
+        FFN_UPDATES[self.ffn_update]  # a registered name
 
 
 @dataclass
@@ -113,14 +111,6 @@ class Plan:
 # ---------------------------------------------------------------- counting
 
 
-def other_parameters(config) -> int:
-    d, vocab, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    embeddings = vocab * d
-    head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * d
-    norms = (2 * n_layers + 1) * d  # two RMSNorms per layer and the final one
-    return embeddings + head + norms
-
-
 def module_rows(plan: Plan) -> list:
     """One row per compressible module: the single source of every parameter figure."""
     rows = []
@@ -181,75 +171,6 @@ def _group_totals(rows: list) -> dict:
     return {"dense_parameters": dense, "parameters": kept, "removed_fraction": 1 - kept / dense if dense else 0.0}
 
 
-# ---------------------------------------------------------------- attention ranks
-
-
-def reference_square_ranks(d: int, keep: float, a: float) -> dict:
-    """The authors' rule for square (multi-head) attention, reproduced exactly, int() and all."""
-    k_att = int(keep * d / 2)
-    k_max = int(k_att * 2 * a / (1 + a))
-    if k_max >= d / 2:
-        qk = int(keep * d) - d // 2
-        return {"q_proj": qk, "k_proj": qk, "v_proj": None, "o_proj": None}
-    k_min = int(k_att * 2 / (1 + a))
-    return {"q_proj": k_min, "k_proj": k_min, "v_proj": k_max, "o_proj": k_max}
-
-
-def _group_ranks(shapes: dict, names: tuple, budget: float) -> tuple[dict, int]:
-    """One shared rank for a group of matrices within `budget` parameters.
-
-    A matrix whose factor pair would not be smaller than itself stays dense; its dense size
-    is paid from the budget and the rank of the rest is recomputed.
-    """
-    dense = set()
-    while True:
-        factorized = [n for n in names if n not in dense]
-        if not factorized:
-            break
-        left = budget - sum(shapes[n][0] * shapes[n][1] for n in dense)
-        rank = max(1, math.floor(left / sum(shapes[n][0] + shapes[n][1] for n in factorized)))
-        newly_dense = [n for n in factorized if not factorization_saves(shapes[n][1], shapes[n][0], rank)]
-        if not newly_dense:
-            break
-        dense.update(newly_dense)
-    ranks = {n: (None if n in dense else rank) for n in names}
-    used = sum(linear_parameters(shapes[n][1], shapes[n][0], rank=ranks[n]) for n in names)
-    return ranks, used
-
-
-def attention_ranks(shapes: dict, keep: float, a: float) -> dict:
-    """Ranks for q, k, v, o keeping a `keep` fraction of attention weights, split a:1 between {v,o} and {q,k}.
-
-    On square attention this is the reference rule; on GQA (k, v not square) the same idea is
-    applied to parameter counts, and surplus from a group that stays dense goes to the other.
-    """
-    square = {shapes[n][:2] for n in ATTENTION_PROJECTIONS}
-    if len(square) == 1 and shapes["q_proj"][0] == shapes["q_proj"][1]:
-        return reference_square_ranks(shapes["q_proj"][0], keep, a)
-    weights = {n: (shapes[n][0], shapes[n][1]) for n in ATTENTION_PROJECTIONS}
-    budget = keep * sum(out * inp for out, inp in weights.values())
-    vo_ranks, vo_used = _group_ranks(weights, ("v_proj", "o_proj"), budget * a / (1 + a))
-    qk_budget = budget - vo_used if None in vo_ranks.values() else budget / (1 + a)
-    qk_ranks, qk_used = _group_ranks(weights, ("q_proj", "k_proj"), qk_budget)
-    if None in qk_ranks.values() and None not in vo_ranks.values():
-        vo_ranks, _ = _group_ranks(weights, ("v_proj", "o_proj"), budget - qk_used)
-    return {**qk_ranks, **vo_ranks}
-
-
-# ---------------------------------------------------------------- FFN widths
-
-
-def ffn_removed_channels(width: int, ratio: float) -> int:
-    return int(ratio * width)
-
-
-def ffn_kept_width(width: int, ratio: float, bottom_keep: float) -> int:
-    removed = ffn_removed_channels(width, ratio)
-    if int(bottom_keep * width) + removed > width:
-        raise LorapError(f"bottom-keep {bottom_keep} plus ratio {ratio} exceeds the FFN width {width}")
-    return width - removed
-
-
 # ---------------------------------------------------------------- the plan
 
 
@@ -278,7 +199,7 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
 
 def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, ffn_bias: bool) -> LayerPlan:
     # Compensating removed channels needs a bias on down; a model without FFN biases gains one.
-    added = settings.ffn_update != "none" and width < dense_width and not ffn_bias
+    added = FFN_UPDATES[settings.ffn_update].adds_down_bias and width < dense_width and not ffn_bias
     return LayerPlan(index, dict(ranks), width, added)
 
 

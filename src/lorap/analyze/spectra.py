@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import LorapError
-from .log import info
+from ..architectures import ATTENTION_PROJECTIONS as ATTENTION
+from ..architectures import FFN_PROJECTIONS as FFN
+from ..architectures import PROJECTIONS, SHARED_INPUTS, Architecture
+from ..errors import LorapError
+from ..log import info
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION + FFN
 VARIANTS = ("plain", "weighted")
 # "Far more low-rank": attention needs at most this share of the FFN's rank fraction.
 CLEARLY_LOWER = 0.8
@@ -25,16 +25,13 @@ OUTPUT_PREFIX = "lowrank_"
 
 
 def projections(model) -> dict:
-    """{(layer, projection name): module} for every decoder layer."""
-    found = {}
-    for index, layer in enumerate(model.model.layers):
-        for name in PROJECTIONS:
-            owner = layer.self_attn if name in ATTENTION else layer.mlp
-            module = getattr(owner, name, None)
-            if module is None:
-                raise LorapError(f"layer {index} has no {name}; analyze needs a LLaMA-style decoder")
-            found[(index, name)] = module
-    return found
+    """{(layer, projection name): module} for every decoder layer (through the family's adapter)."""
+    architecture = Architecture(model.config)
+    return {
+        (index, name): architecture.projection(layer, name)
+        for index, layer in enumerate(architecture.decoder_layers(model))
+        for name in PROJECTIONS
+    }
 
 
 def effective_weight(module) -> torch.Tensor:
@@ -49,7 +46,12 @@ def effective_weight(module) -> torch.Tensor:
 @torch.no_grad()
 def input_norms(model, batches: torch.Tensor, batch_size: int = 8) -> dict:
     """{(layer, name): s} with s_j = sqrt(sum over calibration tokens of x_j^2 / n_sequences)."""
-    modules = projections(model)
+    architecture = Architecture(model.config)
+    modules = {
+        (index, source): module
+        for index, layer in enumerate(architecture.decoder_layers(model))
+        for source, module in architecture.input_modules(layer).items()
+    }
     sums: dict = {}
 
     def hook_for(key):
@@ -68,7 +70,11 @@ def input_norms(model, batches: torch.Tensor, batch_size: int = 8) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    return {key: (total / batches.shape[0]).sqrt().float() for key, total in sums.items()}
+    return {
+        (index, name): (sums[(index, source)] / batches.shape[0]).sqrt().float()
+        for (index, source) in modules
+        for name in SHARED_INPUTS[source]
+    }
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
@@ -98,7 +104,7 @@ def _mean(values) -> float:
 def analyze_model(model, tokenizer, calibration: str = "wiki", samples: int = 16, seqlen: int = 128,
                   energy: float = 0.9, seed: int = 0, batch_size: int = 8) -> dict:
     """Spectra and low-rank degrees of every projection; the dict `lorap analyze` writes as JSON."""
-    from .data import calibration_samples
+    from ..io.data import calibration_samples
 
     if not 0 < energy < 1:
         raise LorapError(f"energy must be a fraction in (0, 1), got {energy}")
@@ -196,44 +202,3 @@ def finding(result: dict) -> dict:
             ),
         }
     return verdicts
-
-
-def write_analysis(result: dict, out) -> dict:
-    """Write the JSON and the PNG plots into `out`; returns {name: path}."""
-    from .analyze_plots import write_plots
-    from .report import write_json_atomic
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / f"{OUTPUT_PREFIX}analysis.json"
-    write_json_atomic(json_path, result)
-    return {"json": str(json_path), **write_plots(result, out, OUTPUT_PREFIX)}
-
-
-def analyze(model=None, out=None, calibration="wiki", samples=16, seqlen=128, energy=0.9, seed=0, device=None) -> dict:
-    """Load a model by name or path, analyze it, and (with `out`) write the JSON and plots."""
-    from .api import default_device
-    from .counting import count_parameters
-    from .models import load_model
-    from .provenance import environment
-
-    device = device or default_device()
-    loaded, tokenizer, source = load_model(model, device=device)
-    result = {"model": source.name, "source": source.describe(), "parameters": count_parameters(loaded)}
-    result.update(analyze_model(loaded, tokenizer, calibration, samples, seqlen, energy, seed))
-    result["finding"] = finding(result)
-    result.update(environment(device))
-    if out is not None:
-        result["files"] = write_analysis(result, out)
-    return result
-
-
-def format_analysis(result: dict) -> str:
-    lines = [f"model: {result['model']}",
-             f"rank fraction keeping {result['energy']:.0%} of the spectral energy (mean over layers; min-max)"]
-    lines.append(f"{'projection':<12}{'shape':>11}{'plain':>22}{'activation-weighted':>26}")
-    for name, row in result["by_projection"].items():
-        cells = [f"{row[v]['mean_fraction']:.1%} ({row[v]['min_fraction']:.0%}-{row[v]['max_fraction']:.0%})" for v in VARIANTS]
-        lines.append(f"{name:<12}{'x'.join(map(str, row['shape'])):>11}{cells[0]:>22}{cells[1]:>26}")
-    lines += [f["sentence"] for f in result["finding"].values()]
-    return "\n".join(lines)

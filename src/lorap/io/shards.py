@@ -8,19 +8,20 @@ import os
 import re
 from pathlib import Path
 
-from .errors import LorapError
+from ..errors import LorapError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+DEFAULT_LAYER_PREFIX = "model.layers."  # LLaMA's; a family's own comes from Architecture.state_prefix
 SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes; transformers checks it on load
 
 
 class ShardReader:
     """Tensor name -> shard file of a Hugging Face safetensors checkpoint (one file or an index)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, layer_prefix: str = DEFAULT_LAYER_PREFIX):
         self.folder = Path(folder)
+        self._layer_key = re.compile("^" + re.escape(layer_prefix) + r"(\d+)\.")
         index = self.folder / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -43,11 +44,11 @@ class ShardReader:
         return sum(path.stat().st_size for path in self.files())
 
     def layer_names(self, index: int) -> list:
-        return [name for name in self.weight_map if _layer_of(name) == index]
+        return [name for name in self.weight_map if self.layer_of(name) == index]
 
     def other_names(self) -> list:
         """Everything outside the decoder layers: embeddings, final norm, LM head."""
-        return [name for name in self.weight_map if _layer_of(name) is None]
+        return [name for name in self.weight_map if self.layer_of(name) is None]
 
     def read(self, names) -> dict:
         """The named tensors, copied into ordinary (not memory-mapped) CPU tensors."""
@@ -73,14 +74,13 @@ class ShardReader:
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         return shapes
 
+    def layer_of(self, name: str) -> int | None:
+        match = self._layer_key.match(name)
+        return int(match.group(1)) if match else None
+
     def fingerprint(self) -> dict:
         """What identifies this checkpoint for a resumed run: file names, sizes and times."""
         return {path.name: [path.stat().st_size, int(path.stat().st_mtime)] for path in self.files()}
-
-
-def _layer_of(name: str):
-    match = LAYER_KEY.match(name)
-    return int(match.group(1)) if match else None
 
 
 def shard_name(number: int, total: int) -> str:

@@ -7,9 +7,11 @@ taken on the dense model (one pass over all layers before any is compressed), as
 """
 import torch
 
-from .architectures import ffn_module
-from .calibration import walk_layers
-from .prune import channel_scores, protected_count
+from ..architectures import FFN_PROJECTIONS, Architecture
+from ..log import info
+from ..pipeline.walk import capture_first_layer_inputs, walk_layers
+from .ffn_pruning import protected_count
+from .ffn_scores import channel_scores
 
 # No layer keeps fewer than this share of its channels, however low its scores.
 MIN_KEPT_FRACTION = 0.05
@@ -17,11 +19,14 @@ MIN_KEPT_FRACTION = 0.05
 
 def dense_channel_scores(model, batches: list, device, method: str, progress: bool = True) -> list:
     """Scores of every layer's FFN channels on the unmodified model (consumes `batches`)."""
+    from ..pipeline.layer_step import FfnView
+
+    architecture = Architecture(model.config)
     scores = []
 
     def record(index, layer, stats):
-        inputs = {name: stats.inputs(name) for name in ("gate_proj", "up_proj", "down_proj")}
-        scores.append(channel_scores(ffn_module(layer), inputs, method).cpu())
+        inputs = {name: stats.inputs(name) for name in FFN_PROJECTIONS}
+        scores.append(channel_scores(FfnView(architecture, layer), inputs, method).cpu())
 
     walk_layers(model, batches, device, record, progress, desc="scoring FFN channels")
     return scores
@@ -47,3 +52,19 @@ def adaptive_widths(scores: list, removed_total: int, bottom_keep: float) -> lis
     chosen = owner[torch.argsort(pool, stable=True)[:removed_total]]
     removed = torch.bincount(chosen, minlength=len(scores))
     return [layer_scores.numel() - int(count) for layer_scores, count in zip(scores, removed)]
+
+
+def prepare_adaptive_widths(run) -> None:
+    """The registered whole-model pass of adaptive allocation: run.plan gets per-layer FFN widths,
+    from the criterion's scores on the dense model (or those a whole-model criterion computed)."""
+    config, plan = run.config, run.plan
+    if "ffn" not in config.sublayers:
+        return
+    scores = run.channel_scores
+    if scores is None:
+        batches = capture_first_layer_inputs(run.model, run.samples, config.batch_size, run.device)
+        scores = dense_channel_scores(run.model, batches, run.device, config.ffn_score, run.progress)
+    removed = sum(plan.intermediate_size - layer.ffn_width for layer in plan.layers)
+    widths = adaptive_widths(scores, removed, config.bottom_keep)
+    info(f"adaptive FFN widths: {min(widths)} to {max(widths)} channels kept per layer (uniform: {plan.layers[0].ffn_width})")
+    run.plan = plan.with_ffn_widths(widths)

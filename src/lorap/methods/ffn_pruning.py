@@ -1,0 +1,117 @@
+"""FFN channel pruning: keep the chosen channels, drop the rest, optionally compensate.
+
+Removing channel c deletes row c of gate and up and column c of down. What happens to the removed
+channels' contribution is an FFN update, registered in registry.FFN_UPDATES:
+
+  none    dropped (the paper)
+  bias    their mean output is folded into the down projection's bias (FLAP's compensation)
+  lstsq   the kept columns of down are refitted by least squares to the dense output, and the
+          mean remainder goes into the bias (uses the Gram matrix of the down projection's inputs)
+
+An update takes (down weight in float64 on the CPU, mask of dropped channels, the down
+projection's ProjectionInputs) and returns (change to the kept columns of down or None, change
+to its bias).
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LorapError
+
+# Relative ridge on the kept channels' covariance in the least-squares refit (as SparseGPT's
+# 1% dampening): keeps the solve well posed when kept channels are nearly collinear.
+LSTSQ_DAMPING = 0.01
+
+
+def protected_count(width: int, bottom_keep: float) -> int:
+    return int(bottom_keep * width)
+
+
+def kept_channels(scores: torch.Tensor, kept_width: int, bottom_keep: float) -> torch.Tensor:
+    """Channels to keep, in their original order.
+
+    Sorted by score ascending, the lowest `bottom_keep` fraction survives (the paper finds
+    these matter), the next `width - kept_width` are removed, and the rest survive.
+    """
+    width = scores.numel()
+    removed = width - kept_width
+    protected = protected_count(width, bottom_keep)
+    order = torch.argsort(scores, stable=True)
+    dropped = order[protected : protected + removed]
+    keep = torch.ones(width, dtype=torch.bool, device=scores.device)
+    keep[dropped] = False
+    return keep.nonzero().flatten()
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int, bias: bool = False) -> nn.Linear:
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    out_features, in_features = weight.shape
+    with_bias = bias or linear.bias is not None
+    sliced = nn.Linear(in_features, out_features, bias=with_bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        sliced.weight.copy_(weight)
+        if linear.bias is not None:
+            bias_values = linear.bias.detach()
+            sliced.bias.copy_(bias_values.index_select(0, index.to(bias_values.device)) if dim == 0 else bias_values)
+        elif with_bias:
+            sliced.bias.zero_()
+    return sliced
+
+
+def bias_compensation(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) -> tuple:
+    mean = down_inputs.mean.double().cpu()
+    return None, weight[:, dropped] @ mean[dropped]
+
+
+def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) -> tuple:
+    if down_inputs.gram is None:
+        raise LorapError("the least-squares FFN update needs the Gram matrix of the down projection's inputs")
+    mean = down_inputs.mean.double().cpu()
+    kept_mask = ~dropped
+    tokens = down_inputs.tokens
+    covariance = down_inputs.gram.double().cpu() / tokens - torch.outer(mean, mean)
+    kk = covariance[kept_mask][:, kept_mask]
+    kd = covariance[kept_mask][:, dropped]
+    ridge = LSTSQ_DAMPING * kk.diagonal().mean().clamp_min(1e-12)
+    kk = kk + ridge * torch.eye(kk.shape[0], dtype=kk.dtype)
+    # delta = W_D C_DK (C_KK + ridge)^-1: the dropped channels' output regressed on the kept ones.
+    delta = torch.linalg.solve(kk, kd @ weight[:, dropped].T).T
+    bias_change = weight[:, dropped] @ mean[dropped] - delta @ mean[kept_mask]
+    return delta, bias_change
+
+
+@dataclass
+class PrunedFfn:
+    gate_proj: nn.Linear
+    up_proj: nn.Linear
+    down_proj: nn.Linear
+
+
+def prune_ffn(mlp, keep: torch.Tensor, update: str = "none", down_inputs=None) -> PrunedFfn:
+    """New gate, up and down linears keeping only the channels in `keep` (`mlp` is left as it is).
+
+    With an update other than 'none' the removed channels' contribution is compensated (module
+    docstring); the down projection gains a bias if it had none.
+    """
+    from .registry import FFN_UPDATES
+
+    spec = FFN_UPDATES[update]
+    compensate = spec.implementation is not None and keep.numel() < mlp.down_proj.in_features
+    if compensate:
+        width = mlp.down_proj.in_features
+        dropped = torch.ones(width, dtype=torch.bool)
+        dropped[keep.cpu()] = False
+        delta, bias_change = spec.function()(mlp.down_proj.weight.detach().double().cpu(), dropped, down_inputs)
+    pruned = PrunedFfn(
+        _slice_linear(mlp.gate_proj, keep, 0),
+        _slice_linear(mlp.up_proj, keep, 0),
+        _slice_linear(mlp.down_proj, keep, 1, bias=compensate),
+    )
+    if compensate:
+        down = pruned.down_proj
+        with torch.no_grad():
+            if delta is not None:
+                down.weight.add_(delta.to(down.weight.device, down.weight.dtype))
+            down.bias.add_(bias_change.to(down.bias.device, down.bias.dtype))
+    return pruned

@@ -1,0 +1,155 @@
+"""The one registry of method parts: every factorization, FFN criterion, FFN update and FFN
+allocation, with what it needs and what it adds.
+
+This module imports no torch: the CLI builds its choices and help from it before any heavy import.
+An implementation is named as "module:function" (imported on first use) or given as the function
+itself. The CLI, config validation, the memory estimate, the whole-model passes and the README's
+options table all read these entries; tests are parametrized over them.
+
+Adding a part is one function plus one entry here (docs/architecture.md has the checklist).
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import LorapError
+
+# What the layer walk can record at a projection's input (pipeline/statistics.py). The first four
+# are per-channel sums, always collected; the Gram matrix costs in x in floats and is collected
+# only where a registered part asks for it.
+STATISTICS = ("norm", "mean", "mean_abs", "variance", "gram")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    implementation: str | Callable | None  # the per-layer function, or None where `prepare` does the work
+    help: str
+    statistics: tuple = ()  # what it reads at the inputs of `reads` (STATISTICS)
+    reads: tuple = ()  # the logical projections whose inputs it reads
+    # A whole-model pass before the layer walk (it sees every layer, so the run cannot stream):
+    # called with the run (pipeline.run.PreparedRun), it may set run.plan or run.channel_scores.
+    prepare: str | Callable | None = None
+    prepare_phase: str | None = None  # the report's name for the time `prepare` took
+    adds_down_bias: bool = False  # adds parameters: a bias on the FFN's down projection where it had none
+
+    def __post_init__(self):
+        unknown = set(self.statistics) - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown statistics {sorted(unknown)}; known: {', '.join(STATISTICS)}")
+
+    @property
+    def needs_gram(self) -> bool:
+        return "gram" in self.statistics
+
+    @property
+    def needs_whole_model(self) -> bool:
+        return self.prepare is not None
+
+    def function(self) -> Callable:
+        return _resolve(self.implementation, self.name)
+
+    def prepare_function(self) -> Callable:
+        return _resolve(self.prepare, self.name)
+
+
+def _resolve(target, name: str) -> Callable:
+    if target is None:
+        raise LorapError(f"{name} has no implementation of that kind")
+    if callable(target):
+        return target
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module, __package__), attribute)
+
+
+class Registry:
+    """The registered parts of one kind, in order (the first is the paper's)."""
+
+    def __init__(self, kind: str, option: str, specs: list):
+        self.kind, self.option = kind, option
+        self._specs = {spec.name: spec for spec in specs}
+
+    def names(self) -> tuple:
+        return tuple(self._specs)
+
+    def __contains__(self, name) -> bool:
+        return name in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def __getitem__(self, name: str) -> MethodSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise LorapError(f"unknown {self.kind} {name!r}; choose from {', '.join(self._specs)}") from None
+
+    def register(self, spec: MethodSpec) -> MethodSpec:
+        if spec.name in self._specs:
+            raise ValueError(f"{self.kind} {spec.name!r} is registered already")
+        self._specs[spec.name] = spec
+        return spec
+
+    def unregister(self, name: str) -> None:
+        del self._specs[name]
+
+    def help(self) -> str:
+        """One line for --help: each name with its summary."""
+        return "; ".join(f"{spec.name}: {spec.help}" for spec in self)
+
+
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_INPUTS = ("gate_proj", "up_proj", "down_proj")
+
+FACTORIZATIONS = Registry("factorization", "--factorization", [
+    MethodSpec("awsvd", ".factorizations:awsvd", "activation-weighted SVD: SVD of W diag(||x_j||) (paper)",
+               statistics=("norm",), reads=ATTENTION_INPUTS),
+    MethodSpec("svd", ".factorizations:plain_svd", "plain truncated SVD of W"),
+    MethodSpec("asvd", ".factorizations:asvd", "ASVD scaling: SVD of W diag(mean |x_j|)^0.5",
+               statistics=("mean_abs",), reads=ATTENTION_INPUTS),
+    MethodSpec("svdllm", ".factorizations:svdllm",
+               "SVD-LLM whitening by the Cholesky factor of the input Gram matrix",
+               statistics=("gram",), reads=ATTENTION_INPUTS),
+])
+
+FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
+    MethodSpec("lorap", ".ffn_scores:lorap_scores", "activation-weighted weight norms of gate, up and down (paper)",
+               statistics=("norm",), reads=FFN_INPUTS),
+    MethodSpec("magnitude", ".ffn_scores:magnitude_scores", "weight norms of gate, up and down"),
+    MethodSpec("wanda-sp", ".ffn_scores:wanda_sp_scores", "structured Wanda: |W_down| times the input norm",
+               statistics=("norm",), reads=("down_proj",)),
+    MethodSpec("flap", ".ffn_scores:flap_scores", "FLAP's fluctuation: input variance times squared column norm",
+               statistics=("variance",), reads=("down_proj",)),
+    MethodSpec("llm-pruner-l2", ".ffn_scores:llm_pruner_l2_scores", "LLM-Pruner's group L2 of the weights"),
+    MethodSpec("llm-pruner-taylor", None, "LLM-Pruner's first-order Taylor |w * dL/dw| (calibration gradients)",
+               prepare=".taylor:prepare_taylor_scores", prepare_phase="gradients"),
+])
+
+FFN_UPDATES = Registry("FFN update", "--ffn-update", [
+    MethodSpec("none", None, "removed channels are dropped (paper)"),
+    MethodSpec("bias", ".ffn_pruning:bias_compensation", "removed channels' mean output folded into a bias",
+               statistics=("mean",), reads=("down_proj",), adds_down_bias=True),
+    MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
+               "kept channels of down refitted by ridge least squares to the dense output",
+               statistics=("mean", "gram"), reads=("down_proj",), adds_down_bias=True),
+])
+
+FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
+    MethodSpec("uniform", None, "every layer keeps the same FFN width (paper)"),
+    MethodSpec("adaptive", None,
+               "the same total removed, spread over layers by channel scores standardised per layer (FLAP)",
+               prepare=".allocations:prepare_adaptive_widths", prepare_phase="adaptive_scoring"),
+])
+
+# The parts of a run, in the order their whole-model passes run (scores before allocations).
+REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
+              "ffn_allocation": FFN_ALLOCATIONS}
+
+
+def options_table() -> str:
+    """The README's options table for these registries (tests keep the README equal to it)."""
+    lines = ["| option | values (paper's first) |", "|---|---|"]
+    for registry in REGISTRIES.values():
+        values = ", ".join(f"`{spec.name}` ({spec.help})" for spec in registry)
+        lines.append(f"| `{registry.option}` | {values} |")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The per-layer step of the walk: factorize attention projections, remove FFN channels.
+
+With the paper's settings this is LoRAP (AWSVD, the paper's channel score, nothing compensated);
+the config chooses the registered alternatives. Projections are read and replaced through the
+architecture adapter, so the step never names a module of a particular family.
+"""
+import torch
+
+from ..architectures import ATTENTION_PROJECTIONS, FFN_PROJECTIONS, Architecture
+from ..errors import LorapError
+from ..methods.factorizations import factorized_linear
+from ..methods.ffn_pruning import kept_channels, prune_ffn
+from ..methods.ffn_scores import channel_scores
+from ..methods.registry import FFN_SCORES
+from ..plan.plan import Plan
+from .config import CompressionConfig
+
+
+class FfnView:
+    """The FFN's three logical projections as linears (row views where the family fuses them)."""
+
+    def __init__(self, architecture: Architecture, layer):
+        for name in FFN_PROJECTIONS:
+            setattr(self, name, architecture.projection(layer, name))
+
+
+class LayerCompressor:
+    """Compress one decoder layer in place, given its input statistics.
+
+    `channel_scores` are per-layer FFN scores computed by a whole-model pass before the walk (a
+    registered criterion with no per-layer function, such as LLM-Pruner's Taylor scores).
+    `gram_sources` tells the walk which input Gram matrices to collect (only the methods that
+    read them pay for them).
+    """
+
+    def __init__(self, config: CompressionConfig, plan: Plan, architecture: Architecture, channel_scores: list | None = None):
+        self.config, self.plan, self.architecture, self.channel_scores = config, plan, architecture, channel_scores
+        self.svd_dtype = getattr(torch, config.svd_dtype)
+        if FFN_SCORES[config.ffn_score].implementation is None and channel_scores is None and "ffn" in config.sublayers:
+            raise LorapError(f"the {config.ffn_score} criterion needs scores computed before the layer walk")
+        self.gram_sources = config.gram_sources()
+
+    def __call__(self, index, layer, stats) -> None:
+        self.compress_attention(index, layer, stats)
+        self.compress_ffn(index, layer, stats)
+
+    def compress_attention(self, index, layer, stats) -> None:
+        factorized = {}
+        for name in ATTENTION_PROJECTIONS:
+            rank = self.plan.layers[index].ranks[name]
+            if rank is not None:
+                dense = self.architecture.projection(layer, name)
+                factorized[name] = factorized_linear(dense, stats.inputs(name), rank, self.config.factorization, self.svd_dtype)
+        if factorized:
+            self.architecture.replace(layer, factorized)
+
+    def compress_ffn(self, index, layer, stats) -> None:
+        ffn = FfnView(self.architecture, layer)
+        width = self.plan.layers[index].ffn_width
+        if width == ffn.gate_proj.out_features:
+            return
+        inputs = {name: stats.inputs(name) for name in FFN_PROJECTIONS}
+        if self.channel_scores is not None:
+            scores = self.channel_scores[index]
+        else:
+            scores = channel_scores(ffn, inputs, self.config.ffn_score)
+        keep = kept_channels(scores, width, self.config.bottom_keep)
+        pruned = prune_ffn(ffn, keep, self.config.ffn_update, inputs["down_proj"])
+        self.architecture.replace(layer, {name: getattr(pruned, name) for name in FFN_PROJECTIONS})
+        module = self.architecture.ffn(layer)
+        if hasattr(module, "intermediate_size"):
+            module.intermediate_size = keep.numel()

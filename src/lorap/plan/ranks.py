@@ -1,0 +1,80 @@
+"""The plan's two rules: ranks of attention factor pairs and kept widths of FFNs, from shapes alone.
+
+`attention_ranks` is LoRAP's a:1 split of attention's kept parameters between {v, o} and {q, k}
+(the authors' integer rule on square attention, the same idea on parameter counts for GQA);
+`ffn_kept_width` is its channel count per FFN.
+"""
+import math
+
+from ..architectures import ATTENTION_PROJECTIONS
+from ..errors import LorapError
+from .counting import factorization_saves, linear_parameters
+
+MAX_RATIO = 0.9
+
+
+
+def reference_square_ranks(d: int, keep: float, a: float) -> dict:
+    """The authors' rule for square (multi-head) attention, reproduced exactly, int() and all."""
+    k_att = int(keep * d / 2)
+    k_max = int(k_att * 2 * a / (1 + a))
+    if k_max >= d / 2:
+        qk = int(keep * d) - d // 2
+        return {"q_proj": qk, "k_proj": qk, "v_proj": None, "o_proj": None}
+    k_min = int(k_att * 2 / (1 + a))
+    return {"q_proj": k_min, "k_proj": k_min, "v_proj": k_max, "o_proj": k_max}
+
+
+def _group_ranks(shapes: dict, names: tuple, budget: float) -> tuple[dict, int]:
+    """One shared rank for a group of matrices within `budget` parameters.
+
+    A matrix whose factor pair would not be smaller than itself stays dense; its dense size
+    is paid from the budget and the rank of the rest is recomputed.
+    """
+    dense = set()
+    while True:
+        factorized = [n for n in names if n not in dense]
+        if not factorized:
+            break
+        left = budget - sum(shapes[n][0] * shapes[n][1] for n in dense)
+        rank = max(1, math.floor(left / sum(shapes[n][0] + shapes[n][1] for n in factorized)))
+        newly_dense = [n for n in factorized if not factorization_saves(shapes[n][1], shapes[n][0], rank)]
+        if not newly_dense:
+            break
+        dense.update(newly_dense)
+    ranks = {n: (None if n in dense else rank) for n in names}
+    used = sum(linear_parameters(shapes[n][1], shapes[n][0], rank=ranks[n]) for n in names)
+    return ranks, used
+
+
+def attention_ranks(shapes: dict, keep: float, a: float) -> dict:
+    """Ranks for q, k, v, o keeping a `keep` fraction of attention weights, split a:1 between {v,o} and {q,k}.
+
+    On square attention this is the reference rule; on GQA (k, v not square) the same idea is
+    applied to parameter counts, and surplus from a group that stays dense goes to the other.
+    """
+    square = {shapes[n][:2] for n in ATTENTION_PROJECTIONS}
+    if len(square) == 1 and shapes["q_proj"][0] == shapes["q_proj"][1]:
+        return reference_square_ranks(shapes["q_proj"][0], keep, a)
+    weights = {n: (shapes[n][0], shapes[n][1]) for n in ATTENTION_PROJECTIONS}
+    budget = keep * sum(out * inp for out, inp in weights.values())
+    vo_ranks, vo_used = _group_ranks(weights, ("v_proj", "o_proj"), budget * a / (1 + a))
+    qk_budget = budget - vo_used if None in vo_ranks.values() else budget / (1 + a)
+    qk_ranks, qk_used = _group_ranks(weights, ("q_proj", "k_proj"), qk_budget)
+    if None in qk_ranks.values() and None not in vo_ranks.values():
+        vo_ranks, _ = _group_ranks(weights, ("v_proj", "o_proj"), budget - qk_used)
+    return {**qk_ranks, **vo_ranks}
+
+
+# ---------------------------------------------------------------- FFN widths
+
+
+def ffn_removed_channels(width: int, ratio: float) -> int:
+    return int(ratio * width)
+
+
+def ffn_kept_width(width: int, ratio: float, bottom_keep: float) -> int:
+    removed = ffn_removed_channels(width, ratio)
+    if int(bottom_keep * width) + removed > width:
+        raise LorapError(f"bottom-keep {bottom_keep} plus ratio {ratio} exceeds the FFN width {width}")
+    return width - removed
