@@ -18,6 +18,10 @@ TINY_ARCHITECTURES = {
     "llama_gqa": ("LlamaConfig", {"num_key_value_heads": 2}),
     "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),  # q/k/v carry a bias
+    # fused qkv_proj and gate_up_proj; its default pad id (32000) is outside a tiny vocabulary
+    "phi3": ("Phi3Config", {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 0}),
+    # head_dim 32 with 4 heads on a hidden size of 64: q and o are not square; GeLU-gated FFN
+    "gemma": ("GemmaConfig", {"num_key_value_heads": 2, "head_dim": 32}),
 }
 
 

@@ -38,14 +38,16 @@ def test_shapes_and_counts_follow_the_plan(tiny_arch, tiny_tokenizer, mode):
     assert count_parameters(model) == plan.compressed_parameters < dense
     if mode == "exact":
         assert abs(1 - plan.compressed_parameters / dense - 0.4) <= EXACT_TOLERANCE
+    architecture = Architecture(model.config)
     for layer, layer_plan in zip(model.model.layers, plan.layers):
         for name, rank in layer_plan.ranks.items():
-            module = getattr(layer.self_attn, name)
+            module = architecture.projection(layer, name)
             if rank is None:
                 assert isinstance(module, torch.nn.Linear)
             else:
                 assert isinstance(module, LowRankLinear) and module.right.out_features == rank
-        assert layer.mlp.gate_proj.out_features == layer_plan.ffn_width == layer.mlp.down_proj.in_features
+        gate, down = architecture.projection(layer, "gate_proj"), architecture.projection(layer, "down_proj")
+        assert gate.out_features == layer_plan.ffn_width == down.in_features
     with torch.no_grad():
         logits = model(torch.randint(0, len(tiny_tokenizer), (2, 16))).logits
     assert torch.isfinite(logits).all()

@@ -37,9 +37,9 @@ def test_macs_from_shapes_equal_the_flop_counter(tiny_model, seqlen):
     assert efficiency.counted_macs_per_token(tiny_model, seqlen) == shapes["total"]
     config = tiny_model.config
     # Hand count for the tiny config: 2 layers x (q, k, v, o + FFN) + LM head.
-    head_dim = config.hidden_size // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    per_layer = 64 * 64 * 2 + 64 * kv * 2 + 3 * 64 * 160
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = 64 * q * 2 + 64 * kv * 2 + 3 * 64 * 160
     assert shapes["linear"] == 2 * per_layer + 64 * 512
     assert shapes["attention"] == 2 * 2 * config.num_attention_heads * head_dim * seqlen
 

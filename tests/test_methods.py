@@ -126,7 +126,7 @@ def test_whole_model_methods_refuse_to_stream(gqa_dir, tmp_path):
 
 def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, monkeypatch):
     from lorap.compare import run as compare_module
-    from lorap.compare import ComparisonSettings, compare
+    from lorap.compare.run import ComparisonSettings, compare
 
     settings = ComparisonSettings(methods=("paper", "svd-magnitude", "attention-only"), ratios=(0.3, 0.5), seqlens=(32,),
                                   max_tokens=2048, tasks=(), **SMALL)

@@ -14,16 +14,11 @@ from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
 from lorap.io.instructions import IGNORE_INDEX, encode_records, prompt_of
 from lorap.modeling_lorap import LowRankLinear
-from lorap.recover.run import (
-    RecoveryConfig,
-    Schedule,
-    attach_lora,
-    load_examples,
-    lora_target_names,
-    prepare_data,
-    recover,
-    resolve_data,
-)
+from lorap.recover.config import RecoveryConfig
+from lorap.recover.data import load_examples, prepare_data, resolve_data
+from lorap.recover.lora import attach_lora, lora_target_names
+from lorap.recover.run import recover
+from lorap.recover.schedule import Schedule
 from test_compress import SMALL, assert_reloads_without_lorap
 
 # Tiny runs: a 64-token cutoff, 8 held out, batches of 4; a high learning rate so a few steps show.

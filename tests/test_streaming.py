@@ -32,7 +32,8 @@ def sharded_model_dir(tmp_path, tiny_tokenizer, request):
     return folder
 
 
-@pytest.mark.parametrize("sharded_model_dir", [("llama_gqa", False), ("qwen2", True)], indirect=True, ids=str)
+@pytest.mark.parametrize("sharded_model_dir", [("llama_gqa", False), ("qwen2", True), ("phi3", False), ("gemma", True)],
+                         indirect=True, ids=str)
 def test_streamed_equals_in_memory(sharded_model_dir, tmp_path):
     in_memory = api.compress(str(sharded_model_dir), tmp_path / "mem", progress=False, **SMALL)
     streamed = api.compress(str(sharded_model_dir), tmp_path / "str", progress=False, stream=True, **SMALL)

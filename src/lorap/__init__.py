@@ -10,7 +10,7 @@ _PUBLIC = {
     "plan": "lorap.api",
     "perplexity": "lorap.api",
     "load_model": "lorap.io.models",
-    "recover": "lorap.recover",
+    "recover": "lorap.recover.run",
 }
 
 

@@ -137,17 +137,9 @@ class Architecture:
     def __init__(self, config):
         self.family = family_of(config)
         self.config = config
-        shapes = {**attention_shapes(config), **ffn_shapes(config)}
-        # logical projection -> (module path, rows of that module or None for the whole module)
-        self.locations = {}
-        for name in PROJECTIONS:
-            path = self.family.projections[name]
-            parts = self.family.fused.get(path)
-            if parts is None:
-                self.locations[name] = (path, None)
-            else:
-                start = sum(shapes[part][0] for part in parts[: parts.index(name)])
-                self.locations[name] = (path, slice(start, start + shapes[name][0]))
+        self.dense_rows = {name: shape[0] for name, shape in {**attention_shapes(config), **ffn_shapes(config)}.items()}
+        # logical projection -> module path inside a decoder layer
+        self.locations = {name: self.family.projections[name] for name in PROJECTIONS}
 
     # ------------------------------------------------------------ where things are
 
@@ -174,7 +166,7 @@ class Architecture:
 
     def input_modules(self, layer) -> dict:
         """{input source: the module whose input it is} (see SHARED_INPUTS)."""
-        return {source: module_at(layer, self.locations[source][0]) for source in SHARED_INPUTS}
+        return {source: module_at(layer, self.locations[source]) for source in SHARED_INPUTS}
 
     def ffn(self, layer):
         return module_at(layer, self.family.ffn_module)
@@ -183,21 +175,25 @@ class Architecture:
 
     def projection(self, layer, name: str) -> nn.Module:
         """The module computing logical projection `name` (a row view of a fused linear, read-only)."""
-        path, rows = self.locations[name]
-        module = module_at(layer, path)
-        if rows is None:
-            return module
-        if isinstance(module, SplitLinear):
-            return module.parts[name]
-        return _row_view(module, rows)
+        module, rows = self.holder(layer, name)
+        return module if rows is None else _row_view(module, rows)
 
     def holder(self, layer, name: str) -> tuple:
         """(the linear whose weight holds dense projection `name`, its rows there or None for all)."""
-        path, rows = self.locations[name]
+        path = self.locations[name]
         module = module_at(layer, path)
+        parts = self.family.fused.get(path)
+        if parts is None:
+            return module, None
         if isinstance(module, SplitLinear):
             return module.parts[name], None
-        return module, rows
+        # Parts keep their dense rows, except FFN parts, which all have the (pruned) width.
+        sizes = [self.dense_rows[part] for part in parts]
+        if sum(sizes) != module.out_features and set(parts) <= set(FFN_PROJECTIONS):
+            sizes = [module.out_features // len(parts)] * len(parts)
+        index = parts.index(name)
+        start = sum(sizes[:index])
+        return module, slice(start, start + sizes[index])
 
     def projection_weight(self, layer, name: str, of_weight):
         """`of_weight(weight)` (a per-weight tensor, such as a salience) restricted to the rows of `name`."""
@@ -211,7 +207,7 @@ class Architecture:
         becomes a SplitLinear of its parts."""
         by_path: dict = {}
         for name, module in modules.items():
-            by_path.setdefault(self.locations[name][0], {})[name] = module
+            by_path.setdefault(self.locations[name], {})[name] = module
         for path, replaced in by_path.items():
             parts = self.family.fused.get(path)
             if parts is None:
@@ -228,12 +224,12 @@ class Architecture:
 
     def record(self) -> dict:
         """What the checkpoint's modeling file needs to rebuild compressed shapes (config.lorap)."""
-        shapes = {**attention_shapes(self.config), **ffn_shapes(self.config)}
         return {
             "layers": self.family.layers,
             "ffn": self.family.ffn_module,
             "projections": dict(self.family.projections),
-            "fused": {path: {name: shapes[name][0] for name in parts} for path, parts in self.family.fused.items()},
+            # [part, rows] pairs, a list because config.json is written with sorted keys
+            "fused": {path: [[name, self.dense_rows[name]] for name in parts] for path, parts in self.family.fused.items()},
         }
 
 
@@ -264,7 +260,3 @@ def fuse_or_split(parts: dict) -> nn.Module:
         if bias:
             fused.bias.copy_(torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]))
     return fused
-
-
-def architecture_of(config) -> Architecture:
-    return Architecture(config)

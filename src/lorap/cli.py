@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from .errors import LorapError
-from .methods.registry import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, Registry
+from .methods.registry import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, REGISTRIES, Registry
 
 
 def _csv(kind):
@@ -115,7 +115,7 @@ def _add_analyze(sub):
 
 
 def _run_analyze(args):
-    from .analyze import analyze, format_analysis
+    from .analyze.run import analyze, format_analysis
 
     result = analyze(args.model, args.out, args.calibration, args.samples, args.seqlen, args.energy, args.seed, args.device)
     print(format_analysis(result))
@@ -162,7 +162,10 @@ def _add_ratio_options(p):
     p.add_argument("--sublayers", type=_csv(str), help="attention,ffn (paper: both)")
     p.add_argument("--attention-scale", type=float,
                    help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
+    _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
+    _add_registry_option(p, FFN_SCORES, "FFN channel criterion")
     _add_registry_option(p, FFN_UPDATES, "what replaces removed FFN channels")
+    _add_registry_option(p, FFN_ALLOCATIONS, "FFN widths across layers")
 
 
 def _calibration_settings(args) -> dict:
@@ -185,11 +188,10 @@ def _method_settings(args) -> dict:
         allocation_a=args.allocation_a,
         bottom_keep=args.bottom_keep,
         sublayers=tuple(args.sublayers) if args.sublayers else None,
-        ffn_update=args.ffn_update,
         attention_scale=args.attention_scale,
     )
-    for name in ("factorization", "ffn_score", "ffn_allocation"):
-        settings[name] = getattr(args, name, None)
+    for part in REGISTRIES:
+        settings[part] = getattr(args, part)
     return settings
 
 
@@ -198,9 +200,6 @@ def _add_compress(sub):
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     _add_ratio_options(p)
-    _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
-    _add_registry_option(p, FFN_SCORES, "FFN channel criterion")
-    _add_registry_option(p, FFN_ALLOCATIONS, "FFN widths across layers")
     p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
@@ -337,7 +336,7 @@ def _add_recover(sub):
 
 
 def _run_recover(args):
-    from .recover import RecoveryConfig, format_recovery, recover
+    from .recover.run import RecoveryConfig, format_recovery, recover
 
     config = RecoveryConfig(
         data=args.data,
@@ -404,7 +403,7 @@ def _add_compare(sub):
 
 
 def _run_compare(args):
-    from .compare import ComparisonSettings, compare
+    from .compare.run import ComparisonSettings, compare
     from .methods.presets import METHODS
 
     settings = ComparisonSettings(

@@ -9,7 +9,7 @@ rank of each attention projection (null when it stayed dense), the FFN width kep
 `down_proj_bias: true` where the down projection gained a bias (compensated channels).
 `config.lorap["architecture"]` says where the projections live (written by lorap's
 architectures.py; checkpoints without it have LLaMA's names): the decoder layer list, the
-module of each logical projection, and the fused modules with the rows of each part.
+module of each logical projection, and the fused modules with [part, rows] in row order.
 """
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
     replacements = {}
     for path, names in by_path.items():
         module = module_at(layer, path)
-        sizes = architecture["fused"].get(path) or {names[0]: module.out_features}
+        sizes = dict(architecture["fused"].get(path) or [[names[0], module.out_features]])  # in row order
         bias = module.bias is not None
         built, changed = {}, False
         for name in sizes:

@@ -1,5 +1,2 @@
 """`lorap compare`: several methods side by side under one parameter budget (run.py), and its
 table and plot (report.py)."""
-from .run import ComparisonSettings, compare
-
-__all__ = ["ComparisonSettings", "compare"]

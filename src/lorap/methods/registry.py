@@ -102,10 +102,10 @@ ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_INPUTS = ("gate_proj", "up_proj", "down_proj")
 
 FACTORIZATIONS = Registry("factorization", "--factorization", [
-    MethodSpec("awsvd", ".factorizations:awsvd", "activation-weighted SVD: SVD of W diag(||x_j||) (paper)",
+    MethodSpec("awsvd", ".factorizations:awsvd", "activation-weighted SVD: SVD of W diag(norm of x_j)",
                statistics=("norm",), reads=ATTENTION_INPUTS),
     MethodSpec("svd", ".factorizations:plain_svd", "plain truncated SVD of W"),
-    MethodSpec("asvd", ".factorizations:asvd", "ASVD scaling: SVD of W diag(mean |x_j|)^0.5",
+    MethodSpec("asvd", ".factorizations:asvd", "ASVD scaling: SVD of W diag(mean abs(x_j))^0.5",
                statistics=("mean_abs",), reads=ATTENTION_INPUTS),
     MethodSpec("svdllm", ".factorizations:svdllm",
                "SVD-LLM whitening by the Cholesky factor of the input Gram matrix",
@@ -113,20 +113,20 @@ FACTORIZATIONS = Registry("factorization", "--factorization", [
 ])
 
 FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
-    MethodSpec("lorap", ".ffn_scores:lorap_scores", "activation-weighted weight norms of gate, up and down (paper)",
+    MethodSpec("lorap", ".ffn_scores:lorap_scores", "activation-weighted weight norms of gate, up and down",
                statistics=("norm",), reads=FFN_INPUTS),
     MethodSpec("magnitude", ".ffn_scores:magnitude_scores", "weight norms of gate, up and down"),
-    MethodSpec("wanda-sp", ".ffn_scores:wanda_sp_scores", "structured Wanda: |W_down| times the input norm",
+    MethodSpec("wanda-sp", ".ffn_scores:wanda_sp_scores", "structured Wanda: abs(W_down) times the input norm",
                statistics=("norm",), reads=("down_proj",)),
     MethodSpec("flap", ".ffn_scores:flap_scores", "FLAP's fluctuation: input variance times squared column norm",
                statistics=("variance",), reads=("down_proj",)),
     MethodSpec("llm-pruner-l2", ".ffn_scores:llm_pruner_l2_scores", "LLM-Pruner's group L2 of the weights"),
-    MethodSpec("llm-pruner-taylor", None, "LLM-Pruner's first-order Taylor |w * dL/dw| (calibration gradients)",
+    MethodSpec("llm-pruner-taylor", None, "LLM-Pruner's first-order Taylor abs(w * dL/dw), from calibration gradients",
                prepare=".taylor:prepare_taylor_scores", prepare_phase="gradients"),
 ])
 
 FFN_UPDATES = Registry("FFN update", "--ffn-update", [
-    MethodSpec("none", None, "removed channels are dropped (paper)"),
+    MethodSpec("none", None, "removed channels are dropped"),
     MethodSpec("bias", ".ffn_pruning:bias_compensation", "removed channels' mean output folded into a bias",
                statistics=("mean",), reads=("down_proj",), adds_down_bias=True),
     MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
@@ -135,9 +135,9 @@ FFN_UPDATES = Registry("FFN update", "--ffn-update", [
 ])
 
 FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
-    MethodSpec("uniform", None, "every layer keeps the same FFN width (paper)"),
+    MethodSpec("uniform", None, "every layer keeps the same FFN width"),
     MethodSpec("adaptive", None,
-               "the same total removed, spread over layers by channel scores standardised per layer (FLAP)",
+               "the same total removed, spread over layers by channel scores standardised per layer, as FLAP",
                prepare=".allocations:prepare_adaptive_widths", prepare_phase="adaptive_scoring"),
 ])
 
@@ -148,8 +148,8 @@ REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_upd
 
 def options_table() -> str:
     """The README's options table for these registries (tests keep the README equal to it)."""
-    lines = ["| option | values (paper's first) |", "|---|---|"]
+    lines = ["| option | values (the paper's first) |", "|---|---|"]
     for registry in REGISTRIES.values():
-        values = ", ".join(f"`{spec.name}` ({spec.help})" for spec in registry)
-        lines.append(f"| `{registry.option}` | {values} |")
+        values = [f"`{spec.name}`" + (" (paper)" if spec is next(iter(registry)) else "") + f": {spec.help}" for spec in registry]
+        lines.append(f"| `{registry.option}` | {'; '.join(values)} |")
     return "\n".join(lines)

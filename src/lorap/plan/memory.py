@@ -57,5 +57,5 @@ def format_memory_estimate(estimate: dict) -> str:
         f"{calibration['seqlen']}): checkpoint {estimate['checkpoint_bytes'] / gib:.1f} GiB; peak host memory "
         f"in memory {estimate['in_memory_peak_bytes'] / gib:.1f} GiB, streamed (--stream) "
         + (f"{estimate['streaming_peak_bytes'] / gib:.1f} GiB" if estimate["streaming_peak_bytes"] is not None
-           else "not possible with these settings (" + estimate["whole_model_parts"] + " need the whole model)")
+           else f"not possible with these settings ({estimate['whole_model_parts']}: a whole-model pass)")
     )

@@ -1,4 +1,1 @@
-"""`lorap recover`: LoRA fine-tuning of a compressed checkpoint that stays compressed (run.py)."""
-from .run import Recovered, RecoveryConfig, format_recovery, recover
-
-__all__ = ["Recovered", "RecoveryConfig", "format_recovery", "recover"]
+"""`lorap recover`: LoRA fine-tuning of a compressed checkpoint that stays compressed."""

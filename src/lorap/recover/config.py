@@ -1,0 +1,59 @@
+"""The settings of one recovery run and their validation."""
+from dataclasses import asdict, dataclass
+
+from ..errors import LorapError
+
+
+@dataclass
+class RecoveryConfig:
+    """One recovery run. Defaults follow method.md: r 8, alpha 16, dropout 0.05, lr 1e-4,
+    2 epochs, cutoff 256 tokens, 2000 held-out examples (at most 5% of the data)."""
+
+    data: str | None = None  # None: alpaca-cleaned when the hub can be reached, else wiki (train)
+    epochs: int = 2
+    max_steps: int | None = None  # the schedule ends here (warmup and decay are fitted to it)
+    max_minutes: float | None = None  # training time budget, over all resumptions
+    lr: float = 1e-4
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    cutoff: int = 256  # tokens per example (a text window, or a truncated instruction)
+    batch_size: int = 4
+    grad_accum: int = 1
+    val_size: int | None = None  # held-out examples; None: min(2000, 5% of the data)
+    max_examples: int | None = None  # use at most this many training examples
+    warmup_steps: int | None = None  # None: min(100, 10% of the steps)
+    eval_every: int = 100
+    save_every: int = 50
+    seed: int = 0
+    device: str | None = None
+
+    def validate(self) -> None:
+        positive = {
+            "epochs": self.epochs,
+            "lora_r": self.lora_r,
+            "cutoff": self.cutoff,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "eval_every": self.eval_every,
+            "save_every": self.save_every,
+        }
+        for name in ("max_steps", "val_size", "max_examples"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LorapError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise LorapError(f"warmup steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not self.lr > 0:
+            raise LorapError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LorapError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_alpha > 0:
+            raise LorapError(f"LoRA alpha must be positive, got {self.lora_alpha}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise LorapError(f"--max-minutes must be positive, got {self.max_minutes}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

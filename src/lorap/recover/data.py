@@ -1,0 +1,110 @@
+"""Recovery data: the source (alpaca-cleaned, wiki, a hub corpus or a local file), its tokenized
+examples, the seeded held-out split, and the padded batches."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LorapError
+from .config import RecoveryConfig
+
+DEFAULT_HUB_DATA = "alpaca"  # yahma/alpaca-cleaned, as in method.md
+OFFLINE_DATA = "wiki"
+
+
+@dataclass
+class RecoveryData:
+    """Tokenized examples: (input_ids, labels) lists, labels -100 where nothing is learned."""
+
+    train: list
+    validation: list
+    description: dict
+
+
+def resolve_data(source: str | None) -> str:
+    if source is not None:
+        return source
+    from ..io.network import hub_reachable
+
+    return DEFAULT_HUB_DATA if hub_reachable() else OFFLINE_DATA
+
+
+def _text_windows(stream, cutoff: int) -> list:
+    count = stream.numel() // cutoff
+    windows = stream[: count * cutoff].view(count, cutoff).tolist()
+    return [(ids, ids) for ids in windows]
+
+
+def load_examples(tokenizer, source: str, cutoff: int):
+    """All examples of a source and a description of what they are (format, counts)."""
+    from ..io import data, instructions
+
+    path = Path(source.split(".jsonl:")[0] + (".jsonl" if ".jsonl:" in source else "")).expanduser()
+    records = documents = None
+    if source == "wiki" or source in data.HUB_CORPORA:
+        stream = data.token_stream(tokenizer, source, "train")
+        return _text_windows(stream, cutoff), {"format": "text", "split": "train", "dropped": 0}
+    if path.suffix in (".json", ".jsonl", ".txt"):
+        if not path.is_file():
+            raise LorapError(f"recovery data file not found: {path}")
+        if path.suffix == ".json":
+            records = instructions.check_records(instructions.read_local_records(path), str(path))
+        elif path.suffix == ".jsonl" and ".jsonl:" not in source:
+            first = next(iter(instructions.read_local_records(path)), None)
+            if instructions.is_instruction_record(first):
+                records = instructions.check_records(instructions.read_local_records(path), str(path))
+        if records is None:
+            documents = data.local_documents(source)
+    else:
+        records, documents = instructions.hub_data(source)
+    if records is not None:
+        examples, dropped = instructions.encode_records(tokenizer, records, cutoff)
+        if not examples:
+            raise LorapError(f"{source}: no record has a response within the cutoff of {cutoff} tokens")
+        return examples, {"format": "instructions", "prompt": "alpaca", "dropped": dropped}
+    import torch
+
+    text = data.DOCUMENT_SEPARATOR.join(documents)
+    stream = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    return _text_windows(stream, cutoff), {"format": "text", "dropped": 0}
+
+
+def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData:
+    """Examples split by a seeded shuffle into held-out validation and training."""
+    import torch
+
+    examples, description = load_examples(tokenizer, source, config.cutoff)
+    val_size = config.val_size if config.val_size is not None else min(2000, max(1, len(examples) // 20))
+    if len(examples) < val_size + 1:
+        raise LorapError(
+            f"'{source}' gives {len(examples)} examples of at most {config.cutoff} tokens: too few for "
+            f"{val_size} held out and some to train on. Use a larger corpus, a smaller --cutoff or --val-size."
+        )
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    validation = [examples[i] for i in order[:val_size]]
+    train = [examples[i] for i in sorted(order[val_size:])]
+    if config.max_examples is not None:
+        train = train[: config.max_examples]
+    description.update(
+        source=source,
+        cutoff=config.cutoff,
+        train_examples=len(train),
+        validation_examples=len(validation),
+        train_tokens=sum(len(ids) for ids, _ in train),
+    )
+    return RecoveryData(train, validation, description)
+
+
+def collate(examples: list, pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
+    import torch
+
+    from ..io.instructions import IGNORE_INDEX
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, targets) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(targets)] = torch.tensor(targets)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels

@@ -1,0 +1,132 @@
+"""The training loop: seeded AdamW steps on the schedule, periodic validation and checkpoints,
+the time budget and a graceful stop."""
+import math
+import time
+
+from ..errors import LorapError
+from ..log import info
+from .config import RecoveryConfig
+from .data import RecoveryData, collate
+from .interrupt import StopRequest
+from .lora import trainable_state
+from .schedule import Schedule
+from .work_folder import TrainingState, WorkFolder
+
+MAX_GRAD_NORM = 1.0  # as transformers.Trainer (and so LLM-Pruner's post-training) clips
+
+
+def batch_loss_sum(model, batch, device):
+    """Summed token NLL of a batch and the number of predicted tokens."""
+    import torch
+
+    from ..io.instructions import IGNORE_INDEX
+
+    input_ids, mask, labels = (t.to(device) for t in batch)
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, int((targets != IGNORE_INDEX).sum())
+
+
+def validation_loss(model, examples: list, batch_size: int, pad_id: int, device) -> float:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            nll, count = batch_loss_sum(model, collate(examples[start : start + batch_size], pad_id), device)
+            total += float(nll.double())
+            tokens += count
+    model.train(was_training)
+    return total / max(1, tokens)
+
+
+def train(model, data: RecoveryData, config: RecoveryConfig, schedule: Schedule, work: WorkFolder, pad_id: int,
+          device, resume_state=None, progress=True, on_step=None):
+    """The training loop. Returns (state, best adapter weights, what stopped it)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if resume_state == "checkpoint":
+        state, best = work.load(model, optimizer)
+        info(f"resuming at step {state.step} of {schedule.total_steps} from {work.checkpoint}")
+    else:
+        state, best = TrainingState(), None
+    state.sessions += 1
+    total = schedule.total_steps
+    budget_s = config.max_minutes * 60 if config.max_minutes is not None else None
+    session_start, elapsed_before = time.perf_counter(), state.elapsed_s
+
+    def elapsed():
+        return elapsed_before + time.perf_counter() - session_start
+
+    def evaluate():
+        loss = validation_loss(model, data.validation, config.batch_size, pad_id, device)
+        state.validation_history.append([state.step, loss])
+        nonlocal best
+        if state.best_loss is None or loss < state.best_loss:
+            state.best_step, state.best_loss, best = state.step, loss, trainable_state(model)
+        return loss
+
+    if not state.validation_history:  # the starting point is a candidate too: never end worse
+        info(f"validation loss before training: {evaluate():.4f} ({len(data.validation)} held-out examples)")
+    stopped_by = "schedule"
+    order_cache: dict = {}
+    bar = tqdm(total=total, initial=state.step, desc="recovery", unit="step", disable=not progress, dynamic_ncols=True)
+    model.train()
+    with StopRequest() as stop, bar:
+        while state.step < total:
+            micro = [collate([data.train[i] for i in indices], pad_id)
+                     for indices in schedule.micro_batches(state.step, order_cache)]
+            tokens = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in micro)
+            step_nll = 0.0
+            for batch in micro:
+                nll, _ = batch_loss_sum(model, batch, device)
+                (nll / max(1, tokens)).backward()
+                step_nll += float(nll.detach())
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            lr = schedule.lr_at(state.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += tokens
+            loss = step_nll / max(1, tokens)
+            if not math.isfinite(loss):
+                raise LorapError(f"training diverged at step {state.step} (loss {loss}); try a lower --lr")
+            state.train_history.append([state.step, loss])
+            out_of_time = budget_s is not None and elapsed() >= budget_s and state.step < total
+            if state.step % config.eval_every == 0 or state.step == total or out_of_time:
+                evaluate()
+            state.elapsed_s = elapsed()
+            saved = state.step % config.save_every == 0 or out_of_time
+            if saved:
+                work.save(model, optimizer, state, best)
+            recent = [l for _, l in state.train_history[-20:]]
+            postfix = {"loss": f"{sum(recent) / len(recent):.4f}", "lr": f"{lr:.2e}"}
+            if state.validation_history:
+                postfix["val"] = f"{state.validation_history[-1][1]:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(state.step, loss)
+            if stop.requested:
+                if not saved:
+                    work.save(model, optimizer, state, best)
+                info(f"interrupted at step {state.step} of {total}; checkpoint saved in {work.path}. "
+                     "Run the same command with --resume to continue.")
+                raise KeyboardInterrupt
+            if out_of_time:
+                stopped_by = "max_minutes"
+                info(f"time budget of {config.max_minutes} min reached at step {state.step} of {total}; "
+                     f"checkpoint kept in {work.path} (--resume with a larger --max-minutes continues)")
+                break
+    state.elapsed_s = elapsed()
+    return state, best, stopped_by

@@ -1,0 +1,97 @@
+"""The method registry: every registered part runs, and everything that lists parts reads it.
+
+A new factorization, FFN criterion, update or allocation is picked up by the parametrized tests
+here without editing them; the last test adds a made-up criterion from this file alone.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from lorap.cli import build_parser, main
+from lorap.errors import LorapError
+from lorap.methods.presets import config_for
+from lorap.methods.registry import FFN_SCORES, REGISTRIES, MethodSpec, options_table
+from lorap.pipeline.run import compress_model
+from lorap.plan.counting import count_parameters
+
+SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
+EVERY_PART = [(part, spec.name) for part, registry in REGISTRIES.items() for spec in registry]
+
+
+@pytest.mark.parametrize("part,name", EVERY_PART, ids=[f"{p}={n}" for p, n in EVERY_PART])
+def test_every_registered_part_compresses_a_model_to_its_plan(part, name, tiny_tokenizer):
+    model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
+    dense = count_parameters(model)
+    config = config_for("paper", ratio=0.3, **{part: name}, **SMALL)
+    result = compress_model(model, tiny_tokenizer, config, progress=False)
+    assert count_parameters(model) == result.plan.compressed_parameters < dense
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 500, (2, 16))).logits).all()
+    spec = REGISTRIES[part][name]
+    if spec.needs_whole_model:
+        assert spec.prepare_phase in result.timings
+    assert any(layer.down_bias_added for layer in result.plan.layers) == spec.adds_down_bias
+
+
+@pytest.mark.parametrize("part,name", EVERY_PART, ids=[f"{p}={n}" for p, n in EVERY_PART])
+def test_the_cli_and_config_validation_offer_every_registered_part(part, name):
+    option = REGISTRIES[part].option
+    args = build_parser().parse_args(["plan", "--ratio", "0.2", option, name])
+    assert getattr(args, part) == name
+    config_for("paper", ratio=0.2, **{part: name}).validate()
+
+
+def test_an_unregistered_name_is_refused_with_the_registered_ones():
+    with pytest.raises(LorapError, match="unknown FFN channel criterion 'nope'; choose from lorap, magnitude"):
+        config_for("paper", ratio=0.2, ffn_score="nope").validate()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "--ratio", "0.2", "--factorization", "nope"])
+
+
+def test_the_readme_options_table_is_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert options_table() in readme
+
+
+def test_whole_model_passes_and_gram_matrices_come_from_the_registry():
+    best = config_for("best", ratio=0.2)
+    assert best.needs_whole_model and best.whole_model_parts() == ["ffn allocation adaptive"]
+    assert best.gram_sources() == ("down_proj", "o_proj", "q_proj")
+    assert config_for("paper", ratio=0.2).gram_sources() == ()
+    assert not config_for("paper", ratio=0.2).needs_whole_model
+    assert config_for("svd-llm", ratio=0.2, sublayers=("ffn",)).gram_sources() == ()
+
+
+def reversed_magnitude_scores(mlp, inputs):
+    """A made-up criterion: the smallest weights matter most."""
+    return -mlp.down_proj.weight.detach().float().abs().sum(0)
+
+
+@pytest.fixture
+def made_up_criterion():
+    spec = FFN_SCORES.register(MethodSpec("reversed-magnitude", reversed_magnitude_scores, "smallest weights first"))
+    yield spec
+    FFN_SCORES.unregister(spec.name)
+
+
+def test_a_new_ffn_criterion_is_one_function_and_one_registry_entry(made_up_criterion, tiny_tokenizer, tmp_path, capsys):
+    model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
+    down = [layer.mlp.down_proj.weight.detach().abs().sum(0) for layer in model.model.layers]
+    config = config_for("paper", ratio=0.3, ffn_score="reversed-magnitude", bottom_keep=0.0, **SMALL)
+    result = compress_model(model, tiny_tokenizer, config, progress=False)
+    for layer, column_sums, layer_plan in zip(model.model.layers, down, result.plan.layers):
+        # it kept the channels with the smallest down-projection columns
+        kept = torch.argsort(column_sums)[: layer_plan.ffn_width].sort().values
+        assert torch.equal(layer.mlp.down_proj.weight, _dense_columns(model, layer, kept))
+    # ... and the command line offers it, with its help
+    assert main(["plan", "--ratio", "0.3", "--ffn-score", "reversed-magnitude", "--json"]) == 0
+    assert "reversed-magnitude" in build_parser()._subparsers._group_actions[0].choices["compress"].format_help()
+
+
+def _dense_columns(model, layer, kept):
+    """The dense down projection's kept columns (rebuilt from a fresh model with the same seed)."""
+    dense = build_tiny_model("llama_gqa", vocab_size=model.config.vocab_size)
+    index = list(model.model.layers).index(layer)
+    return dense.model.layers[index].mlp.down_proj.weight.detach()[:, kept]
