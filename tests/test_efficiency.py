@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
+from lorap.bench import timing
 from lorap.evaluate import efficiency
 
 
@@ -86,7 +87,7 @@ def test_prefill_lengths_beyond_the_context_are_skipped():
 
 
 def test_spread_reports_median_and_quartiles():
-    timing = efficiency.spread([0.004, 0.001, 0.003, 0.002, 0.010])
-    assert timing["median_ms"] == pytest.approx(3.0)
-    assert timing["min_ms"] == pytest.approx(1.0) and timing["max_ms"] == pytest.approx(10.0)
-    assert timing["iqr_ms"] > 0
+    result = timing.spread([0.004, 0.001, 0.003, 0.002, 0.010])
+    assert result["median_ms"] == pytest.approx(3.0)
+    assert result["min_ms"] == pytest.approx(1.0) and result["max_ms"] == pytest.approx(10.0)
+    assert result["iqr_ms"] > 0

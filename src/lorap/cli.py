@@ -139,10 +139,10 @@ def _add_registry_option(p, registry: Registry, what: str) -> None:
                    help=f"{what} (paper: {paper}): {registry.help()}".replace("%", "%%"))
 
 
-def _add_ratio_options(p):
+def _add_ratio_options(p, ratio_required: bool = True):
     from .methods.presets import METHODS
 
-    p.add_argument("--ratio", type=float, required=True, help="fraction of parameters to remove, in (0, 0.9]")
+    p.add_argument("--ratio", type=float, required=ratio_required, help="fraction of parameters to remove, in (0, 0.9]")
     p.add_argument(
         "--preset",
         choices=list(METHODS),
@@ -421,6 +421,47 @@ def _run_compare(args):
     print(f"wrote {args.out / 'comparison.json'}, {args.out / 'comparison.md'}, {args.out / 'comparison.png'}", file=sys.stderr)
 
 
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench",
+        help="time the dense and the compressed model side by side (prefill and decode)",
+        description="Time prefill and decode of the dense model and its compressed form, interleaved, and report "
+        "medians, their spread and the speedups. MODEL given by shapes (config.json, folder, hub id, nothing for the "
+        "built-in model) builds both with random weights by the plan of --ratio/--preset; a lorap checkpoint is "
+        "timed with its real weights against the base model it names.",
+    )
+    p.add_argument("model", nargs="?", help="config.json, model folder, hub id or lorap checkpoint (default: built-in model)")
+    _add_ratio_options(p, ratio_required=False)
+    p.add_argument("--layers", type=int, help="time only the first N decoder layers (plus embeddings and LM head)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--prefill", type=_csv(int), default=[128, 512, 2048], help="prompt lengths (default 128,512,2048)")
+    p.add_argument("--batch", type=_csv(int), default=[1, 8], help="prefill batch sizes (default 1,8)")
+    p.add_argument("--prompt", type=int, default=128, help="decode: prompt tokens before generating (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the table as markdown here")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args):
+    from .bench.run import bench, bench_markdown, format_bench
+    from .methods.presets import config_for
+
+    # No --ratio: a lorap checkpoint's own shapes (refused when timing from shapes alone)
+    config = config_for(args.preset, **_method_settings(args)) if args.ratio is not None else None
+    report = bench(args.model, config, args.layers, args.dtype, args.device, tuple(args.prefill), tuple(args.batch),
+                   args.prompt, args.new_tokens, args.warmup, args.repeats)
+    print(format_bench(report))
+    _write_json(args.json, report)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(bench_markdown(report) + "\n", encoding="utf-8")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -433,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_analyze(sub)
     _add_compare(sub)
+    _add_bench(sub)
     return parser
 
 

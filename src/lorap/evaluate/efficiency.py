@@ -3,15 +3,15 @@ throughput and peak memory.
 
 MACs come from shapes (every nn.Linear, so a factorized projection's two thin linears and
 a pruned FFN count as what they are) and are cross-checked with torch's FlopCounterMode.
-Timings use warm-up runs, then repeats; the median is the number, and min / max / IQR
-show the spread. They depend on the machine and its load: reports carry the device.
+Timings (bench/timing.py, the same code as `lorap bench`) use warm-up runs, then repeats; the
+median is the number, and min / max / IQR show the spread. They depend on the machine and its
+load: reports carry the device.
 """
-import statistics
-import time
 from contextlib import contextmanager
 
 import torch
 
+from ..bench.timing import decode_throughput, prefill_latency
 from ..plan.counting import count_parameters
 
 PREFILL_SEQLENS = (128, 512)
@@ -74,89 +74,6 @@ def counted_macs_per_token(model, seqlen: int = MACS_SEQLEN) -> float:
 
 
 # ---------------------------------------------------------------- timing
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def spread(seconds: list[float]) -> dict:
-    """Median and spread of repeated timings, in milliseconds."""
-    ms = sorted(s * 1000 for s in seconds)
-    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    return {
-        "median_ms": statistics.median(ms),
-        "min_ms": ms[0],
-        "max_ms": ms[-1],
-        "iqr_ms": quartiles[2] - quartiles[0],
-        "repeats": len(ms),
-    }
-
-
-def _timed(fn, device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _prompt(model, length: int, device) -> torch.Tensor:
-    # Fixed pseudo-random ids: timing must not depend on text, and a constant id could
-    # hit special fast paths nowhere else seen.
-    generator = torch.Generator().manual_seed(length)
-    return torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
-
-
-@torch.no_grad()
-def prefill_latency(model, seqlen: int, warmup: int = 2, repeats: int = 5) -> dict:
-    """Batch-1 forward over `seqlen` tokens (the time to the first new token)."""
-    device = next(model.parameters()).device
-    tokens = _prompt(model, seqlen, device)
-    result = spread(_timed(lambda: model(input_ids=tokens, use_cache=False), device, warmup, repeats))
-    result["tokens_per_s"] = seqlen / (result["median_ms"] / 1000)
-    return result
-
-
-@torch.no_grad()
-def _decode(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Greedy generation with the KV cache; returns the seconds spent after the prefill."""
-    device = prompt.device
-    output = model(input_ids=prompt, use_cache=True)
-    cache = output.past_key_values
-    token = output.logits[:, -1:].argmax(-1)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        output = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = output.past_key_values
-        token = output.logits[:, -1:].argmax(-1)
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def decode_throughput(model, prompt_len: int = 128, new_tokens: int = 64, warmup: int = 1, repeats: int = 3) -> dict:
-    """Tokens per second generated one at a time with the KV cache, after a `prompt_len` prefill."""
-    device = next(model.parameters()).device
-    prompt = _prompt(model, prompt_len, device)
-    for _ in range(warmup):
-        _decode(model, prompt, min(new_tokens, 8))
-    times = [_decode(model, prompt, new_tokens) for _ in range(repeats)]
-    rates = sorted(new_tokens / t for t in times)
-    return {
-        "prompt_tokens": prompt_len,
-        "new_tokens": new_tokens,
-        "median_tokens_per_s": statistics.median(rates),
-        "min_tokens_per_s": rates[0],
-        "max_tokens_per_s": rates[-1],
-        "repeats": repeats,
-    }
 
 
 # ---------------------------------------------------------------- memory

@@ -1,0 +1,137 @@
+"""The one timing code of lorap: prefill latency and decode throughput, for one model (`lorap eval
+--speed`) or for several interleaved (`lorap bench`), so machine noise hits every model alike.
+
+Timings are medians with their spread over repeats; on CUDA the device is synchronised around each
+call, so wall time is what the GPU spent.
+"""
+import statistics
+import time
+
+import torch
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def spread(seconds: list[float]) -> dict:
+    """Median and spread of repeated timings, in milliseconds."""
+    ms = sorted(s * 1000 for s in seconds)
+    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": ms[0],
+        "max_ms": ms[-1],
+        "iqr_ms": quartiles[2] - quartiles[0],
+        "repeats": len(ms),
+    }
+
+
+def rate_spread(new_tokens: int, seconds: list[float]) -> dict:
+    """Decode rates (tokens/s per sequence) of repeated runs."""
+    rates = sorted(new_tokens / s for s in seconds)
+    return {
+        "median_tokens_per_s": statistics.median(rates),
+        "min_tokens_per_s": rates[0],
+        "max_tokens_per_s": rates[-1],
+        "repeats": len(rates),
+    }
+
+
+def prompt_ids(vocab_size: int, length: int, device, batch: int = 1) -> torch.Tensor:
+    # Fixed pseudo-random ids: timing must not depend on text, and a constant id could
+    # hit special fast paths nowhere else seen.
+    generator = torch.Generator().manual_seed(length)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def elapsed_seconds(device, work) -> float:
+    """Seconds `work()` took: by CUDA events on a GPU (what the device spent), else by the clock."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync(device)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill_seconds(model, tokens: torch.Tensor) -> float:
+    """One forward over `tokens` without a cache (the time to the first new token)."""
+    return elapsed_seconds(tokens.device, lambda: model(input_ids=tokens, use_cache=False))
+
+
+@torch.no_grad()
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Greedy generation with the KV cache; returns the seconds spent after the prefill."""
+    output = model(input_ids=prompt, use_cache=True)
+    state = {"cache": output.past_key_values, "token": output.logits[:, -1:].argmax(-1)}
+
+    def generate():
+        for _ in range(new_tokens):
+            step = model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True)
+            state["cache"], state["token"] = step.past_key_values, step.logits[:, -1:].argmax(-1)
+
+    return elapsed_seconds(prompt.device, generate)
+
+
+def interleaved(models: dict, call, warmup: int, repeats: int) -> dict:
+    """{label: [seconds per repeat]}: `call(model)` timed for every model in turn, the order
+    reversed every other round, so slow spells of a shared machine fall on all models alike."""
+    labels = list(models)
+    for _ in range(warmup):
+        for label in labels:
+            call(models[label])
+    times = {label: [] for label in labels}
+    for round_number in range(repeats):
+        for label in labels if round_number % 2 == 0 else reversed(labels):
+            times[label].append(call(models[label]))
+    return times
+
+
+def prefill_latencies(models: dict, seqlen: int, batch: int = 1, warmup: int = 1, repeats: int = 5) -> dict:
+    """{label: spread of the prefill time of `batch` x `seqlen` tokens}, timed interleaved."""
+    first = next(iter(models.values()))
+    tokens = prompt_ids(first.config.vocab_size, seqlen, _device_of(first), batch)
+    times = interleaved(models, lambda model: prefill_seconds(model, tokens), warmup, repeats)
+    results = {}
+    for label, seconds in times.items():
+        result = spread(seconds)
+        result["tokens_per_s"] = batch * seqlen / (result["median_ms"] / 1000)
+        results[label] = result
+    return results
+
+
+def decode_throughputs(models: dict, prompt_len: int = 128, new_tokens: int = 128, warmup: int = 1,
+                       repeats: int = 3, batch: int = 1) -> dict:
+    """{label: tokens/s generated one at a time with the KV cache after a `prompt_len` prefill}."""
+    first = next(iter(models.values()))
+    prompt = prompt_ids(first.config.vocab_size, prompt_len, _device_of(first), batch)
+    for _ in range(warmup):
+        for model in models.values():
+            decode_seconds(model, prompt, min(new_tokens, 8))
+    times = interleaved(models, lambda model: decode_seconds(model, prompt, new_tokens), 0, repeats)
+    return {label: {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "batch": batch,
+                    **rate_spread(new_tokens, seconds)} for label, seconds in times.items()}
+
+
+def prefill_latency(model, seqlen: int, warmup: int = 2, repeats: int = 5) -> dict:
+    """Batch-1 prefill of one model (the same code as the interleaved one, with one model)."""
+    return prefill_latencies({"model": model}, seqlen, 1, warmup, repeats)["model"]
+
+
+def decode_throughput(model, prompt_len: int = 128, new_tokens: int = 64, warmup: int = 1, repeats: int = 3) -> dict:
+    """Decode rate of one model (the same code as the interleaved one, with one model)."""
+    result = decode_throughputs({"model": model}, prompt_len, new_tokens, warmup, repeats)["model"]
+    result.pop("batch")
+    return result

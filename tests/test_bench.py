@@ -1,0 +1,109 @@
+"""`lorap bench`: the models it times have the plan's shapes (or a checkpoint's real weights), the
+report's numbers are consistent, and bad input is refused. Speed itself is measured by benchmark
+scripts, never asserted here."""
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, tiny_config
+from lorap import api
+from lorap.bench import timing
+from lorap.bench.models import first_layers, random_model
+from lorap.cli import main
+from lorap.methods.presets import config_for
+from lorap.plan.counting import count_parameters
+from lorap.plan.plan import make_plan
+
+QUICK = ["--prefill", "16", "--batch", "1,2", "--prompt", "8", "--new-tokens", "4", "--repeats", "2", "--warmup", "0"]
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    tiny_config("llama_gqa", num_hidden_layers=3).save_pretrained(tmp_path)
+    return tmp_path / "config.json"
+
+
+def test_models_built_from_shapes_have_the_plans_parameters(tiny_arch):
+    config = tiny_config(tiny_arch)
+    plan = make_plan(config, config_for("paper", ratio=0.4).plan_settings())
+    dense = random_model(config, torch.float32, torch.device("cpu"))
+    compressed = random_model(config, torch.float32, torch.device("cpu"), layout=plan.layout())
+    assert count_parameters(dense) == plan.dense_parameters
+    assert count_parameters(compressed) == plan.compressed_parameters
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert compressed(ids).logits.shape == dense(ids).logits.shape
+
+
+def test_bench_from_a_config_reports_interleaved_medians_and_speedups(config_file, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(config_file), "--ratio", "0.4", "--layers", "2", *QUICK, "--json", str(out),
+                 "--markdown", str(tmp_path / "bench.md")]) == 0
+    report = json.loads(out.read_text())
+    config = tiny_config("llama_gqa", num_hidden_layers=3)
+    plan = make_plan(config, config_for("paper", ratio=0.4).plan_settings())
+    per_layer_dense = (plan.dense_parameters - plan.other_parameters) // 3
+    per_layer_kept = (plan.compressed_parameters - plan.other_parameters) // 3
+    other = plan.other_parameters - 2 * config.hidden_size  # one layer (and its two norms) fewer
+    assert report["layers_timed"] == 2 and report["weights"].startswith("random")
+    assert report["parameters"] == {"dense": other + 2 * per_layer_dense, "compressed": other + 2 * per_layer_kept}
+    assert set(report["prefill"]) == {"1x16", "2x16"}
+    for row in report["prefill"].values():
+        assert row["dense"]["repeats"] == row["compressed"]["repeats"] == 2
+        assert row["speedup"] == pytest.approx(row["dense"]["median_ms"] / row["compressed"]["median_ms"])
+    decode = report["decode"]
+    assert decode["speedup"] == pytest.approx(decode["compressed"]["median_tokens_per_s"] / decode["dense"]["median_tokens_per_s"])
+    assert report["protocol"]["interleaved"] and report["load_average"]["before"] is not None
+    printed = capsys.readouterr().out
+    assert "weights are random" in printed and f"{report['parameters']['compressed']:,}" in printed
+    assert "| 2x16 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_of_a_checkpoint_times_its_real_weights_against_its_base(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "dense"
+    build_tiny_model("qwen2", vocab_size=len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    result = api.compress(str(folder), tmp_path / "out", ratio=0.4, progress=False, calibration_samples=8,
+                          calibration_seqlen=32)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "out"), *QUICK, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    totals = result.report["plan"]["totals"]
+    assert report["weights"] == "real"
+    assert report["parameters"] == {"dense": totals["dense_parameters"], "compressed": totals["compressed_parameters"]}
+
+
+def test_interleaving_alternates_the_order_of_the_models():
+    calls = []
+    timing.interleaved({"a": "A", "b": "B"}, lambda model: calls.append(model) or 0.0, warmup=1, repeats=3)
+    assert calls == ["A", "B", "A", "B", "B", "A", "A", "B"]
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--ratio", "0.2", "--layers", "4"], "more than the model's 3 decoder layers"),
+    (["--ratio", "0.2", "--layers", "0"], "positive number of decoder layers"),
+    (["--layers", "1"], "give --ratio"),
+    (["--ratio", "0.2", "--dtype", "int8"], "--dtype must be one of"),
+    (["--ratio", "0.2", "--batch", "0"], "batch sizes must be positive"),
+])
+def test_bad_input_is_one_clear_message(config_file, capsys, arguments, message):
+    assert main(["bench", str(config_file), *arguments, *QUICK[:2]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unsupported_architecture_and_a_missing_gpu_are_refused(tmp_path, config_file, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert main(["bench", str(tmp_path / "gpt2" / "config.json"), "--ratio", "0.2"]) == 2
+    assert "not supported" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", str(config_file), "--ratio", "0.2", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_first_layers_keeps_the_rest_of_the_config():
+    config = tiny_config("llama_gqa", num_hidden_layers=3)
+    cut = first_layers(config, 1)
+    assert cut.num_hidden_layers == 1 and config.num_hidden_layers == 3 and cut.hidden_size == config.hidden_size
