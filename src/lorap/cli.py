@@ -18,6 +18,19 @@ def _csv(kind):
     return parse
 
 
+def _positive_int(option: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{option} must be a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
 def _add_eval(sub):
     p = sub.add_parser(
         "eval",
@@ -160,6 +173,9 @@ def _add_ratio_options(p, ratio_required: bool = True):
     p.add_argument("-a", "--allocation-a", type=float, help="kept (v+o):(q+k) parameters (paper: 3)")
     p.add_argument("--bottom-keep", type=float, help="lowest-scoring FFN channels kept anyway (paper: 0.01)")
     p.add_argument("--sublayers", type=_csv(str), help="attention,ffn (paper: both)")
+    p.add_argument("--align", type=_positive_int("--align"),
+                   help="make every rank and FFN width a multiple of N, shapes the matrix kernels run faster "
+                   "(paper: 1, the published integers; exact mode still meets the budget)")
     p.add_argument("--attention-scale", type=float,
                    help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
     _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
@@ -189,6 +205,7 @@ def _method_settings(args) -> dict:
         bottom_keep=args.bottom_keep,
         sublayers=tuple(args.sublayers) if args.sublayers else None,
         attention_scale=args.attention_scale,
+        align=args.align,
     )
     for part in REGISTRIES:
         settings[part] = getattr(args, part)

@@ -10,6 +10,7 @@ import torch
 from ..architectures import FFN_PROJECTIONS, Architecture
 from ..log import info
 from ..pipeline.walk import capture_first_layer_inputs, walk_layers
+from ..plan.ranks import aligned_width
 from .ffn_pruning import protected_count
 from .ffn_scores import channel_scores
 
@@ -54,6 +55,21 @@ def adaptive_widths(scores: list, removed_total: int, bottom_keep: float) -> lis
     return [layer_scores.numel() - int(count) for layer_scores, count in zip(scores, removed)]
 
 
+def aligned_widths(widths: list, align: int, dense_width: int) -> list:
+    """Each width a multiple of `align`, the total kept as it was (to within one block): rounded to the
+    nearest multiple, then blocks moved to or from the layers that rounding moved furthest."""
+    if align == 1:
+        return widths
+    aligned = [aligned_width(width, align, dense_width) for width in widths]
+    while abs(sum(aligned) - sum(widths)) >= align:
+        step = -align if sum(aligned) > sum(widths) else align
+        movable = [i for i, width in enumerate(aligned) if align <= width + step <= dense_width]
+        # the layer whose rounding went furthest against this step
+        index = max(movable, key=lambda i: (widths[i] - aligned[i]) * step)
+        aligned[index] += step
+    return aligned
+
+
 def prepare_adaptive_widths(run) -> None:
     """The registered whole-model pass of adaptive allocation: run.plan gets per-layer FFN widths,
     from the criterion's scores on the dense model (or those a whole-model criterion computed)."""
@@ -65,6 +81,6 @@ def prepare_adaptive_widths(run) -> None:
         batches = capture_first_layer_inputs(run.model, run.samples, config.batch_size, run.device)
         scores = dense_channel_scores(run.model, batches, run.device, config.ffn_score, run.progress)
     removed = sum(plan.intermediate_size - layer.ffn_width for layer in plan.layers)
-    widths = adaptive_widths(scores, removed, config.bottom_keep)
+    widths = aligned_widths(adaptive_widths(scores, removed, config.bottom_keep), config.align, plan.intermediate_size)
     info(f"adaptive FFN widths: {min(widths)} to {max(widths)} channels kept per layer (uniform: {plan.layers[0].ffn_width})")
     run.plan = plan.with_ffn_widths(widths)

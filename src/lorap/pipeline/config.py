@@ -21,6 +21,7 @@ class CompressionConfig:
     # channels chosen across layers by their scores standardised per layer (FLAP's AL rule)
     ffn_allocation: str = "uniform"
     attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
+    align: int = 1  # every rank and FFN width a multiple of this (1: the paper's integers)
     preset: str = "paper"  # the named method (methods/presets.py) these settings started from
     calibration_source: str = "wiki"
     calibration_samples: int = 128
@@ -33,7 +34,7 @@ class CompressionConfig:
 
     def plan_settings(self) -> PlanSettings:
         return PlanSettings(self.ratio, self.mode, self.allocation_a, self.bottom_keep, tuple(self.sublayers),
-                            self.ffn_update, self.attention_scale)
+                            self.ffn_update, self.attention_scale, self.align)
 
     def validate(self) -> None:
         self.plan_settings().validate()

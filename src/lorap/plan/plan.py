@@ -9,7 +9,7 @@ from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes,
 from ..errors import LorapError
 from ..methods.registry import FFN_UPDATES
 from .counting import linear_parameters
-from .ranks import MAX_RATIO, attention_ranks, ffn_kept_width
+from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width
 
 EXACT_TOLERANCE = 0.002  # exact mode must land within 0.2 percentage points
 SUBLAYERS = ("attention", "ffn")
@@ -25,6 +25,8 @@ class PlanSettings:
     ffn_update: str = "none"  # what replaces removed FFN channels (registry.FFN_UPDATES): adds a bias?
     # Attention's per-layer ratio relative to the FFN's (the paper: 1, the same ratio for both).
     attention_scale: float = 1.0
+    # Every rank and FFN width a multiple of this (1: the paper's exact integers)
+    align: int = 1
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
@@ -40,6 +42,8 @@ class PlanSettings:
             raise LorapError(f"sublayers must be a non-empty subset of {', '.join(SUBLAYERS)}, got {self.sublayers}")
         if self.attention_scale <= 0:
             raise LorapError(f"attention scale must be positive, got {self.attention_scale}")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align <= 0:
+            raise LorapError(f"--align must be a positive integer (1: no alignment), got {self.align!r}")
         FFN_UPDATES[self.ffn_update]  # a registered name
 
 
@@ -180,9 +184,12 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     compress_attention = "attention" in settings.sublayers
     compress_ffn = "ffn" in settings.sublayers
     attention_ratio = min(layer_ratio * settings.attention_scale, MAX_RATIO)
-    ranks = attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a) if compress_attention else dense_ranks
+    if compress_attention:
+        ranks = aligned_ranks(attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a), shapes, settings.align)
+    else:
+        ranks = dense_ranks
     m = config.intermediate_size
-    width = ffn_kept_width(m, layer_ratio, settings.bottom_keep) if compress_ffn else m
+    width = ffn_kept_width(m, layer_ratio, settings.bottom_keep, settings.align) if compress_ffn else m
     ffn_bias = ffn_shapes(config)["gate_proj"][2]
     layers = [_layer_plan(i, ranks, width, settings, m, ffn_bias) for i in range(config.num_hidden_layers)]
     return Plan(
@@ -238,9 +245,30 @@ def _exact_plan(config, settings: PlanSettings) -> Plan:
             low = mid
         else:
             high = mid
+    if abs(best.removed_fraction - target) > EXACT_TOLERANCE and settings.align > 1 and "ffn" in settings.sublayers:
+        best = _closest_with_blocks_moved(best, target, settings.align)
     if abs(best.removed_fraction - target) > EXACT_TOLERANCE:
         raise LorapError(
             f"could not reach {target:.2%} removed within {EXACT_TOLERANCE:.1%} "
             f"(closest: {best.removed_fraction:.2%}); the model's matrices are too coarse for this target"
+            + (" at this --align" if settings.align > 1 else "")
         )
+    return best
+
+
+def _closest_with_blocks_moved(plan: Plan, target: float, align: int) -> Plan:
+    """With aligned shapes one uniform step can be coarser than the tolerance: narrow (or widen) the
+    FFN of k layers, spread evenly over the depth, by one block of `align` channels, for the k that
+    lands closest to the target."""
+    n_layers = len(plan.layers)
+    width = plan.layers[0].ffn_width
+    best = plan
+    for step in (-align, align):
+        if not align <= width + step <= plan.intermediate_size:
+            continue
+        for k in range(1, n_layers + 1):
+            moved = {int((j + 0.5) * n_layers / k) for j in range(k)}
+            candidate = plan.with_ffn_widths([width + step if i in moved else width for i in range(n_layers)])
+            if abs(candidate.removed_fraction - target) < abs(best.removed_fraction - target):
+                best = candidate
     return best

@@ -2,7 +2,8 @@
 
 `attention_ranks` is LoRAP's a:1 split of attention's kept parameters between {v, o} and {q, k}
 (the authors' integer rule on square attention, the same idea on parameter counts for GQA);
-`ffn_kept_width` is its channel count per FFN.
+`ffn_kept_width` is its channel count per FFN. With an alignment N > 1 both become multiples of N,
+the shapes GEMM kernels run fastest (`--align`); N = 1 is the paper's exact rule.
 """
 import math
 
@@ -73,8 +74,30 @@ def ffn_removed_channels(width: int, ratio: float) -> int:
     return int(ratio * width)
 
 
-def ffn_kept_width(width: int, ratio: float, bottom_keep: float) -> int:
-    removed = ffn_removed_channels(width, ratio)
-    if int(bottom_keep * width) + removed > width:
+def ffn_kept_width(width: int, ratio: float, bottom_keep: float, align: int = 1) -> int:
+    kept = aligned_width(width - ffn_removed_channels(width, ratio), align, width)
+    if int(bottom_keep * width) + width - kept > width:
         raise LorapError(f"bottom-keep {bottom_keep} plus ratio {ratio} exceeds the FFN width {width}")
-    return width - removed
+    return kept
+
+
+def aligned_width(width: int, align: int, dense_width: int) -> int:
+    """The multiple of `align` nearest `width` (at least one block); the dense width stays as it is."""
+    if align == 1 or width >= dense_width:
+        return width
+    return min(dense_width, max(align, round(width / align) * align))
+
+
+def aligned_ranks(ranks: dict, shapes: dict, align: int) -> dict:
+    """Each rank to the multiple of `align` nearest it; a pair that would then not be smaller than
+    its dense matrix stays dense."""
+    if align == 1:
+        return ranks
+    aligned = {}
+    for name, rank in ranks.items():
+        if rank is not None:
+            out_features, in_features = shapes[name][:2]
+            rank = max(align, round(rank / align) * align)
+            rank = rank if factorization_saves(in_features, out_features, rank) else None
+        aligned[name] = rank
+    return aligned

@@ -1,0 +1,98 @@
+"""`--align N`: ranks and FFN widths in multiples of N, the budget still met, the paper's integers
+untouched at N = 1, and the alignment recorded in the checkpoint."""
+import json
+
+import pytest
+
+from conftest import tiny_config
+from lorap import api
+from lorap.cli import main
+from lorap.errors import LorapError
+from lorap.methods.allocations import aligned_widths
+from lorap.methods.presets import config_for
+from lorap.plan.plan import EXACT_TOLERANCE, PlanSettings, make_plan
+
+
+@pytest.fixture
+def llama7b(tmp_path):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       vocab_size=32000, tie_word_embeddings=False)
+
+
+def _shapes(plan):
+    ranks = {rank for layer in plan.layers for rank in layer.ranks.values() if rank is not None}
+    return ranks, {layer.ffn_width for layer in plan.layers}
+
+
+def test_align_1_is_the_paper_and_align_32_rounds_to_multiples(llama7b):
+    paper = make_plan(llama7b, PlanSettings(0.2))
+    assert _shapes(paper) == ({1228}, {8807})
+    aligned = make_plan(llama7b, PlanSettings(0.2, align=32))
+    assert _shapes(aligned) == ({1216}, {8800})
+    half = make_plan(llama7b, PlanSettings(0.5, align=64))
+    ranks, widths = _shapes(half)
+    assert all(r % 64 == 0 for r in ranks) and all(w % 64 == 0 for w in widths)
+
+
+@pytest.mark.parametrize("align", [8, 32, 64, 128])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_exact_mode_meets_the_budget_with_aligned_shapes(align, ratio):
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    plan = make_plan(smollm2, PlanSettings(ratio, mode="exact", align=align))
+    assert abs(plan.removed_fraction - ratio) <= EXACT_TOLERANCE
+    ranks, widths = _shapes(plan)
+    assert all(r % align == 0 for r in ranks) and all(w % align == 0 for w in widths)
+
+
+def test_a_rank_that_would_not_save_after_rounding_stays_dense():
+    from lorap.plan.ranks import aligned_ranks
+
+    shapes = {"q_proj": (64, 64, False), "k_proj": (32, 64, False)}
+    assert aligned_ranks({"q_proj": 20, "k_proj": 20}, shapes, 16) == {"q_proj": 16, "k_proj": 16}
+    # rank 32 would cost 32 * (64 + 64) = 4096, no fewer than the dense 64 x 64 weights
+    assert aligned_ranks({"q_proj": 20, "k_proj": 20}, shapes, 32) == {"q_proj": None, "k_proj": None}
+
+
+def test_adaptive_widths_are_aligned_and_keep_their_total():
+    widths = [1000, 1234, 1100, 901, 1536]
+    aligned = aligned_widths(widths, 64, 1536)
+    assert all(w % 64 == 0 for w in aligned)
+    assert abs(sum(aligned) - sum(widths)) < 64
+    assert aligned_widths(widths, 1, 1536) == widths
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "1.5", "x"])
+def test_align_must_be_a_positive_integer(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--ratio", "0.2", "--align", value])
+    assert "--align must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(LorapError, match="--align must be a positive integer"):
+        make_plan(tiny_config("llama_gqa"), PlanSettings(0.2, align=0))
+
+
+def test_the_alignment_is_recorded_and_the_checkpoint_has_its_shapes(tiny_model_dir, tmp_path):
+    result = api.compress(str(tiny_model_dir), tmp_path / "out", preset="best", ratio=0.3, align=16,
+                          progress=False, calibration_samples=8, calibration_seqlen=32)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["lorap"]["compression"]["align"] == 16
+    widths = [layer["intermediate_size"] for layer in config["lorap"]["layers"]]
+    ranks = [rank for layer in config["lorap"]["layers"] for name, rank in layer.items() if name.endswith("_proj")
+             and rank not in (None, True)]
+    assert all(w % 16 == 0 for w in widths) and all(r % 16 == 0 for r in ranks)
+    reloaded, _ = api.load(tmp_path / "out")
+    assert sum(p.numel() for p in reloaded.parameters()) == result.report["plan"]["totals"]["compressed_parameters"]
+
+
+def test_a_budget_too_fine_for_the_alignment_is_refused_clearly():
+    """Two layers of 160 channels cannot remove exactly 30% in blocks of 16 channels and ranks."""
+    with pytest.raises(LorapError, match="too coarse for this target at this --align"):
+        make_plan(tiny_config("llama_gqa"), PlanSettings(0.3, mode="exact", align=16))
+
+
+def test_config_for_takes_align():
+    assert config_for("paper", ratio=0.2, align=64).plan_settings().align == 64
