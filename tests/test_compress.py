@@ -3,7 +3,6 @@ walk, checkpoints that reload (with and without lorap), and the refusals of bad 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

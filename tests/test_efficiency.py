@@ -70,8 +70,8 @@ def test_measure_runs_on_a_tiny_model():
     result = efficiency.measure(model, prefill_seqlens=(16, 64), warmup=1, repeats=2, decode_tokens=4, decode_prompt=8)
     assert result["macs_agree"] is True
     assert set(result["prefill"]) == {"16", "64"}
-    for timing in result["prefill"].values():
-        assert timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"] and timing["repeats"] == 2
+    for prefill in result["prefill"].values():
+        assert prefill["min_ms"] <= prefill["median_ms"] <= prefill["max_ms"] and prefill["repeats"] == 2
     assert result["decode"]["new_tokens"] == 4 and result["decode"]["median_tokens_per_s"] > 0
     assert result["parameters"] == sum(p.numel() for p in model.parameters())
     assert result["weight_bytes"] == 4 * result["parameters"]

@@ -8,7 +8,6 @@ tokens of that linear's input (the statistic AWSVD uses), and reports the low-ra
 the fraction of the full rank min(out, in) needed to keep a share (default 90%) of the
 spectral energy sum(sigma^2). Lower means more low-rank.
 """
-from pathlib import Path
 
 import torch
 

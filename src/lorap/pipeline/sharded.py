@@ -24,7 +24,6 @@ from ..errors import LorapError
 from ..io.checkpoint import check_output_folder, mark_compressed
 from ..io.models import check_tokenizer_files
 from ..io.shards import ShardReader, shard_contents, shard_name, write_index, write_shard
-from ..log import info
 from ..plan.memory import memory_estimate
 from .activations import ACTIVATION_DTYPES, ACTIVATION_STORES, store_batches
 from .staging import activations_file, open_staging, remove_run_state, staging_folder, write_progress
