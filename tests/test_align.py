@@ -96,3 +96,38 @@ def test_a_budget_too_fine_for_the_alignment_is_refused_clearly():
 
 def test_config_for_takes_align():
     assert config_for("paper", ratio=0.2, align=64).plan_settings().align == 64
+
+
+# ---------------------------------------------------------------- --align auto
+
+
+def test_align_auto_takes_the_devices_multiple_and_the_paper_keeps_its_integers(llama7b, monkeypatch):
+    from lorap.plan import alignment
+
+    monkeypatch.setattr(alignment, "device_default", lambda: 64)
+    assert _shapes(make_plan(llama7b, config_for("paper", ratio=0.2).plan_settings())) == ({1228}, {8807})
+    for preset in ("paper", "best", "svd-llm"):
+        plan = make_plan(llama7b, config_for(preset, ratio=0.2, align="auto").plan_settings())
+        assert plan.settings.align == 64  # the plan records the multiple it used
+        ranks, widths = _shapes(plan)
+        assert all(r % 64 == 0 for r in ranks) and all(w % 64 == 0 for w in widths)
+
+
+def test_the_auto_multiple_shrinks_for_small_models_and_to_meet_an_exact_budget(monkeypatch):
+    from lorap.plan import alignment
+
+    monkeypatch.setattr(alignment, "device_default", lambda: 64)
+    assert alignment.default_alignments(tiny_config("llama_gqa")) == [8, 4, 2, 1]  # hidden 64: at most 64 / 8
+    assert alignment.default_alignments(tiny_config("llama_gqa", hidden_size=576))[0] == 64
+    # 30% exact of the tiny model cannot be met in blocks of 8; auto falls back to a finer multiple.
+    plan = make_plan(tiny_config("llama_gqa"), config_for("best", ratio=0.3, mode="exact", align="auto").plan_settings())
+    assert plan.settings.align in (1, 2, 4) and abs(plan.removed_fraction - 0.3) <= EXACT_TOLERANCE
+
+
+def test_align_auto_is_recorded_as_the_multiple_used(tiny_model_dir, tmp_path, capsys):
+    assert main(["plan", str(tiny_model_dir), "--ratio", "0.2", "--align", "auto", "--json", "--no-speed"]) == 0
+    planned = json.loads(capsys.readouterr().out)["settings"]["align"]
+    result = api.compress(str(tiny_model_dir), tmp_path / "out", preset="best", ratio=0.2, align="auto",
+                          progress=False, calibration_samples=8, calibration_seqlen=32, predict_speed=False)
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["lorap"]["compression"]["align"]
+    assert recorded == result.report["plan"]["settings"]["align"] == planned > 1

@@ -55,6 +55,16 @@ def test_bench_from_a_config_reports_interleaved_medians_and_speedups(config_fil
     decode = report["decode"]
     assert decode["speedup"] == pytest.approx(decode["compressed"]["median_tokens_per_s"] / decode["dense"]["median_tokens_per_s"])
     assert report["protocol"]["interleaved"] and report["load_average"]["before"] is not None
+    # The decoder layers' share, timed by hooks in the same runs, and the whole model extrapolated from it.
+    assert report["layers_in_model"] == 3
+    for row in [*report["prefill"].values(), decode]:
+        inside, whole = row["layers_ms"], row["whole_model_ms_extrapolated"]
+        assert 0 < inside["dense"] and 0 < inside["compressed"]
+        assert row["layers_speedup"] == pytest.approx(inside["dense"] / inside["compressed"])
+        assert row["whole_model_speedup_extrapolated"] == pytest.approx(whole["dense"] / whole["compressed"])
+        for label in ("dense", "compressed"):  # one more layer's time than was timed
+            total = row[label]["median_ms"] if "median_ms" in row[label] else 1000 / row[label]["median_tokens_per_s"]
+            assert whole[label] == pytest.approx(total + inside[label] / 2)
     printed = capsys.readouterr().out
     assert "weights are random" in printed and f"{report['parameters']['compressed']:,}" in printed
     assert "| 2x16 |" in (tmp_path / "bench.md").read_text()

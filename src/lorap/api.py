@@ -46,6 +46,7 @@ def compress(
     resume=False,
     activation_dtype="auto",
     activation_store="memory",
+    predict_speed=True,
     **settings,
 ):
     """Compress a model by LoRAP, save it to `out` (if given) and report what was done.
@@ -54,7 +55,8 @@ def compress(
     fields over it (ratio, mode, allocation_a, ...). With `evaluate_ppl` (corpus names),
     perplexity is measured before and after, same protocol. Streamed (stream=True, resume=True,
     or stream=None and the model would not fit in memory): the model is read layer by layer from
-    its shards and never held whole, and the result's model is None. Returns
+    its shards and never held whole, and the result's model is None. With `predict_speed`, the
+    report holds the speedup predicted by a micro-benchmark of the plan's layers. Returns
     pipeline.run.Compressed (model, tokenizer, report).
     """
     from .methods.presets import config_for
@@ -63,13 +65,17 @@ def compress(
 
     config = config or config_for(settings.pop("preset", "paper"), **settings)
     return compress_checkpoint(model, out, config, evaluate_ppl, eval_seqlens, eval_max_tokens, overwrite, progress,
-                               stream, StreamOptions(resume, activation_dtype, activation_store))
+                               stream, StreamOptions(resume, activation_dtype, activation_store), predict_speed)
 
 
-def load(folder, **kwargs):
-    """Load a lorap checkpoint (model, tokenizer) with lorap's classes."""
+def load(folder, fuse=True, **kwargs):
+    """Load a lorap checkpoint (model, tokenizer) with lorap's classes; with `fuse`, q/k/v's right
+    factors share one GEMM at inference (modeling_lorap.fuse_factor_pairs; move the model first)."""
     from transformers import AutoTokenizer
 
     from .io.checkpoint import load_checkpoint_model
 
-    return load_checkpoint_model(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+    model = load_checkpoint_model(folder, **kwargs)
+    if fuse:
+        model.fuse_factor_pairs()
+    return model, AutoTokenizer.from_pretrained(folder)

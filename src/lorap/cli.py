@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from .errors import LorapError
+from .plan.alignment import AUTO_ALIGN
 from .methods.registry import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, REGISTRIES, Registry
 
 
@@ -18,14 +19,20 @@ def _csv(kind):
     return parse
 
 
-def _positive_int(option: str):
+def _alignment(text: str):
+    """--align: a positive integer, or 'auto' (the device's default multiple, plan/alignment.py)."""
+    return AUTO_ALIGN if text == AUTO_ALIGN else _positive_int("--align", f"or '{AUTO_ALIGN}'")(text)
+
+
+def _positive_int(option: str, alternative: str = ""):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = 0
         if value <= 0:
-            raise argparse.ArgumentTypeError(f"{option} must be a positive integer, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{option} must be a positive integer{' ' + alternative if alternative else ''}, "
+                                             f"got {text!r}")
         return value
 
     return parse
@@ -173,9 +180,10 @@ def _add_ratio_options(p, ratio_required: bool = True):
     p.add_argument("-a", "--allocation-a", type=float, help="kept (v+o):(q+k) parameters (paper: 3)")
     p.add_argument("--bottom-keep", type=float, help="lowest-scoring FFN channels kept anyway (paper: 0.01)")
     p.add_argument("--sublayers", type=_csv(str), help="attention,ffn (paper: both)")
-    p.add_argument("--align", type=_positive_int("--align"),
-                   help="make every rank and FFN width a multiple of N, shapes the matrix kernels run faster "
-                   "(paper: 1, the published integers; exact mode still meets the budget)")
+    p.add_argument("--align", type=_alignment,
+                   help="make every rank and FFN width a multiple of N, shapes the matrix kernels run faster; exact "
+                   "mode still meets the budget. 'auto': this device's measured multiple (docs/speed.md). "
+                   "Default 1 (the paper's integers)")
     p.add_argument("--attention-scale", type=float,
                    help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
     _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
@@ -250,6 +258,7 @@ def _add_compress(sub):
         default="memory",
         help="keep the streamed run's calibration activations in memory or in a memory-mapped file beside --out",
     )
+    _add_no_speed(p)
     p.set_defaults(run=_run_compress)
 
 
@@ -276,6 +285,7 @@ def _run_compress(args):
         resume=args.resume,
         activation_dtype=args.activation_dtype,
         activation_store=args.activation_store,
+        predict_speed=not args.no_speed,
     )
     print(format_compression(result.report))
     _write_json(args.json, result.report)
@@ -286,7 +296,13 @@ def _add_plan(sub):
     p.add_argument("model", nargs="?", help="config.json, model folder, .gguf or hub id (default: built-in model)")
     _add_ratio_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    _add_no_speed(p)
     p.set_defaults(run=_run_plan)
+
+
+def _add_no_speed(p):
+    p.add_argument("--no-speed", action="store_true",
+                   help="skip the predicted speedup (a micro-benchmark of the plan's layers on this machine, seconds)")
 
 
 def _run_plan(args):
@@ -306,6 +322,10 @@ def _run_plan(args):
     if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
         result["note"] = ("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
                           "the same total of channels, spread over layers by their scores")
+    if not args.no_speed:
+        from .bench.predict import predict_speedup
+
+        result["predicted_speed"] = predict_speedup(load_config(args.model), planned)
     text = format_plan(result) + "\n" + format_memory_estimate(memory) + (f"\nnote: {result['note']}" if "note" in result else "")
     print(json.dumps(result, indent=2) if args.json else text)
 
@@ -458,6 +478,8 @@ def _add_bench(sub):
     p.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--unfused", action="store_true",
+                   help="time the compressed model without fusing q/k/v's right factors into one GEMM (shows that gain)")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--markdown", type=Path, help="write the table as markdown here")
     p.set_defaults(run=_run_bench)
@@ -470,7 +492,7 @@ def _run_bench(args):
     # No --ratio: a lorap checkpoint's own shapes (refused when timing from shapes alone)
     config = config_for(args.preset, **_method_settings(args)) if args.ratio is not None else None
     report = bench(args.model, config, args.layers, args.dtype, args.device, tuple(args.prefill), tuple(args.batch),
-                   args.prompt, args.new_tokens, args.warmup, args.repeats)
+                   args.prompt, args.new_tokens, args.warmup, args.repeats, fuse=not args.unfused)
     print(format_bench(report))
     _write_json(args.json, report)
     if args.markdown is not None:

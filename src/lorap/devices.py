@@ -16,6 +16,19 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def available_memory_bytes() -> int | None:
+    """Host memory available now (MemAvailable), or None where /proc/meminfo cannot be read."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device) -> dict:
     import resource
 

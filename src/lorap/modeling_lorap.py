@@ -55,10 +55,60 @@ class LowRankLinear(nn.Module):
         )
 
     def forward(self, x):
+        shared = self.__dict__.get("_shared_right")  # set by fuse_factor_pairs; not a submodule
+        if shared is not None and shared.serves(self, x):
+            return self.left(shared.right_output(self, x))
         return self.left(self.right(x))
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SharedRightFactors:
+    """One GEMM for the right factors of factor pairs that read the same input (q, k and v).
+
+    The pairs' `right.weight` parameters become row slices of one contiguous matrix, so the
+    parameters, their names and the saved tensors stay as they were, while the first pair to see
+    an input computes every pair's right product at once and the others take their slice.
+
+    It serves only inference (no autograd graph) with the weights still where fusing put them:
+    training (PEFT wraps `right`, gradients must reach each parameter), a model moved or reloaded
+    after fusing, or an input nobody else reads all fall back to the pair's own two GEMMs.
+    """
+
+    def __init__(self, members: list):
+        self.members = list(members)
+        self.weight = torch.cat([member.right.weight.detach() for member in self.members])
+        self.sizes = [member.rank for member in self.members]
+        offset = 0
+        for member, size in zip(self.members, self.sizes):
+            member.right.weight = nn.Parameter(self.weight[offset : offset + size],
+                                               requires_grad=member.right.weight.requires_grad)
+            offset += size
+            member.__dict__["_shared_right"] = self
+        self.pointers = {id(member): member.right.weight.data_ptr() for member in self.members}
+        self._input, self._outputs = None, {}
+
+    def serves(self, member, x) -> bool:
+        return (not torch.is_grad_enabled() and type(member.right) is nn.Linear
+                and member.right.weight.data_ptr() == self.pointers[id(member)] and x.device == self.weight.device)
+
+    def right_output(self, member, x):
+        if self._input is not x or id(member) not in self._outputs:
+            outputs = torch.nn.functional.linear(x, self.weight).split(self.sizes, dim=-1)
+            self._input, self._outputs = x, {id(m): out for m, out in zip(self.members, outputs)}
+        output = self._outputs.pop(id(member))
+        if not self._outputs:
+            self._input = None  # the last reader: hold no activation past this layer
+        return output
+
+
+def _clone_fused_views(module, state_dict, prefix, local_metadata):
+    """Saved tensors must not share storage (safetensors refuses it): save fused slices as copies."""
+    key = prefix + "right.weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].clone()
+    return state_dict
 
 
 class SplitLinear(nn.Module):
@@ -146,6 +196,35 @@ def apply_layout(model, layers_layout, architecture=None):
             ffn.intermediate_size = layout["intermediate_size"]
 
 
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"),)  # projections that read the same tensor
+
+
+def _projection_module(layer, architecture: dict, name: str):
+    path = architecture["projections"][name]
+    module = module_at(layer, path)
+    return module.parts[name] if isinstance(module, SplitLinear) else module
+
+
+def fuse_factor_pairs(model, architecture=None) -> int:
+    """Give the factor pairs of each decoder layer that share an input one GEMM for their right
+    factors (see SharedRightFactors); returns the number of groups fused. Call it after the model
+    is on its device and in its dtype, for inference; training and saving are unaffected."""
+    architecture = architecture or LLAMA_ARCHITECTURE
+    fused = 0
+    for layer in module_at(model, architecture["layers"]):
+        for group in SHARED_INPUT_GROUPS:
+            members = [module for name in group
+                       if isinstance(module := _projection_module(layer, architecture, name), LowRankLinear)
+                       and type(module.right) is nn.Linear and "_shared_right" not in module.__dict__]
+            if len(members) < 2:
+                continue
+            SharedRightFactors(members)
+            for member in members:
+                member._register_state_dict_hook(_clone_fused_views)
+            fused += 1
+    return fused
+
+
 class _LorapMixin:
     """Builds the base architecture, then narrows it to the recorded compressed shapes."""
 
@@ -154,6 +233,11 @@ class _LorapMixin:
         lorap = getattr(config, "lorap", None)
         if lorap is not None:
             apply_layout(self, lorap["layers"], lorap.get("architecture"))
+
+    def fuse_factor_pairs(self) -> int:
+        """One GEMM for the right factors of q/k/v in each layer (faster prefill); see fuse_factor_pairs."""
+        lorap = getattr(self.config, "lorap", None) or {}
+        return fuse_factor_pairs(self, lorap.get("architecture"))
 
 
 class LorapLlamaForCausalLM(_LorapMixin, LlamaForCausalLM):

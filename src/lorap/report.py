@@ -60,11 +60,26 @@ def format_plan(plan_dict: dict) -> str:
         f"{'whole model':<53}{totals['dense_parameters']:>16,}{totals['compressed_parameters']:>16,}"
         f"{totals['removed_fraction']:>9.2%}"
     )
+    if "predicted_speed" in plan_dict:
+        lines.append(format_prediction(plan_dict["predicted_speed"]))
     return "\n".join(lines)
 
 
+def format_prediction(prediction: dict) -> str:
+    if "skipped" in prediction:
+        return f"predicted speed: not measured ({prediction['skipped']})"
+    prefill, decode = prediction["prefill"], prediction["decode"]
+    return (f"predicted speedup on this machine ({prediction['device']}, {prediction['dtype']}, "
+            f"{prediction['threads']} threads; micro-benchmark of {prediction['sampled_layouts']} compressed layer "
+            f"layout(s)): prefill {prefill['tokens']} tokens {prefill['speedup']:.2f}x, decode {decode['speedup']:.2f}x "
+            f"(measure with `lorap bench`)")
+
+
 def format_compression(report: dict) -> str:
-    lines = [format_plan(report["plan"]), ""]
+    lines = [format_plan(report["plan"])]
+    if "predicted_speed" in report:
+        lines.append(format_prediction(report["predicted_speed"]))
+    lines.append("")
     timings = report["timings"]
     lines.append("wall time: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in timings.items()))
     lines.append(f"peak memory: {report['peak_memory']['host_rss_mb']:.0f} MB host RSS")

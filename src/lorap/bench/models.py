@@ -11,7 +11,7 @@ import torch
 
 from ..architectures import Architecture
 from ..errors import LorapError
-from ..modeling_lorap import apply_layout
+from ..modeling_lorap import apply_layout, fuse_factor_pairs
 
 
 def first_layers(config, layers: int | None):
@@ -30,13 +30,18 @@ def first_layers(config, layers: int | None):
     return cut
 
 
-def random_model(config, dtype: torch.dtype, device, layout: list | None = None, seed: int = 0):
+def random_model(config, dtype: torch.dtype, device, layout: list | None = None, seed: int = 0, fuse: bool = False):
     """A model of `config`'s shapes with random weights; with `layout` (Plan.layout()), narrowed to
-    the compressed shapes exactly as a checkpoint of that plan is on load."""
+    the compressed shapes exactly as a checkpoint of that plan is on load (and, with `fuse`, given
+    the runtime lorap loads checkpoints with: modeling_lorap.fuse_factor_pairs)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    architecture = Architecture(config).record()
     if layout is not None:
-        apply_layout(model, layout[: config.num_hidden_layers], Architecture(config).record())
-    return model.to(device).eval()
+        apply_layout(model, layout[: config.num_hidden_layers], architecture)
+    model.to(device).eval()
+    if fuse:
+        fuse_factor_pairs(model, architecture)  # after the move: fusing binds the weights where they are
+    return model

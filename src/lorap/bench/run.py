@@ -20,7 +20,8 @@ from ..log import info
 from ..plan.counting import count_parameters
 from ..provenance import environment
 from .models import first_layers, random_model
-from .timing import decode_throughputs, prefill_latencies
+from ..architectures import Architecture
+from .timing import LayerClock, decode_throughputs, prefill_latencies
 
 DTYPES = ("float32", "bfloat16", "float16")
 PREFILL_SEQLENS = (128, 512, 2048)
@@ -34,7 +35,7 @@ def _load_average() -> float | None:
         return None
 
 
-def _models(model, config, layers, dtype, device) -> tuple:
+def _models(model, config, layers, dtype, device, fuse) -> tuple:
     """(dense, compressed, what was built) for `model` (see the module docstring)."""
     from ..io.models import load_config, load_model, resolve_model
     from ..plan.plan import make_plan
@@ -48,27 +49,28 @@ def _models(model, config, layers, dtype, device) -> tuple:
     if source is not None and source.kind == "lorap":
         if layers is not None:
             raise LorapError("--layers builds models from shapes; a lorap checkpoint is timed whole, with its real weights")
-        compressed, _, _ = load_model(model, dtype=dtype, device=str(device))
+        compressed, _, _ = load_model(model, dtype=dtype, device=str(device), fuse=fuse)
         base = compressed.config.lorap.get("base_model")
         dense, _, _ = load_model(base, dtype=dtype, device=str(device))
         return dense, compressed, {"weights": "real", "source": described, "base_model": base or "built-in default",
-                                   "plan": None}
+                                   "plan": None, "layers_in_model": dense.config.num_hidden_layers}
     if config is None:
         raise LorapError("give --ratio (the plan to time), or a lorap checkpoint folder to time its real weights")
     model_config = load_config(model)
     plan = make_plan(model_config, config.plan_settings())
     timed = first_layers(model_config, layers)
     dense = random_model(timed, dtype, device)
-    compressed = random_model(timed, dtype, device, layout=plan.layout())
+    compressed = random_model(timed, dtype, device, layout=plan.layout(), fuse=fuse)
     return dense, compressed, {"weights": "random (built from shapes)", "source": described,
-                               "plan": plan.to_dict()["totals"]}
+                               "plan": plan.to_dict()["totals"], "layers_in_model": model_config.num_hidden_layers}
 
 
 def bench(model=None, config=None, layers: int | None = None, dtype: str = "float32", device: str | None = None,
           prefill_seqlens=PREFILL_SEQLENS, batches=BATCHES, prompt_tokens: int = 128, new_tokens: int = 128,
-          warmup: int = 1, repeats: int = 5) -> dict:
+          warmup: int = 1, repeats: int = 5, fuse: bool = True) -> dict:
     """Time dense and compressed side by side; `config` is a CompressionConfig (its plan's shapes),
-    or None for a lorap checkpoint (its own shapes and weights)."""
+    or None for a lorap checkpoint (its own shapes and weights). `fuse` False times the compressed
+    model without the shared right-factor GEMM (modeling_lorap.fuse_factor_pairs), to show its gain."""
     if dtype not in DTYPES:
         raise LorapError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = resolve_device(device)
@@ -76,7 +78,7 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         if not values or any(not isinstance(v, int) or v <= 0 for v in values):
             raise LorapError(f"{name} must be positive integers, got {values!r}")
     load_before = _load_average()
-    dense, compressed, built = _models(model, config, layers, getattr(torch, dtype), device)
+    dense, compressed, built = _models(model, config, layers, getattr(torch, dtype), device, fuse)
     models = {"dense": dense, "compressed": compressed}
     report = {
         **built,
@@ -88,26 +90,53 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         "parameters": {label: count_parameters(m) for label, m in models.items()},
         "prefill": {},
         "decode": None,
+        "runtime": "q/k/v right factors fused into one GEMM" if fuse else "every factor pair runs its own two GEMMs",
         "protocol": {"warmup": warmup, "repeats": repeats, "interleaved": True, "prompt_tokens": prompt_tokens,
                      "new_tokens": new_tokens, "threads": torch.get_num_threads(),
                      "timer": "CUDA events" if device.type == "cuda" else "wall clock"},
     }
     limit = getattr(dense.config, "max_position_embeddings", None) or max(prefill_seqlens)
-    for batch in batches:
-        for seqlen in prefill_seqlens:
-            if seqlen > limit:
-                continue
-            info(f"prefill: batch {batch} x {seqlen} tokens")
-            timed = prefill_latencies(models, seqlen, batch, warmup, repeats)
-            timed["speedup"] = timed["dense"]["median_ms"] / timed["compressed"]["median_ms"]
-            report["prefill"][f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed}
-    info(f"decode: {new_tokens} tokens after a {prompt_tokens}-token prompt")
-    decode = decode_throughputs(models, prompt_tokens, new_tokens, warmup, max(1, repeats))
-    decode["speedup"] = decode["compressed"]["median_tokens_per_s"] / decode["dense"]["median_tokens_per_s"]
-    report["decode"] = decode
+    clocks = {label: LayerClock(Architecture(m.config).decoder_layers(m), device) for label, m in models.items()}
+    scale = built["layers_in_model"] / report["layers_timed"]
+    try:
+        for batch in batches:
+            for seqlen in prefill_seqlens:
+                if seqlen > limit:
+                    continue
+                info(f"prefill: batch {batch} x {seqlen} tokens")
+                timed = prefill_latencies(models, seqlen, batch, warmup, repeats)
+                timed["speedup"] = timed["dense"]["median_ms"] / timed["compressed"]["median_ms"]
+                inside = {label: clock.median_ms(seqlen, skip=warmup) for label, clock in clocks.items()}
+                totals = {label: timed[label]["median_ms"] for label in models}
+                report["prefill"][f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed,
+                                                          **_layer_split(inside, totals, scale)}
+                for clock in clocks.values():
+                    clock.clear()
+        info(f"decode: {new_tokens} tokens after a {prompt_tokens}-token prompt")
+        decode = decode_throughputs(models, prompt_tokens, new_tokens, warmup, max(1, repeats))
+        decode["speedup"] = decode["compressed"]["median_tokens_per_s"] / decode["dense"]["median_tokens_per_s"]
+        inside = {label: clock.median_ms(1) for label, clock in clocks.items()}
+        totals = {label: 1000 / decode[label]["median_tokens_per_s"] for label in models}  # ms per token
+        decode.update(_layer_split(inside, totals, scale))
+        report["decode"] = decode
+    finally:
+        for clock in clocks.values():
+            clock.remove()
     report["load_average"] = {"before": load_before, "after": _load_average()}
     report.update(environment(str(device)))
     return report
+
+
+def _layer_split(inside: dict, totals: dict, scale: float) -> dict:
+    """The decoder layers' share of a measurement, and (when only some layers were timed) the whole
+    model extrapolated: the time outside the layers (embeddings, LM head, bookkeeping) once, plus
+    the timed layers' median time scaled to every layer of the model."""
+    split = {"layers_ms": inside, "layers_speedup": inside["dense"] / inside["compressed"]}
+    if scale != 1:
+        whole = {label: totals[label] - inside[label] + scale * inside[label] for label in totals}
+        split["whole_model_ms_extrapolated"] = whole
+        split["whole_model_speedup_extrapolated"] = whole["dense"] / whole["compressed"]
+    return split
 
 
 def format_bench(report: dict) -> str:
@@ -115,19 +144,25 @@ def format_bench(report: dict) -> str:
     lines = [
         f"{report['source']}: {report['weights']}, {report['dtype']}, {report['device']['type']} "
         f"({report['device']['name']}, {report['device']['threads']} threads), "
-        f"{report['layers_timed']} layers timed ({report['layers_note']})",
+        f"{report['layers_timed']} layers timed ({report['layers_note']}); compressed runtime: {report['runtime']}",
         f"parameters timed: dense {params['dense']:,}, compressed {params['compressed']:,} "
         f"({params['dense'] / params['compressed']:.2f}x fewer)",
-        f"{'prefill':<18}{'dense ms':>18}{'compressed ms':>18}{'speedup':>10}",
+        f"{'prefill':<18}{'dense ms':>18}{'compressed ms':>18}{'speedup':>10}{'layers only':>13}{_whole_header(report):>18}",
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ±{row[m]['iqr_ms'] / 2:.1f}" for m in ("dense", "compressed")]
-        lines.append(f"{'batch ' + key:<18}{cells[0]:>18}{cells[1]:>18}{row['speedup']:>9.2f}x")
+        lines.append(f"{'batch ' + key:<18}{cells[0]:>18}{cells[1]:>18}{row['speedup']:>9.2f}x"
+                     f"{row['layers_speedup']:>12.2f}x{_whole_cell(row):>18}")
     decode = report["decode"]
     lines.append(
         f"decode tokens/s: dense {decode['dense']['median_tokens_per_s']:.1f}, compressed "
-        f"{decode['compressed']['median_tokens_per_s']:.1f} ({decode['speedup']:.2f}x)"
+        f"{decode['compressed']['median_tokens_per_s']:.1f} ({decode['speedup']:.2f}x; decoder layers only "
+        f"{decode['layers_speedup']:.2f}x" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
+                                                "whole_model_speedup_extrapolated" in decode else "") + ")"
     )
+    if "whole_model_speedup_extrapolated" in decode:
+        lines.append(f"extrapolated: time outside the layers as measured, plus the timed layers' median scaled to all "
+                     f"{report['layers_in_model']} layers")
     load = report["load_average"]
     if load["before"] is not None:
         lines.append(f"machine load (1-minute average): {load['before']:.1f} before, {load['after']:.1f} after")
@@ -136,24 +171,36 @@ def format_bench(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _whole_header(report: dict) -> str:
+    return f"all {report['layers_in_model']} (extrap.)" if report["layers_in_model"] != report["layers_timed"] else ""
+
+
+def _whole_cell(row: dict) -> str:
+    value = row.get("whole_model_speedup_extrapolated")
+    return f"{value:.2f}x" if value is not None else ""
+
+
 def bench_markdown(report: dict) -> str:
     """The same numbers as format_bench, as a markdown table (for docs/)."""
     params = report["parameters"]
     lines = [
         f"{report['source']}; weights {report['weights']}; {report['dtype']}; {report['device']['type']} "
         f"({report['device']['name']}, {report['device']['threads']} threads); {report['layers_timed']} layers timed "
-        f"({report['layers_note']}); parameters timed {params['dense']:,} dense, {params['compressed']:,} compressed "
+        f"({report['layers_note']}); compressed runtime: {report['runtime']}; parameters timed {params['dense']:,} dense, {params['compressed']:,} compressed "
         f"({params['dense'] / params['compressed']:.2f}x fewer).",
         "",
-        "| prefill (batch x tokens) | dense ms (median, IQR) | compressed ms | speedup |",
-        "|---|---:|---:|---:|",
+        "| prefill (batch x tokens) | dense ms (median, IQR) | compressed ms | speedup | decoder layers only | "
+        f"whole model, extrapolated to {report['layers_in_model']} layers |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ({row[m]['iqr_ms']:.1f})" for m in ("dense", "compressed")]
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {row['speedup']:.2f}x |")
+        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {row['speedup']:.2f}x | {row['layers_speedup']:.2f}x | "
+                     f"{_whole_cell(row) or 'timed whole'} |")
     decode = report["decode"]
     rates = [f"{decode[m]['median_tokens_per_s']:.1f} ({decode[m]['min_tokens_per_s']:.1f}-{decode[m]['max_tokens_per_s']:.1f})"
              for m in ("dense", "compressed")]
     lines.append(f"| decode tokens/s (min-max), {decode['dense']['new_tokens']} after {decode['dense']['prompt_tokens']} "
-                 f"| {rates[0]} | {rates[1]} | {decode['speedup']:.2f}x |")
+                 f"| {rates[0]} | {rates[1]} | {decode['speedup']:.2f}x | {decode['layers_speedup']:.2f}x | "
+                 f"{_whole_cell(decode) or 'timed whole'} |")
     return "\n".join(lines)

@@ -85,6 +85,52 @@ def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return elapsed_seconds(prompt.device, generate)
 
 
+class LayerClock:
+    """Seconds spent inside each decoder layer, by forward hooks (synchronised on CUDA).
+
+    `forwards` holds one entry per forward of the model: (tokens it carried, seconds inside all of
+    its layers), so the time compression can change is told apart from what it never touches
+    (embeddings, LM head, generation's bookkeeping). `per_layer` holds each layer's own times.
+    """
+
+    def __init__(self, layers, device):
+        self.device, self.layers = device, list(layers)
+        self.forwards, self.per_layer, self._started, self._handles = [], [[] for _ in self.layers], {}, []
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._start(index), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._stop(index)))
+
+    def _start(self, index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.forwards.append([hidden.shape[-2], 0.0])
+            sync(self.device)
+            self._started[index] = time.perf_counter()
+        return hook
+
+    def _stop(self, index):
+        def hook(module, args, output):
+            sync(self.device)
+            seconds = time.perf_counter() - self._started[index]
+            self.per_layer[index].append(seconds)
+            self.forwards[-1][1] += seconds
+        return hook
+
+    def clear(self) -> None:
+        self.forwards, self.per_layer = [], [[] for _ in self.layers]
+
+    def median_ms(self, tokens: int, skip: int = 0) -> float | None:
+        """Median milliseconds inside the layers of the forwards that carried `tokens` tokens,
+        after the first `skip` of them (warm-up runs)."""
+        seconds = [s for n, s in self.forwards if n == tokens][skip:]
+        return statistics.median(seconds) * 1000 if seconds else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def interleaved(models: dict, call, warmup: int, repeats: int) -> dict:
     """{label: [seconds per repeat]}: `call(model)` timed for every model in turn, the order
     reversed every other round, so slow spells of a shared machine fall on all models alike."""

@@ -81,6 +81,6 @@ def prepare_adaptive_widths(run) -> None:
         batches = capture_first_layer_inputs(run.model, run.samples, config.batch_size, run.device)
         scores = dense_channel_scores(run.model, batches, run.device, config.ffn_score, run.progress)
     removed = sum(plan.intermediate_size - layer.ffn_width for layer in plan.layers)
-    widths = aligned_widths(adaptive_widths(scores, removed, config.bottom_keep), config.align, plan.intermediate_size)
+    widths = aligned_widths(adaptive_widths(scores, removed, config.bottom_keep), plan.settings.align, plan.intermediate_size)
     info(f"adaptive FFN widths: {min(widths)} to {max(widths)} channels kept per layer (uniform: {plan.layers[0].ffn_width})")
     run.plan = plan.with_ffn_widths(widths)

@@ -12,7 +12,7 @@ from ..pipeline.config import CompressionConfig
 from ..errors import LorapError
 
 PAPER = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
-             ffn_score="lorap", ffn_update="none", ffn_allocation="uniform")
+             ffn_score="lorap", ffn_update="none", ffn_allocation="uniform", align=1)
 
 
 @dataclass(frozen=True)

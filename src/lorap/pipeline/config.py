@@ -21,7 +21,9 @@ class CompressionConfig:
     # channels chosen across layers by their scores standardised per layer (FLAP's AL rule)
     ffn_allocation: str = "uniform"
     attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
-    align: int = 1  # every rank and FFN width a multiple of this (1: the paper's integers)
+    # Every rank and FFN width a multiple of this (1: the paper's integers; "auto": this device's
+    # multiple, plan/alignment.py, which the run resolves and records)
+    align: int | str = 1
     preset: str = "paper"  # the named method (methods/presets.py) these settings started from
     calibration_source: str = "wiki"
     calibration_samples: int = 128

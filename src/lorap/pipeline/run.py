@@ -7,7 +7,7 @@ metadata, report and the atomic write of the checkpoint.
 """
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..architectures import Architecture
@@ -16,7 +16,7 @@ from ..errors import LorapError
 from ..io.checkpoint import REPORT_FILE, check_output_folder, finish_checkpoint, new_staging_folder
 from ..io.data import calibration_samples
 from ..io.files import write_json_atomic
-from ..io.models import load_model, resolve_model
+from ..io.models import load_config, load_model, resolve_model
 from ..log import info
 from ..plan.plan import Plan, make_plan
 from ..provenance import environment
@@ -74,6 +74,7 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
     """Compress every decoder layer of `source` by `config`; returns the plan followed and timings per phase."""
     config.validate()
     plan = make_plan(source.model_config, config.plan_settings())
+    config = replace(config, align=plan.settings.align)  # the multiple used (a default resolves here), as recorded
     dense = source.dense_parameters()
     if dense != plan.dense_parameters:
         raise RuntimeError(f"plan counts {plan.dense_parameters} dense parameters, the model has {dense}")
@@ -150,8 +151,13 @@ def compress_checkpoint(
     progress: bool = True,
     stream: bool | None = None,
     stream_options: StreamOptions | None = None,
+    predict_speed: bool = True,
 ) -> Compressed:
     """Load (or stream) a model, compress it, save it to `out` (if given) and report what was done.
+
+    With `predict_speed`, the report gains the speedup predicted by a micro-benchmark of the plan's
+    layers (bench/predict.py), measured after the peak memory; never in a streamed run, whose point
+    is to hold no more than one layer.
 
     Streamed when `stream` is true, when resuming, or (stream None) when the model would not fit in
     memory: the model is then read layer by layer from its shards and never held whole.
@@ -214,9 +220,19 @@ def compress_checkpoint(
         timings["save"] = time.perf_counter() - begin
     timings["total"] = time.perf_counter() - started
     report["peak_memory"] = peak_memory(device)
+    if predict_speed:
+        report["predicted_speed"] = _predicted_speed(model, result.plan, config, streamed=streaming is not None)
     if out is not None:  # the report in the checkpoint includes the save and total times too
         write_json_atomic(out / REPORT_FILE, report)
     return Compressed(result.model, tokenizer, report)
+
+
+def _predicted_speed(model, plan, config, streamed: bool) -> dict:
+    from ..bench.predict import predict_speedup
+
+    if streamed:
+        return {"skipped": "a streamed run holds one layer at a time; run `lorap plan` for the prediction"}
+    return predict_speedup(load_config(model), plan, config.device)
 
 
 def _write_checkpoint(source, out: Path, tokenizer, report: dict) -> None:

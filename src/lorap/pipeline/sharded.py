@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..architectures import Architecture
+from ..devices import available_memory_bytes
 from ..errors import LorapError
 from ..io.checkpoint import check_output_folder, mark_compressed
 from ..io.models import check_tokenizer_files
@@ -43,16 +44,6 @@ class StreamOptions:
             raise LorapError(f"activation dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {self.activation_dtype!r}")
         if self.activation_store not in ACTIVATION_STORES:
             raise LorapError(f"activation store must be one of {', '.join(ACTIVATION_STORES)}, got {self.activation_store!r}")
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def should_stream(source) -> bool:

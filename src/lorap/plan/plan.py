@@ -3,11 +3,12 @@
 Nothing here touches weights, so `lorap plan` can print it from a config.json alone, and the
 reference figures of the paper (LLaMA-7B) are unit-tested without a model.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes, other_parameters
 from ..errors import LorapError
 from ..methods.registry import FFN_UPDATES
+from .alignment import AUTO_ALIGN, default_alignments
 from .counting import linear_parameters
 from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width
 
@@ -25,8 +26,9 @@ class PlanSettings:
     ffn_update: str = "none"  # what replaces removed FFN channels (registry.FFN_UPDATES): adds a bias?
     # Attention's per-layer ratio relative to the FFN's (the paper: 1, the same ratio for both).
     attention_scale: float = 1.0
-    # Every rank and FFN width a multiple of this (1: the paper's exact integers)
-    align: int = 1
+    # Every rank and FFN width a multiple of this (1: the paper's exact integers; "auto": this
+    # device's default, see alignment.py, resolved by make_plan and recorded in the plan)
+    align: int | str = 1
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
@@ -42,8 +44,8 @@ class PlanSettings:
             raise LorapError(f"sublayers must be a non-empty subset of {', '.join(SUBLAYERS)}, got {self.sublayers}")
         if self.attention_scale <= 0:
             raise LorapError(f"attention scale must be positive, got {self.attention_scale}")
-        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align <= 0:
-            raise LorapError(f"--align must be a positive integer (1: no alignment), got {self.align!r}")
+        if self.align != AUTO_ALIGN and (isinstance(self.align, bool) or not isinstance(self.align, int) or self.align <= 0):
+            raise LorapError(f"--align must be a positive integer (1: no alignment) or '{AUTO_ALIGN}', got {self.align!r}")
         FFN_UPDATES[self.ffn_update]  # a registered name
 
 
@@ -211,11 +213,26 @@ def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, f
 
 
 def make_plan(config, settings: PlanSettings) -> Plan:
-    """Reference mode: `ratio` per layer. Exact mode: the per-layer ratio that removes `ratio` of the whole model."""
+    """Reference mode: `ratio` per layer. Exact mode: the per-layer ratio that removes `ratio` of the whole model.
+
+    With `settings.align` "auto", the default alignment of this device (alignment.py): the largest of
+    its candidates for this model that meets the budget; the plan's settings record the one used."""
     settings.validate()
+    if settings.align == AUTO_ALIGN:
+        return _plan_with_default_alignment(config, settings)
     if settings.mode == "reference":
         return plan_with_layer_ratio(config, settings, settings.ratio)
     return _exact_plan(config, settings)
+
+
+def _plan_with_default_alignment(config, settings: PlanSettings) -> Plan:
+    candidates = default_alignments(config)
+    for align in candidates:
+        try:
+            return make_plan(config, replace(settings, align=align))
+        except LorapError:
+            if align == candidates[-1]:
+                raise
 
 
 def _exact_plan(config, settings: PlanSettings) -> Plan:
