@@ -3,13 +3,19 @@
 Section `speed`: `lorap bench` (dense and compressed timed interleaved, random weights in the
 plan's shapes) on LLaMA-2-7B and LLaMA-3-8B shapes (the first decoder layer plus embeddings and LM
 head, as the whole model does not fit in this machine's memory in fp32) and on the built-in
-SmolLM2-135M shapes, for the paper's method at 20% and 50% with and without --align, fp32 and bf16.
+SmolLM2-135M shapes: the paper's method at 20% and 50% with and without --align, best at its
+default alignment, fused and unfused factor pairs, fp32 and bf16; beside each, what `lorap plan`
+predicted.
 
 Section `align-quality`: perplexity of the built-in model at exact 20% of the whole model, with and
 without --align, paper and best presets (real compression, wiki calibration, wiki test tokens).
 
-    .venv/bin/python benchmarks/speed.py                      # both sections into docs/speed.md
+Section `real`: those checkpoints timed against the dense model by plain transformers, lorap not
+importable (benchmarks/plain_transformers_speed.py).
+
+    .venv/bin/python benchmarks/speed.py                      # every section into docs/speed.md
     .venv/bin/python benchmarks/speed.py --only speed         # one section
+The multiple --align defaults to is chosen by benchmarks/align_choice.py (same page).
 """
 import argparse
 import json
@@ -24,20 +30,25 @@ ROOT = Path(__file__).resolve().parent.parent
 LORAP = [sys.executable, "-m", "lorap.cli"]
 CONFIGS = ROOT / "benchmarks" / "configs"
 
-# (label, model argument, extra bench arguments)
+LLAMA2, LLAMA3 = str(CONFIGS / "llama-2-7b.json"), str(CONFIGS / "llama-3-8b.json")
+ONE_LAYER = ["--layers", "1"]
+# (label, model argument, plan arguments, extra bench arguments)
 SPEED_ROWS = [
-    ("LLaMA-2-7B, paper 20%", str(CONFIGS / "llama-2-7b.json"), ["--ratio", "0.2", "--layers", "1"]),
-    ("LLaMA-2-7B, paper 20%, --align 32", str(CONFIGS / "llama-2-7b.json"), ["--ratio", "0.2", "--layers", "1", "--align", "32"]),
-    ("LLaMA-2-7B, paper 20%, --align 64", str(CONFIGS / "llama-2-7b.json"), ["--ratio", "0.2", "--layers", "1", "--align", "64"]),
-    ("LLaMA-2-7B, paper 50%", str(CONFIGS / "llama-2-7b.json"), ["--ratio", "0.5", "--layers", "1"]),
-    ("LLaMA-2-7B, paper 50%, --align 64", str(CONFIGS / "llama-2-7b.json"), ["--ratio", "0.5", "--layers", "1", "--align", "64"]),
-    ("LLaMA-3-8B (GQA), paper 20%", str(CONFIGS / "llama-3-8b.json"), ["--ratio", "0.2", "--layers", "1"]),
-    ("LLaMA-3-8B (GQA), paper 20%, --align 64", str(CONFIGS / "llama-3-8b.json"), ["--ratio", "0.2", "--layers", "1", "--align", "64"]),
-    ("SmolLM2-135M, paper exact 20%", None, ["--ratio", "0.2", "--mode", "exact"]),
-    ("SmolLM2-135M, paper exact 20%, --align 64", None, ["--ratio", "0.2", "--mode", "exact", "--align", "64"]),
-    ("SmolLM2-135M, paper exact 20%, --align 64, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--align", "64", "--dtype", "bfloat16"]),
+    ("LLaMA-2-7B, paper 20%", LLAMA2, ["--ratio", "0.2"], ONE_LAYER),
+    ("LLaMA-2-7B, paper 20%, --align 64", LLAMA2, ["--ratio", "0.2", "--align", "64"], ONE_LAYER),
+    ("LLaMA-2-7B, paper 20%, --align 64, factor pairs unfused", LLAMA2, ["--ratio", "0.2", "--align", "64"],
+     [*ONE_LAYER, "--unfused"]),
+    ("LLaMA-2-7B, paper 50%, --align 64", LLAMA2, ["--ratio", "0.5", "--align", "64"], ONE_LAYER),
+    ("LLaMA-2-7B, best 20% (default align)", LLAMA2, ["--preset", "best", "--ratio", "0.2"], ONE_LAYER),
+    ("LLaMA-3-8B (GQA), paper 20%, --align 64", LLAMA3, ["--ratio", "0.2", "--align", "64"], ONE_LAYER),
+    ("SmolLM2-135M, paper exact 20%", None, ["--ratio", "0.2", "--mode", "exact"], []),
+    ("SmolLM2-135M, paper exact 20%, --align 64", None, ["--ratio", "0.2", "--mode", "exact", "--align", "64"], []),
+    ("SmolLM2-135M, best exact 20% (default align)", None, ["--preset", "best", "--ratio", "0.2", "--mode", "exact"], []),
+    ("SmolLM2-135M, paper exact 20%, --align 64, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--align", "64"],
+     ["--dtype", "bfloat16"]),
 ]
-QUALITY_ROWS = [("paper", None), ("paper", 64), ("best", None), ("best", 64)]
+# (preset, --align): the built-in model at exact 20%, unaligned and at the CPU default
+QUALITY_ROWS = [("paper", 1), ("paper", 64), ("best", 1), ("best", 64)]
 
 
 def run(command: list) -> None:
@@ -45,41 +56,108 @@ def run(command: list) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
+def _predicted(model, plan_args: list, work: Path, index: int) -> dict:
+    """What `lorap plan` predicts for the whole model (its micro-benchmark of the plan's layers)."""
+    out = work / f"plan-{index}.json"
+    done = subprocess.run([*LORAP, "plan", *([model] if model else []), *plan_args, "--json"], check=True, cwd=ROOT,
+                          capture_output=True, text=True)
+    out.write_text(done.stdout)
+    return json.loads(done.stdout)["predicted_speed"]
+
+
+def _cell(speedup: float, layers: float | None = None, whole: float | None = None) -> str:
+    extra = [f"layers {layers:.2f}x" if layers is not None else None,
+             f"whole model extrapolated {whole:.2f}x" if whole is not None else None]
+    extra = [e for e in extra if e]
+    return f"**{speedup:.2f}x**" + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def speed_section(work: Path, timing: list) -> str:
+    repeats = timing[timing.index("--repeats") + 1]
     lines = [
         "## Dense vs compressed, timed side by side",
         "",
         "Written by `benchmarks/speed.py --only speed` (`lorap bench`, random weights in the plan's shapes: speed "
         "depends on shapes, not values). Dense and compressed are timed interleaved in one process; medians of "
-        f"{timing[timing.index('--repeats') + 1]} repeats after one warm-up, batch 1; speedup = dense time / "
-        "compressed time. LLaMA rows time the first decoder layer plus embeddings and LM head (`--layers 1`): "
-        "the LM head is untouched by compression and dilutes the layer's gain, so a whole model gains more than "
-        "these rows show. Load is the 1-minute load average before and after each row.",
+        f"{repeats} repeats after one warm-up, batch 1, fp32 unless said; speedup = dense time / compressed time, "
+        "with q/k/v's right factors fused into one GEMM (the runtime checkpoints load with) unless a row says "
+        "unfused. LLaMA rows time the first decoder layer plus embeddings and LM head (`--layers 1`, the whole "
+        "model does not fit in memory here): the bold figure is that model's, diluted by the LM head that "
+        "compression never touches; `layers` is the decoder layer alone (timed by forward hooks in the same "
+        "runs), and `whole model extrapolated` adds the measured time outside the layers to the layer's time "
+        "scaled to all 32 layers. `predicted` is what `lorap plan` says before compressing (a micro-benchmark "
+        "of one layer of each shape, prefill 512 / decode). Load is the 1-minute load average before and after.",
         "",
         machine_line(),
         "",
-        "| model and method | dtype | parameters timed, dense -> compressed | prefill 128 | prefill 512 | decode (128 after 128) | load |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| model and method | parameters timed, dense -> compressed | prefill 128 | prefill 512 | decode (128 after 128) "
+        "| predicted | load |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for index, (label, model, extra) in enumerate(SPEED_ROWS):
+    for index, (label, model, plan_args, bench_args) in enumerate(SPEED_ROWS):
         out = work / f"speed-{index}.json"
-        run([*LORAP, "bench", *([model] if model else []), *extra, *timing, "--json", str(out)])
+        dtype = bench_args[bench_args.index("--dtype") + 1] if "--dtype" in bench_args else "float32"
+        predicted = _predicted(model, plan_args, work, index) if dtype == "float32" else None
+        run([*LORAP, "bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", str(out)])
         report = json.loads(out.read_text())
         params = report["parameters"]
         prefill = {row["tokens"]: row for row in report["prefill"].values() if row["batch"] == 1}
         cells = []
         for tokens in (128, 512):
             row = prefill.get(tokens)
-            cells.append(f"{row['speedup']:.2f}x ({row['dense']['median_ms']:.0f} -> {row['compressed']['median_ms']:.0f} ms)"
+            cells.append(_cell(row["speedup"], row["layers_speedup"], row.get("whole_model_speedup_extrapolated"))
                          if row else "-")
         decode = report["decode"]
         load = report["load_average"]
+        guess = (f"{predicted['prefill']['speedup']:.2f}x / {predicted['decode']['speedup']:.2f}x"
+                 if predicted and "skipped" not in predicted else "-")
         lines.append(
-            f"| {label} | {report['dtype']} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
-            f"({params['dense'] / params['compressed']:.2f}x fewer) | {cells[0]} | {cells[1]} | {decode['speedup']:.2f}x "
-            f"({decode['dense']['median_tokens_per_s']:.1f} -> {decode['compressed']['median_tokens_per_s']:.1f} tok/s) "
-            f"| {load['before']:.1f} / {load['after']:.1f} |"
+            f"| {label} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
+            f"({params['dense'] / params['compressed']:.2f}x fewer) | {cells[0]} | {cells[1]} | "
+            f"{_cell(decode['speedup'], decode['layers_speedup'], decode.get('whole_model_speedup_extrapolated'))} "
+            f"| {guess} | {load['before']:.1f} / {load['after']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def real_section(work: Path, repeats: int) -> str:
+    """The built-in model's real checkpoints (from the align-quality section), timed by plain transformers."""
+    from lorap.io.default_model import default_model_dir
+
+    rows = [(f"{preset}, --align {align}", work / f"quality-{preset}-{align}") for preset, align in QUALITY_ROWS]
+    missing = [str(folder) for _, folder in rows if not folder.exists()]
+    if missing:
+        raise SystemExit(f"run the align-quality section first; missing {', '.join(missing)}")
+    out = work / "plain-transformers.json"
+    run([sys.executable, str(ROOT / "benchmarks" / "plain_transformers_speed.py"), str(default_model_dir()),
+         *[str(folder) for _, folder in rows], "--repeats", str(repeats), "--json", str(out)])
+    report = json.loads(out.read_text())
+    lines = [
+        "## The built-in model's real checkpoints, run by plain transformers",
+        "",
+        "Written by `benchmarks/speed.py --only real` (after `--only align-quality`, whose exact-20% checkpoints "
+        "it times): `benchmarks/plain_transformers_speed.py` loads each with `from_pretrained(..., "
+        "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.fuse_factor_pairs()`, "
+        f"and times the dense model and every checkpoint interleaved (medians of {repeats} repeats after a warm-up, "
+        "batch 1, fp32, min-max in brackets).",
+        "",
+        machine_line(),
+        "",
+        "| model | parameters | prefill 128 | prefill 512 | decode tokens/s (128 after 128) |",
+        "|---|---:|---|---|---|",
+    ]
+    dense_label = next(iter(report["parameters"]))
+    for label, key in [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]]:
+        cells = []
+        for length in ("128", "512"):
+            mine, dense = report["prefill"][length][key], report["prefill"][length][dense_label]
+            cells.append(f"{mine['median']:.0f} ms ({mine['min']:.0f}-{mine['max']:.0f})"
+                         + ("" if key == dense_label else f", **{dense['median'] / mine['median']:.2f}x**"))
+        rate, dense_rate = report["decode"][key], report["decode"][dense_label]
+        cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})"
+                     + ("" if key == dense_label else f", **{rate['median'] / dense_rate['median']:.2f}x**"))
+        lines.append(f"| {label} | {report['parameters'][key]:,} | {' | '.join(cells)} |")
+    lines += ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after."]
     return "\n".join(lines)
 
 
@@ -97,9 +175,9 @@ def quality_section(work: Path, max_tokens: int, samples: int) -> str:
         "|---|---:|---:|---:|---|---|---:|",
     ]
     for preset, align in QUALITY_ROWS:
-        folder = work / f"quality-{preset}-{align or 1}"
+        folder = work / f"quality-{preset}-{align}"
         run([*LORAP, "compress", "--preset", preset, "--ratio", "0.2", "--mode", "exact", "--out", str(folder),
-             "--overwrite", "--samples", str(samples), *(["--align", str(align)] if align else [])])
+             "--overwrite", "--samples", str(samples), "--align", str(align)])
         out = folder.with_suffix(".eval.json")
         run([*LORAP, "eval", str(folder), "--alone", "--ppl", "wiki", "--seqlen", "128", "--max-tokens", str(max_tokens),
              "--tasks", "none", "--json", str(out)])
@@ -109,7 +187,7 @@ def quality_section(work: Path, max_tokens: int, samples: int) -> str:
         q_ranks = sorted({layer["q_proj"] for layer in config["layers"]} - {None})
         widths = [layer["intermediate_size"] for layer in config["layers"]]
         lines.append(
-            f"| {preset} | {align or 1} | {totals['compressed_parameters']:,} | {totals['removed_fraction']:.2%} | "
+            f"| {preset} | {align} | {totals['compressed_parameters']:,} | {totals['removed_fraction']:.2%} | "
             f"{', '.join(map(str, q_ranks)) or 'dense'} | {min(widths)}-{max(widths)} | "
             f"{evaluation['perplexity']['wiki']['128']:.2f} |"
         )
@@ -118,7 +196,7 @@ def quality_section(work: Path, max_tokens: int, samples: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["speed", "align-quality"])
+    parser.add_argument("--only", choices=["speed", "align-quality", "real"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
@@ -129,6 +207,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.only in (None, "align-quality"):
         update_section(args.page, "align-quality", quality_section(args.work, args.max_tokens, args.samples))
+    if args.only in (None, "real"):
+        update_section(args.page, "real", real_section(args.work, args.repeats))
     if args.only in (None, "speed"):
         timing = ["--prefill", "128,512", "--batch", "1", "--repeats", str(args.repeats), "--warmup", "1"]
         update_section(args.page, "speed", speed_section(args.work, timing))

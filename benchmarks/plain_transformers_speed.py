@@ -1,0 +1,97 @@
+"""Time checkpoints as a user without lorap would run them: plain transformers, nothing of lorap.
+
+    python benchmarks/plain_transformers_speed.py DENSE_DIR LORAP_DIR [LORAP_DIR ...] --json OUT
+
+Every model is loaded with `AutoModelForCausalLM.from_pretrained` (lorap checkpoints through their
+own modeling file, `trust_remote_code=True`, then `model.fuse_factor_pairs()`, the one call the
+README tells users to make for inference); `lorap` itself cannot be imported here. The models are
+timed interleaved (round-robin, the order reversed every other round): prefill of 1 x N tokens
+without a cache, and decode of 128 greedy tokens with the KV cache after a 128-token prompt.
+Reports medians with min and max, and the speedup of each compressed model over the dense one.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.modules["lorap"] = None  # this harness must prove the checkpoints need nothing of lorap
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+
+def load(folder: str):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    if hasattr(model, "fuse_factor_pairs"):
+        model.fuse_factor_pairs()
+    return model
+
+
+def ids(vocab: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+
+
+@torch.no_grad()
+def prefill(model, tokens) -> float:
+    begin = time.perf_counter()
+    model(input_ids=tokens, use_cache=False)
+    return time.perf_counter() - begin
+
+
+@torch.no_grad()
+def decode(model, prompt, new_tokens: int) -> float:
+    out = model(input_ids=prompt, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    begin = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - begin
+
+
+def interleaved(models: dict, call, repeats: int) -> dict:
+    labels = list(models)
+    for label in labels:
+        call(models[label])  # warm-up
+    times = {label: [] for label in labels}
+    for round_number in range(repeats):
+        for label in labels if round_number % 2 == 0 else reversed(labels):
+            times[label].append(call(models[label]))
+    return times
+
+
+def summary(values: list) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dense")
+    parser.add_argument("compressed", nargs="+")
+    parser.add_argument("--prefill", default="128,512")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    models = {"dense": load(args.dense), **{folder: load(folder) for folder in args.compressed}}
+    vocab = models["dense"].config.vocab_size
+    report = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "prefill": {}, "decode": {}}
+    for length in map(int, args.prefill.split(",")):
+        tokens = ids(vocab, length)
+        times = interleaved(models, lambda model: prefill(model, tokens), args.repeats)
+        report["prefill"][length] = {label: summary([t * 1000 for t in values]) for label, values in times.items()}
+    prompt = ids(vocab, 128)
+    times = interleaved(models, lambda model: decode(model, prompt, args.new_tokens), args.repeats)
+    report["decode"] = {label: summary([args.new_tokens / t for t in values]) for label, values in times.items()}
+    report["new_tokens"] = args.new_tokens
+    report["load_after"] = os.getloadavg()[0]
+    report["parameters"] = {label: sum(p.numel() for p in model.parameters()) for label, model in models.items()}
+    with open(args.json, "w") as handle:
+        json.dump(report, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
