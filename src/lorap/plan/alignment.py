@@ -4,7 +4,9 @@ Shapes the matrix kernels handle badly waste what compression saves (a rank of 1
 faster than dense on this CPU where 1216 gave 1.25x). The multiple is chosen per device by
 measurement:
 
-  cpu   measured by benchmarks/align_choice.py, table "align-choice-cpu" in docs/speed.md.
+  cpu   16, measured by benchmarks/align_choice.py (table "align-choice-cpu" in docs/speed.md):
+        multiples of 16 ran 12% faster per unit of width than the average width, 32 no better
+        within 1%, 64 and 128 worse (memory-bound decode gains nothing from any of them).
   cuda  not measured by lorap yet (no GPU was available): 64, from the tile sizes of tensor-core
         GEMM kernels. `benchmarks/align_choice.py --device cuda` measures it.
 
@@ -14,7 +16,7 @@ would otherwise lose their attention factor pairs to rounding), and where it can
 budget, half of it is tried, down to 1.
 """
 AUTO_ALIGN = "auto"  # what --align takes for "this device's multiple"
-DEFAULT_ALIGN = {"cpu": 64, "cuda": 64}
+DEFAULT_ALIGN = {"cpu": 16, "cuda": 64}
 FINEST_SHARE = 8  # the multiple is at most hidden_size / FINEST_SHARE
 
 
