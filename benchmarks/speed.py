@@ -3,9 +3,9 @@
 Section `speed`: `lorap bench` (dense and compressed timed interleaved, random weights in the
 plan's shapes) on LLaMA-2-7B and LLaMA-3-8B shapes (the first decoder layer plus embeddings and LM
 head, as the whole model does not fit in this machine's memory in fp32) and on the built-in
-SmolLM2-135M shapes: the paper's method at 20% and 50% with and without --align, best at its
-default alignment, fused and unfused factor pairs, fp32 and bf16; beside each, what `lorap plan`
-predicted.
+SmolLM2-135M shapes: the paper's method at 20% and 50% with and without --align, best aligned,
+fused and unfused factor pairs (fp32; `--dtype bfloat16` rows are one `lorap bench` flag away);
+beside each, what `lorap plan` predicted.
 
 Section `align-quality`: perplexity of the built-in model at exact 20% of the whole model, with and
 without --align, paper and best presets (real compression, wiki calibration, wiki test tokens).
@@ -35,17 +35,15 @@ ONE_LAYER = ["--layers", "1"]
 # (label, model argument, plan arguments, extra bench arguments)
 SPEED_ROWS = [
     ("LLaMA-2-7B, paper 20%", LLAMA2, ["--ratio", "0.2"], ONE_LAYER),
-    ("LLaMA-2-7B, paper 20%, --align 64", LLAMA2, ["--ratio", "0.2", "--align", "64"], ONE_LAYER),
-    ("LLaMA-2-7B, paper 20%, --align 64, factor pairs unfused", LLAMA2, ["--ratio", "0.2", "--align", "64"],
+    ("LLaMA-2-7B, paper 20%, --align auto (16)", LLAMA2, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
+    ("LLaMA-2-7B, paper 20%, --align auto, factor pairs unfused", LLAMA2, ["--ratio", "0.2", "--align", "auto"],
      [*ONE_LAYER, "--unfused"]),
-    ("LLaMA-2-7B, paper 50%, --align 64", LLAMA2, ["--ratio", "0.5", "--align", "64"], ONE_LAYER),
-    ("LLaMA-2-7B, best 20% (default align)", LLAMA2, ["--preset", "best", "--ratio", "0.2"], ONE_LAYER),
-    ("LLaMA-3-8B (GQA), paper 20%, --align 64", LLAMA3, ["--ratio", "0.2", "--align", "64"], ONE_LAYER),
-    ("SmolLM2-135M, paper exact 20%", None, ["--ratio", "0.2", "--mode", "exact"], []),
+    ("LLaMA-2-7B, paper 50%, --align auto", LLAMA2, ["--ratio", "0.5", "--align", "auto"], ONE_LAYER),
+    ("LLaMA-3-8B (GQA), paper 20%, --align auto", LLAMA3, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
+    ("SmolLM2-135M, paper exact 20%, --align auto (16)", None, ["--ratio", "0.2", "--mode", "exact", "--align", "auto"], []),
     ("SmolLM2-135M, paper exact 20%, --align 64", None, ["--ratio", "0.2", "--mode", "exact", "--align", "64"], []),
-    ("SmolLM2-135M, best exact 20% (default align)", None, ["--preset", "best", "--ratio", "0.2", "--mode", "exact"], []),
-    ("SmolLM2-135M, paper exact 20%, --align 64, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--align", "64"],
-     ["--dtype", "bfloat16"]),
+    ("SmolLM2-135M, paper exact 20%, --align 64, factor pairs unfused", None,
+     ["--ratio", "0.2", "--mode", "exact", "--align", "64"], ["--unfused"]),
 ]
 # (preset, --align): the built-in model at exact 20%, unaligned and at the CPU default
 QUALITY_ROWS = [("paper", 1), ("paper", 64), ("best", 1), ("best", 64)]
