@@ -176,8 +176,13 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
 
 
 def _zeroshot_protocol(tasks, limit, batch_size) -> dict:
+    from .proxy_tasks import PROXY_TASKS
+
     if not tasks:
         return {}
-    return {"zeroshot": {"harness": "lm-eval (Python API, in-memory model via HFLM)", "num_fewshot": 0,
+    harness = "lm-eval (Python API, in-memory model via HFLM)"
+    if any(task in PROXY_TASKS for task in tasks):
+        harness += "; the proxies' log-likelihoods by lorap's shared-context scorer (each context run once)"
+    return {"zeroshot": {"harness": harness, "num_fewshot": 0,
                          "metrics": "acc and acc_norm; tables quote published_metric", "limit": limit,
                          "batch_size": batch_size, "tasks": tasks}}

@@ -4,6 +4,10 @@ The seven tasks of the published tables need their data from the Hugging Face hu
 the hub cannot be reached (or --offline), lorap runs its local proxy tasks instead (see
 proxy_tasks.py) and labels them as proxies. Nothing here retries a network: reachability
 is asked once, with a short timeout (lorap.network), and the answer is said plainly.
+
+lm-eval runs every task and computes every metric. The proxies' log-likelihoods are scored by
+lorap's SharedContextLM (shared_context.py), which gives lm-eval's numbers with each context
+run once; the standard tasks are scored by lm-eval's own HFLM.
 """
 import logging
 
@@ -176,20 +180,28 @@ def average(table: dict) -> float | None:
 
 
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None,
-                      batch_size: int | str = DEFAULT_BATCH_SIZE, seed: int = 0, manager=None) -> dict:
+                      batch_size: int | str = DEFAULT_BATCH_SIZE, seed: int = 0, manager=None,
+                      share_contexts: bool = True) -> dict:
     """Run `tasks` 0-shot on the in-memory model; returns summarize()'s table.
 
     Tasks are loaded afresh for every model (from the local datasets cache after the first
-    time): lm-eval keeps per-run state in its Task objects.
+    time): lm-eval keeps per-run state in its Task objects. `share_contexts=False` scores the
+    proxies with lm-eval's HFLM too (the slower reference the shared scorer is checked against);
+    `batch_size` counts requests per forward pass for HFLM, contexts per pass for the proxies.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    from .shared_context import SharedContextLM
 
     if limit is not None and limit <= 0:
         raise LorapError(f"--limit must be a positive number of examples per task, got {limit}")
     manager = manager or task_manager(tasks)
     loaded = load_tasks(tasks, manager)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if share_contexts:
+        lm = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, shared_tasks=PROXY_TASKS)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-request INFO lines drown the progress
     results = lm_eval.simple_evaluate(
         model=lm,
