@@ -131,3 +131,68 @@ def test_align_auto_is_recorded_as_the_multiple_used(tiny_model_dir, tmp_path, c
                           progress=False, calibration_samples=8, calibration_seqlen=32, predict_speed=False)
     recorded = json.loads((tmp_path / "out" / "config.json").read_text())["lorap"]["compression"]["align"]
     assert recorded == result.report["plan"]["settings"]["align"] == planned > 1
+
+
+# ---------------------------------------------------------------- which presets align, and pairs that stay dense
+
+
+def test_best_and_the_baselines_align_by_default_and_the_paper_and_its_ablations_do_not():
+    from lorap.methods.presets import METHODS
+
+    deployed = {"best", "svd-magnitude", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor"}
+    for name in METHODS:
+        assert config_for(name).align == ("auto" if name in deployed else 1), name
+    assert config_for("best", align=1).align == 1  # --align 1 turns it off
+
+
+def test_a_pair_too_large_to_run_faster_stays_dense_and_its_budget_goes_elsewhere(monkeypatch):
+    """Under auto alignment a factor pair above the device's size limit stays dense; exact mode
+    still meets the budget, by removing more elsewhere."""
+    from transformers import LlamaConfig
+
+    from lorap.plan import alignment
+    from lorap.plan.counting import factorization_saves
+    from lorap.plan.ranks import attention_ranks
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    shapes = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576)}
+    # at 80% kept, k and v (192 x 576) would get pairs of about 0.8 of their size: over a 0.6 limit
+    limited = attention_ranks(shapes, 0.8, 3.0, limit=lambda weights: 0.6)
+    for name, rank in limited.items():
+        out_features, in_features = shapes[name]
+        assert rank is None or rank * (in_features + out_features) <= 0.6 * in_features * out_features, name
+    assert None in limited.values() and limited != attention_ranks(shapes, 0.8, 3.0)
+    kept = sum(o * i if limited[n] is None else limited[n] * (o + i) for n, (o, i) in shapes.items())
+    assert kept <= 0.8 * sum(o * i for o, i in shapes.values())  # the dense ones are paid for
+    assert factorization_saves(576, 576, 100) and not factorization_saves(576, 576, 200, max_fraction=0.6)
+
+    monkeypatch.setattr(alignment, "device_default", lambda: 16)
+    monkeypatch.setitem(alignment.PAIR_LIMITS, "cpu", ((1, 0.6),))
+    monkeypatch.setattr(alignment, "device_kind", lambda: "cpu")
+    plan = make_plan(smollm2, config_for("best", ratio=0.2, mode="exact").plan_settings())
+    assert plan.settings.pair_limit == "cpu" and plan.settings.align == 16
+    assert abs(plan.removed_fraction - 0.2) <= EXACT_TOLERANCE
+    for layer in plan.layers:
+        for name, rank in layer.ranks.items():
+            out_features, in_features = plan.attention[name][:2]
+            assert rank is None or rank * (in_features + out_features) <= 0.6 * in_features * out_features
+
+
+def test_the_pair_limit_is_recorded_in_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from lorap.plan import alignment
+
+    monkeypatch.setattr(alignment, "device_kind", lambda: "cpu")
+    api.compress(str(tiny_model_dir), tmp_path / "out", preset="best", ratio=0.2, progress=False,
+                 calibration_samples=8, calibration_seqlen=32, predict_speed=False)
+    compression = json.loads((tmp_path / "out" / "config.json").read_text())["lorap"]["compression"]
+    assert compression["pair_limit"] == "cpu" and compression["align"] > 1
+
+
+def test_the_cpu_pair_limit_follows_the_measured_sizes():
+    from lorap.plan.alignment import pair_max_fraction
+
+    assert pair_max_fraction("none", 4096 * 4096) == pair_max_fraction("cuda", 64) == 1.0
+    assert pair_max_fraction("cpu", 64 * 64) == 0.57  # below the smallest measured: clamped
+    assert 0.57 < pair_max_fraction("cpu", 576 * 192 * 2) < 0.62  # between two measured sizes
+    assert pair_max_fraction("cpu", 8192 * 8192) == 0.90

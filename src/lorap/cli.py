@@ -183,7 +183,7 @@ def _add_ratio_options(p, ratio_required: bool = True):
     p.add_argument("--align", type=_alignment,
                    help="make every rank and FFN width a multiple of N, shapes the matrix kernels run faster; exact "
                    "mode still meets the budget. 'auto': this device's measured multiple (docs/speed.md). "
-                   "Default 1 (the paper's integers)")
+                   "Default: 'auto' for best and the baselines, 1 (exact integers) for paper and its ablations")
     p.add_argument("--attention-scale", type=float,
                    help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
     _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")

@@ -3,16 +3,23 @@ compared with. Each is a set of CompressionConfig settings; all share the one la
 
 The FFN baselines (Wanda-sp, FLAP, LLM-Pruner) are their channel criteria (and, for FLAP, its
 adaptive structure and bias compensation) applied to the FFN; their attention is compressed as
-the paper does (AWSVD ranks, a = 3), so a row differs from the paper's in the FFN alone. The
-original methods prune attention heads instead; lorap does not implement head pruning.
+the paper does (AWSVD ranks, a = 3). The original methods prune attention heads instead; lorap
+does not implement head pruning.
+
+Shapes: `best` and the baselines, the methods one deploys, round ranks and FFN widths to this
+device's multiple (`align="auto"`, plan/alignment.py), which runs faster at the same budget. The
+paper's method keeps its exact integers (it reproduces the published ranks and widths), and so do
+its ablations and options, which each change exactly one thing from the paper.
 """
 from dataclasses import dataclass, fields
 
-from ..pipeline.config import CompressionConfig
 from ..errors import LorapError
+from ..pipeline.config import CompressionConfig
+from ..plan.alignment import AUTO_ALIGN
 
 PAPER = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
              ffn_score="lorap", ffn_update="none", ffn_allocation="uniform", align=1)
+DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
 
 
 @dataclass(frozen=True)
@@ -32,16 +39,16 @@ METHODS = {
         # and together they beat every other row at 20% and 50%.
         Method("best", "lorap best", "SVD-LLM whitening, a = 3", "fluctuation score, adaptive widths, least-squares refit",
                dict(factorization="svdllm", ffn_score="flap", ffn_allocation="adaptive", ffn_update="lstsq",
-                    bottom_keep=0.0)),
+                    bottom_keep=0.0, **DEPLOYED)),
         Method("svd-magnitude", "plain SVD + magnitude", "plain SVD, a = 3", "weight magnitude",
-               dict(factorization="svd", ffn_score="magnitude", bottom_keep=0.0)),
-        Method("wanda-sp", "Wanda-sp", "AWSVD, a = 3", "Wanda-sp score", dict(ffn_score="wanda-sp", bottom_keep=0.0)),
+               dict(factorization="svd", ffn_score="magnitude", bottom_keep=0.0, **DEPLOYED)),
+        Method("wanda-sp", "Wanda-sp", "AWSVD, a = 3", "Wanda-sp score", dict(ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
         Method("flap", "FLAP", "AWSVD, a = 3", "fluctuation score, adaptive widths, bias compensation",
-               dict(ffn_score="flap", ffn_allocation="adaptive", ffn_update="bias", bottom_keep=0.0)),
+               dict(ffn_score="flap", ffn_allocation="adaptive", ffn_update="bias", bottom_keep=0.0, **DEPLOYED)),
         Method("llm-pruner-l2", "LLM-Pruner (L2)", "AWSVD, a = 3", "group L2 of the weights",
-               dict(ffn_score="llm-pruner-l2", bottom_keep=0.0)),
+               dict(ffn_score="llm-pruner-l2", bottom_keep=0.0, **DEPLOYED)),
         Method("llm-pruner-taylor", "LLM-Pruner (Taylor)", "AWSVD, a = 3", "first-order Taylor, abs(w * grad)",
-               dict(ffn_score="llm-pruner-taylor", bottom_keep=0.0)),
+               dict(ffn_score="llm-pruner-taylor", bottom_keep=0.0, **DEPLOYED)),
         Method("plain-svd", "ablation: plain SVD", "plain SVD, a = 3", "LoRAP score, 1% rule", dict(factorization="svd")),
         Method("asvd", "ablation: ASVD", "ASVD (mean |x|^0.5), a = 3", "LoRAP score, 1% rule", dict(factorization="asvd")),
         Method("svd-llm", "ablation: SVD-LLM whitening", "SVD-LLM whitening, a = 3", "LoRAP score, 1% rule",

@@ -24,6 +24,10 @@ class CompressionConfig:
     # Every rank and FFN width a multiple of this (1: the paper's integers; "auto": this device's
     # multiple, plan/alignment.py, which the run resolves and records)
     align: int | str = 1
+    # Whose measured limits keep dense a factor pair too large to run faster than its matrix
+    # ("none": only a pair that is not smaller, the paper's rule; "auto" alignment sets the
+    # device's, plan/alignment.py, recorded here)
+    pair_limit: str = "none"
     preset: str = "paper"  # the named method (methods/presets.py) these settings started from
     calibration_source: str = "wiki"
     calibration_samples: int = 128
@@ -36,7 +40,7 @@ class CompressionConfig:
 
     def plan_settings(self) -> PlanSettings:
         return PlanSettings(self.ratio, self.mode, self.allocation_a, self.bottom_keep, tuple(self.sublayers),
-                            self.ffn_update, self.attention_scale, self.align)
+                            self.ffn_update, self.attention_scale, self.align, self.pair_limit)
 
     def validate(self) -> None:
         self.plan_settings().validate()

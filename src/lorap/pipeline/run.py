@@ -74,7 +74,8 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
     """Compress every decoder layer of `source` by `config`; returns the plan followed and timings per phase."""
     config.validate()
     plan = make_plan(source.model_config, config.plan_settings())
-    config = replace(config, align=plan.settings.align)  # the multiple used (a default resolves here), as recorded
+    # The multiple and the factor-pair limit used ("auto" resolves in the plan), as recorded
+    config = replace(config, align=plan.settings.align, pair_limit=plan.settings.pair_limit)
     dense = source.dense_parameters()
     if dense != plan.dense_parameters:
         raise RuntimeError(f"plan counts {plan.dense_parameters} dense parameters, the model has {dense}")

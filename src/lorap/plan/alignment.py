@@ -10,20 +10,62 @@ measurement:
   cuda  not measured by lorap yet (no GPU was available): 64, from the tile sizes of tensor-core
         GEMM kernels. `benchmarks/align_choice.py --device cuda` measures it.
 
+With the multiple comes a limit on factor pairs: a pair runs two thin GEMMs where its dense
+matrix runs one, so a pair just smaller than the matrix is slower than it. A pair larger than
+PAIR_MAX_FRACTION of its dense matrix stays dense and its share of the budget goes to the rest
+(plan/ranks.py). The limits are measured by benchmarks/pair_break_even.py (table
+"pair-break-even-cpu" in docs/speed.md):
+
+  cpu   depends on the matrix's size. Small matrices are bound by the cost of a call at decode: a
+        SmolLM2-135M k/v pair (576 -> 192) was as fast as dense only up to 0.57 of its size, a
+        q/o pair (576 -> 576) up to 0.62. LLaMA-sized ones are bound by their weights: a 4096 x
+        1024 pair up to 0.93, a 4096 x 4096 pair up to 0.90 (prefill alone: 0.96 to 1.00). The
+        limit of a matrix is interpolated in log(size) between the measured ones (the smaller
+        of the decode and prefill crossovers), clamped at the ends.
+  cuda  not measured (no GPU was available): 1, the parameter break-even only.
+
 The device is the one lorap computes on here (CUDA when available), as the model is most likely
 served on the same kind. A multiple is never coarser than an eighth of the hidden size (tiny models
 would otherwise lose their attention factor pairs to rounding), and where it cannot meet an exact
 budget, half of it is tried, down to 1.
 """
+import math
+
 AUTO_ALIGN = "auto"  # what --align takes for "this device's multiple"
 DEFAULT_ALIGN = {"cpu": 16, "cuda": 64}
 FINEST_SHARE = 8  # the multiple is at most hidden_size / FINEST_SHARE
+# (dense matrix weights, the largest pair size fraction that ran at least as fast, decode and
+# prefill) by device; "none" and an unmeasured device: every pair smaller than its matrix is used.
+PAIR_LIMITS = {
+    "none": (),
+    "cpu": ((110_592, 0.57), (331_776, 0.62), (4_194_304, 0.93), (16_777_216, 0.90)),
+    "cuda": (),
+}
+
+
+def device_kind() -> str:
+    import torch  # here, so plans from shapes alone stay importable without it
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_default() -> int:
-    import torch  # here, so plans from shapes alone stay importable without it
+    return DEFAULT_ALIGN[device_kind()]
 
-    return DEFAULT_ALIGN["cuda" if torch.cuda.is_available() else "cpu"]
+
+def pair_max_fraction(limit: str, weights: int) -> float:
+    """The largest size fraction (pair weights / dense weights) at which a factor pair of a
+    `weights`-sized matrix still runs faster on device `limit`; 1 where nothing was measured."""
+    points = PAIR_LIMITS[limit]
+    if not points:
+        return 1.0
+    if weights <= points[0][0]:
+        return points[0][1]
+    for (w0, f0), (w1, f1) in zip(points, points[1:]):
+        if weights <= w1:
+            t = (math.log(weights) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return f0 + t * (f1 - f0)
+    return points[-1][1]
 
 
 def default_alignments(config) -> list[int]:

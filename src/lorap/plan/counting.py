@@ -15,6 +15,8 @@ def linear_parameters(in_features: int, out_features: int, bias: bool = False, r
     return weights + (out_features if bias else 0)
 
 
-def factorization_saves(in_features: int, out_features: int, rank: int) -> bool:
-    """A rank-k pair is only worth it when strictly smaller than the dense matrix."""
-    return rank * (in_features + out_features) < in_features * out_features
+def factorization_saves(in_features: int, out_features: int, rank: int, max_fraction: float = 1.0) -> bool:
+    """A rank-k pair is only worth it when strictly smaller than the dense matrix, and (with
+    `max_fraction` < 1) at most that fraction of its size: smaller than that it is also faster."""
+    pair, dense = rank * (in_features + out_features), in_features * out_features
+    return pair < dense and (max_fraction >= 1 or pair <= max_fraction * dense)

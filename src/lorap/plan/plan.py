@@ -4,13 +4,15 @@ Nothing here touches weights, so `lorap plan` can print it from a config.json al
 reference figures of the paper (LLaMA-7B) are unit-tested without a model.
 """
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes, other_parameters
 from ..errors import LorapError
 from ..methods.registry import FFN_UPDATES
-from .alignment import AUTO_ALIGN, default_alignments
+from . import alignment
+from .alignment import AUTO_ALIGN, PAIR_LIMITS, default_alignments, pair_max_fraction
 from .counting import linear_parameters
-from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width
+from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width, no_limit
 
 EXACT_TOLERANCE = 0.002  # exact mode must land within 0.2 percentage points
 SUBLAYERS = ("attention", "ffn")
@@ -29,6 +31,9 @@ class PlanSettings:
     # Every rank and FFN width a multiple of this (1: the paper's exact integers; "auto": this
     # device's default, see alignment.py, resolved by make_plan and recorded in the plan)
     align: int | str = 1
+    # Whose measured limits keep dense a factor pair too large to run faster than its matrix
+    # ("none": only a pair that is not smaller, the paper's rule; "auto" alignment sets the device's)
+    pair_limit: str = "none"
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
@@ -46,6 +51,8 @@ class PlanSettings:
             raise LorapError(f"attention scale must be positive, got {self.attention_scale}")
         if self.align != AUTO_ALIGN and (isinstance(self.align, bool) or not isinstance(self.align, int) or self.align <= 0):
             raise LorapError(f"--align must be a positive integer (1: no alignment) or '{AUTO_ALIGN}', got {self.align!r}")
+        if self.pair_limit not in PAIR_LIMITS:
+            raise LorapError(f"pair limit must be one of {', '.join(PAIR_LIMITS)}, got {self.pair_limit!r}")
         FFN_UPDATES[self.ffn_update]  # a registered name
 
 
@@ -187,7 +194,9 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     compress_ffn = "ffn" in settings.sublayers
     attention_ratio = min(layer_ratio * settings.attention_scale, MAX_RATIO)
     if compress_attention:
-        ranks = aligned_ranks(attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a), shapes, settings.align)
+        limit = no_limit if settings.pair_limit == "none" else partial(pair_max_fraction, settings.pair_limit)
+        ranks = attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a, limit)
+        ranks = aligned_ranks(ranks, shapes, settings.align, limit)
     else:
         ranks = dense_ranks
     m = config.intermediate_size
@@ -216,7 +225,8 @@ def make_plan(config, settings: PlanSettings) -> Plan:
     """Reference mode: `ratio` per layer. Exact mode: the per-layer ratio that removes `ratio` of the whole model.
 
     With `settings.align` "auto", the default alignment of this device (alignment.py): the largest of
-    its candidates for this model that meets the budget; the plan's settings record the one used."""
+    its candidates for this model that meets the budget, and the device's limit on factor pairs
+    that run faster than dense; the plan's settings record both as used."""
     settings.validate()
     if settings.align == AUTO_ALIGN:
         return _plan_with_default_alignment(config, settings)
@@ -229,7 +239,7 @@ def _plan_with_default_alignment(config, settings: PlanSettings) -> Plan:
     candidates = default_alignments(config)
     for align in candidates:
         try:
-            return make_plan(config, replace(settings, align=align))
+            return make_plan(config, replace(settings, align=align, pair_limit=alignment.device_kind()))
         except LorapError:
             if align == candidates[-1]:
                 raise

@@ -26,11 +26,17 @@ def reference_square_ranks(d: int, keep: float, a: float) -> dict:
     return {"q_proj": k_min, "k_proj": k_min, "v_proj": k_max, "o_proj": k_max}
 
 
-def _group_ranks(shapes: dict, names: tuple, budget: float) -> tuple[dict, int]:
+def no_limit(weights: int) -> float:
+    """Any pair smaller than its matrix is used (the paper's rule)."""
+    return 1.0
+
+
+def _group_ranks(shapes: dict, names: tuple, budget: float, limit=no_limit) -> tuple[dict, int]:
     """One shared rank for a group of matrices within `budget` parameters.
 
-    A matrix whose factor pair would not be smaller than itself stays dense; its dense size
-    is paid from the budget and the rank of the rest is recomputed.
+    A matrix whose factor pair would not be smaller than itself (or, by `limit`: its dense size ->
+    the largest pair fraction that runs faster, not faster) stays dense; its dense size is paid from the budget and the rank of the rest is
+    recomputed.
     """
     dense = set()
     while True:
@@ -39,7 +45,7 @@ def _group_ranks(shapes: dict, names: tuple, budget: float) -> tuple[dict, int]:
             break
         left = budget - sum(shapes[n][0] * shapes[n][1] for n in dense)
         rank = max(1, math.floor(left / sum(shapes[n][0] + shapes[n][1] for n in factorized)))
-        newly_dense = [n for n in factorized if not factorization_saves(shapes[n][1], shapes[n][0], rank)]
+        newly_dense = [n for n in factorized if not _pair_fits(shapes[n], rank, limit)]
         if not newly_dense:
             break
         dense.update(newly_dense)
@@ -48,23 +54,30 @@ def _group_ranks(shapes: dict, names: tuple, budget: float) -> tuple[dict, int]:
     return ranks, used
 
 
-def attention_ranks(shapes: dict, keep: float, a: float) -> dict:
+def attention_ranks(shapes: dict, keep: float, a: float, limit=no_limit) -> dict:
     """Ranks for q, k, v, o keeping a `keep` fraction of attention weights, split a:1 between {v,o} and {q,k}.
 
     On square attention this is the reference rule; on GQA (k, v not square) the same idea is
     applied to parameter counts, and surplus from a group that stays dense goes to the other.
+    `limit` also keeps dense a matrix whose pair would be too large to run faster (alignment.py);
+    the square rule leaves that to aligned_ranks.
     """
     square = {shapes[n][:2] for n in ATTENTION_PROJECTIONS}
     if len(square) == 1 and shapes["q_proj"][0] == shapes["q_proj"][1]:
         return reference_square_ranks(shapes["q_proj"][0], keep, a)
     weights = {n: (shapes[n][0], shapes[n][1]) for n in ATTENTION_PROJECTIONS}
     budget = keep * sum(out * inp for out, inp in weights.values())
-    vo_ranks, vo_used = _group_ranks(weights, ("v_proj", "o_proj"), budget * a / (1 + a))
+    vo_ranks, vo_used = _group_ranks(weights, ("v_proj", "o_proj"), budget * a / (1 + a), limit)
     qk_budget = budget - vo_used if None in vo_ranks.values() else budget / (1 + a)
-    qk_ranks, qk_used = _group_ranks(weights, ("q_proj", "k_proj"), qk_budget)
+    qk_ranks, qk_used = _group_ranks(weights, ("q_proj", "k_proj"), qk_budget, limit)
     if None in qk_ranks.values() and None not in vo_ranks.values():
-        vo_ranks, _ = _group_ranks(weights, ("v_proj", "o_proj"), budget - qk_used)
+        vo_ranks, _ = _group_ranks(weights, ("v_proj", "o_proj"), budget - qk_used, limit)
     return {**qk_ranks, **vo_ranks}
+
+
+def _pair_fits(shape, rank: int, limit) -> bool:
+    out_features, in_features = shape[:2]
+    return factorization_saves(in_features, out_features, rank, limit(in_features * out_features))
 
 
 # ---------------------------------------------------------------- FFN widths
@@ -88,16 +101,15 @@ def aligned_width(width: int, align: int, dense_width: int) -> int:
     return min(dense_width, max(align, round(width / align) * align))
 
 
-def aligned_ranks(ranks: dict, shapes: dict, align: int) -> dict:
+def aligned_ranks(ranks: dict, shapes: dict, align: int, limit=no_limit) -> dict:
     """Each rank to the multiple of `align` nearest it; a pair that would then not be smaller than
-    its dense matrix stays dense."""
-    if align == 1:
+    its dense matrix (or larger than `limit` allows) stays dense."""
+    if align == 1 and limit is no_limit:
         return ranks
     aligned = {}
     for name, rank in ranks.items():
         if rank is not None:
-            out_features, in_features = shapes[name][:2]
             rank = max(align, round(rank / align) * align)
-            rank = rank if factorization_saves(in_features, out_features, rank) else None
+            rank = rank if _pair_fits(shapes[name], rank, limit) else None
         aligned[name] = rank
     return aligned
