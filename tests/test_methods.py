@@ -172,9 +172,11 @@ def test_cli_presets_and_options_reach_the_plan(tmp_path, capsys):
 
     paper, best = planned(), planned("--preset", "best")
     assert paper["settings"]["ffn_update"] == "none" and best["settings"]["ffn_update"] == "lstsq"
-    added = best["totals"]["compressed_parameters"] - paper["totals"]["compressed_parameters"]
+    assert paper["settings"]["align"] == 1 and best["settings"]["align"] > 1  # best aligns by default
+    unaligned = planned("--preset", "best", "--align", "1")
+    added = unaligned["totals"]["compressed_parameters"] - paper["totals"]["compressed_parameters"]
     assert added == 2 * 64  # one new down-projection bias per layer (2 layers, hidden 64)
-    assert planned("--preset", "best", "--ffn-update", "none")["totals"] == paper["totals"]
+    assert planned("--preset", "best", "--align", "1", "--ffn-update", "none")["totals"] == paper["totals"]
     with pytest.raises(SystemExit):  # argparse lists the presets
         main(["plan", config, "--ratio", "0.3", "--preset", "nonesuch"])
 
