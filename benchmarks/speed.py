@@ -75,7 +75,7 @@ def _cell(speedup: float, layers: float | None = None, whole: float | None = Non
     return f"**{speedup:.2f}x**" + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def speed_section(work: Path, timing: list) -> str:
+def speed_section(work: Path, timing: list, rows: list) -> str:
     repeats = timing[timing.index("--repeats") + 1]
     lines = [
         "## Dense vs compressed, timed side by side",
@@ -98,6 +98,8 @@ def speed_section(work: Path, timing: list) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for index, (label, model, plan_args, bench_args) in enumerate(SPEED_ROWS):
+        if index not in rows:
+            continue
         out = work / f"speed-{index}.json"
         dtype = bench_args[bench_args.index("--dtype") + 1] if "--dtype" in bench_args else "float32"
         predicted = _predicted(model, plan_args, work, index) if dtype == "float32" else None
@@ -213,6 +215,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--rows", type=lambda text: [int(i) for i in text.split(",")],
+                        default=list(range(len(SPEED_ROWS))), help="which SPEED_ROWS, by index (default: all)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-speed")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
     args = parser.parse_args()
@@ -224,7 +228,7 @@ def main() -> None:
         update_section(args.page, "real", real_section(args.work, args.repeats))
     if args.only in (None, "speed"):
         timing = ["--prefill", "128,512", "--batch", "1", "--repeats", str(args.repeats), "--warmup", "1"]
-        update_section(args.page, "speed", speed_section(args.work, timing))
+        update_section(args.page, "speed", speed_section(args.work, timing, args.rows))
     print(f"wrote {args.page}", file=sys.stderr)
 
 

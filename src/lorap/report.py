@@ -36,6 +36,8 @@ def format_plan(plan_dict: dict) -> str:
         + (f" of the whole model (per-layer ratio {plan_dict['layer_ratio']:.4f})" if settings["mode"] == "exact" else " per layer")
         + f"; a = {settings['allocation_a']:g}, bottom-keep {settings['bottom_keep']:g}, sublayers {'+'.join(settings['sublayers'])}"
         + (f"; ranks and widths multiples of {settings['align']}" if settings.get("align", 1) > 1 else "")
+        + (f"; factor pairs too large to run faster on {settings['pair_limit']} kept dense"
+           if settings.get("pair_limit", "none") != "none" else "")
     )
     lines = [header, f"{'module':<12}{'shape':>13}{'rank/width':>14}{'dense':>16}{'kept':>16}{'removed':>9}"]
     for first, last, rows in _layer_groups(plan_dict["modules"]):
