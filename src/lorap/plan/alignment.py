@@ -12,7 +12,7 @@ measurement:
 
 With the multiple comes a limit on factor pairs: a pair runs two thin GEMMs where its dense
 matrix runs one, so a pair just smaller than the matrix is slower than it. A pair larger than
-PAIR_MAX_FRACTION of its dense matrix stays dense and its share of the budget goes to the rest
+its device's limit (PAIR_LIMITS, by the matrix's size) stays dense and its share of the budget goes to the rest
 (plan/ranks.py). The limits are measured by benchmarks/pair_break_even.py (table
 "pair-break-even-cpu" in docs/speed.md):
 

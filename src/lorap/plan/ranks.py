@@ -34,9 +34,9 @@ def no_limit(weights: int) -> float:
 def _group_ranks(shapes: dict, names: tuple, budget: float, limit=no_limit) -> tuple[dict, int]:
     """One shared rank for a group of matrices within `budget` parameters.
 
-    A matrix whose factor pair would not be smaller than itself (or, by `limit`: its dense size ->
-    the largest pair fraction that runs faster, not faster) stays dense; its dense size is paid from the budget and the rank of the rest is
-    recomputed.
+    A matrix whose factor pair would not be smaller than itself, or not faster (`limit`: dense
+    size -> the largest pair fraction that still runs faster), stays dense; its dense size is paid
+    from the budget and the rank of the rest is recomputed.
     """
     dense = set()
     while True:
