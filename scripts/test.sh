@@ -4,4 +4,13 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
+# The llama.cpp binding, so that the tests run exported GGUF files in llama.cpp itself. It compiles
+# llama.cpp (about 10 minutes on 2 cores, once per .venv); lorap does not need it otherwise. The
+# multimodal library is left out of the build: nothing here uses it.
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "[test] building llama-cpp-python (compiles llama.cpp, about 10 minutes, once)" >&2
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF" .venv/bin/python -m pip install -q --disable-pip-version-check \
+    -c constraints.txt "llama-cpp-python"
+fi
+export LORAP_REQUIRE_LLAMACPP=1  # tests/test_export_llamacpp.py fails, not skips, without the binding
 exec "$root/.venv/bin/python" -m pytest "$@"

@@ -2,7 +2,8 @@
 
 The hashes in tests/golden/tiny_compressions.json were recorded by this file's `--record` mode.
 A change that alters a compression fails here; if the change is meant, re-record
-(`.venv/bin/python tests/test_golden.py --record`) and say why in the commit message.
+(`.venv/bin/python tests/test_golden.py --record`, or `--record llama_gqa/serving` for one new case) and say
+why in the commit message.
 
 Exact bytes depend on the floating-point kernels, so they are compared where the torch version and
 CPU capability match the recording; elsewhere each tensor's float64 sum and sum of squares must agree
@@ -22,6 +23,8 @@ PERPLEXITY = dict(dataset="wiki", seqlen=32, max_tokens=2048)
 # Every architecture with the paper's method and lorap's best; every preset on one GQA model.
 PRESETS_ON_EVERY_ARCHITECTURE = ("paper", "best")
 EVERY_PRESET_ON = "llama_gqa"
+# The serving preset's FFN widths are multiples of 256: the tiny FFN (160) would keep every channel.
+MODEL_OVERRIDES = {"serving": dict(intermediate_size=1024)}
 
 
 def golden_cases() -> list:
@@ -60,9 +63,10 @@ def compress_case(arch: str, preset: str, tokenizer, root: Path) -> dict:
     from conftest import build_tiny_model
     from lorap import api
 
-    source = root / f"{arch}-dense"
+    overrides = MODEL_OVERRIDES.get(preset, {})
+    source = root / (f"{arch}-dense" + "".join(f"-{key}{value}" for key, value in overrides.items()))
     if not source.exists():
-        build_tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(source)
+        build_tiny_model(arch, vocab_size=len(tokenizer), **overrides).save_pretrained(source)
         tokenizer.save_pretrained(source)
     out = root / f"{arch}-{preset}"
     result = api.compress(str(source), str(out), preset=preset, ratio=0.2, progress=False, stream=False, **CALIBRATION)
@@ -102,7 +106,9 @@ def test_presets_compute_what_they_computed_when_recorded(arch, preset, golden, 
         assert _close(got["perplexity"], expected["perplexity"])
 
 
-def record() -> None:
+def record(only: list) -> None:
+    """Re-record every case, or only the `arch/preset` cases named (merged into the file, which must have
+    been recorded on this platform: a partial re-record must not mix kernels)."""
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -110,16 +116,24 @@ def record() -> None:
 
     torch.set_num_threads(2)
     tokenizer = tiny_tokenizer.__wrapped__()
-    cases = {}
+    existing = json.loads(GOLDEN_FILE.read_text()) if only else {"platform": platform(), "cases": {}}
+    if existing["platform"] != platform():
+        sys.exit(f"{GOLDEN_FILE} was recorded on {existing['platform']}, this is {platform()}: re-record every case")
+    wanted = [(arch, preset) for arch, preset in golden_cases() if not only or f"{arch}/{preset}" in only]
+    unknown = set(only) - {f"{arch}/{preset}" for arch, preset in wanted}
+    if unknown:
+        sys.exit(f"no such golden cases: {sorted(unknown)}")
+    cases = existing["cases"]
     with tempfile.TemporaryDirectory() as root:
-        for arch, preset in golden_cases():
+        for arch, preset in wanted:
             cases[f"{arch}/{preset}"] = compress_case(arch, preset, tokenizer, Path(root))
             print(f"recorded {arch}/{preset}", file=sys.stderr)
+    ordered = {f"{arch}/{preset}": cases[f"{arch}/{preset}"] for arch, preset in golden_cases()}
     GOLDEN_FILE.parent.mkdir(exist_ok=True)
-    GOLDEN_FILE.write_text(json.dumps({"platform": platform(), "cases": cases}, indent=1) + "\n")
+    GOLDEN_FILE.write_text(json.dumps({"platform": platform(), "cases": ordered}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--record"]:
-        sys.exit("usage: python tests/test_golden.py --record")
-    record()
+    if sys.argv[1:2] != ["--record"]:
+        sys.exit("usage: python tests/test_golden.py --record [ARCH/PRESET ...]")
+    record(sys.argv[2:])

@@ -501,6 +501,40 @@ def _run_bench(args):
         print(f"wrote {args.markdown}", file=sys.stderr)
 
 
+def _add_export(sub):
+    from .export.decilm import FFN_CHOICES
+    from .export.gguf_file import DTYPES
+
+    p = sub.add_parser(
+        "export",
+        help="write a compressed model for a serving engine: GGUF (llama.cpp) or the DeciLM layout (vLLM)",
+        description="Export a lorap checkpoint (or, with no DIR, the built-in dense model) for an engine. Factor pairs "
+        "are multiplied back into dense matrices (engines run none), which the report counts; FFN widths stay as "
+        "compressed. gguf: one file, architecture `llama` when every layer has the same shapes, `deci` when they "
+        "differ. decilm: a Hugging Face folder with per-layer `block_configs` (vLLM's DeciLMForCausalLM).",
+    )
+    p.add_argument("model", nargs="?", help="a lorap checkpoint folder (default: the built-in dense model)")
+    p.add_argument("--format", required=True, choices=("gguf", "decilm"), help="gguf (llama.cpp) or decilm (vLLM)")
+    p.add_argument("--out", type=Path, required=True, help="a .gguf file, or a folder for decilm")
+    p.add_argument("--dtype", default="f16", choices=DTYPES, help="weight dtype (default f16; norms stay f32)")
+    p.add_argument("--ffn-multiple", default="refuse", choices=FFN_CHOICES,
+                   help="decilm: FFN widths that are not multiples of 256 are refused (default), padded with zero "
+                   "channels (same outputs), or written as intermediate_size (vLLM only)")
+    p.add_argument("--pre-tokenizer", help="gguf: llama.cpp's pre-tokenizer name (default: lorap's guess)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args):
+    from .export.run import export_model, render
+
+    report = export_model(args.model, args.format, args.out, args.dtype, args.ffn_multiple, args.overwrite,
+                          args.pre_tokenizer)
+    print(render(report))
+    _write_json(args.json, report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -514,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_compare(sub)
     _add_bench(sub)
+    _add_export(sub)
     return parser
 
 

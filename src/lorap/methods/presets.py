@@ -20,6 +20,7 @@ from ..plan.alignment import AUTO_ALIGN
 PAPER = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
              ffn_score="lorap", ffn_update="none", ffn_allocation="uniform", align=1)
 DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
+SERVING_ALIGN = 256  # export/decilm.py ENGINE_MULTIPLE; kept here so methods need not import export
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ METHODS = {
         Method("best", "lorap best", "SVD-LLM whitening, a = 3", "fluctuation score, adaptive widths, least-squares refit",
                dict(factorization="svdllm", ffn_score="flap", ffn_allocation="adaptive", ffn_update="lstsq",
                     bottom_keep=0.0, **DEPLOYED)),
+        # For engines that run no factor pairs (llama.cpp, vLLM): attention stays dense, so nothing is lost
+        # when exported, and FFN widths are multiples of 256, which DeciLM's layout states exactly and
+        # llama.cpp's k-quants need (their blocks are 256 wide). best's FFN parts otherwise.
+        Method("serving", "lorap serving", "dense", "fluctuation score, adaptive widths (multiples of 256), "
+               "least-squares refit", dict(sublayers=("ffn",), ffn_score="flap", ffn_allocation="adaptive",
+                                           ffn_update="lstsq", bottom_keep=0.0, align=SERVING_ALIGN)),
         Method("svd-magnitude", "plain SVD + magnitude", "plain SVD, a = 3", "weight magnitude",
                dict(factorization="svd", ffn_score="magnitude", bottom_keep=0.0, **DEPLOYED)),
         Method("wanda-sp", "Wanda-sp", "AWSVD, a = 3", "Wanda-sp score", dict(ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),

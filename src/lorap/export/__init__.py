@@ -1,0 +1,1 @@
+"""Export for serving engines: GGUF (llama.cpp) and the DeciLM layout (vLLM)."""

@@ -1,0 +1,88 @@
+"""A model as serving engines load it: every matrix dense, per-layer shapes spelled out.
+
+No engine runs factor pairs, so each pair's two factors are multiplied back into the matrix they
+replaced (left @ right), which costs parameters: the report says how many. FFN widths and head
+counts stay as compressed. Tensor names are those of the dense Hugging Face model (LLaMA's).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LorapError
+
+SUPPORTED_TYPES = ("llama", "mistral")  # the families whose layer is LLaMA's, tensor for tensor
+
+
+@dataclass
+class DenseModel:
+    """Dense tensors (HF names, float32) and the shapes an engine must be told."""
+
+    config: object  # the transformers config of the source model
+    tensors: dict  # name -> tensor
+    ffn_widths: list  # per decoder layer
+    head_counts: list  # query heads per layer
+    kv_head_counts: list  # key/value heads per layer
+    head_dim: int
+    source_parameters: int  # parameters of the model as lorap holds it (factor pairs as pairs)
+    merged_pairs: int = 0
+    added_back: int = 0  # parameters the merged pairs cost over their factors
+    notes: list = field(default_factory=list)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for name, t in self.tensors.items() if not self.tied_head_name(name))
+
+    def tied_head_name(self, name: str) -> bool:
+        return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same shapes (a plain LLaMA file can say so)."""
+        return len({*zip(self.ffn_widths, self.head_counts, self.kv_head_counts)}) == 1
+
+
+def check_exportable(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise LorapError(
+            f"export supports the LLaMA layer layout ({', '.join(SUPPORTED_TYPES)}: LLaMA 1/2/3, Mistral, SmolLM, "
+            f"TinyLlama); this model is '{model_type}', which these formats cannot express yet"
+        )
+    if getattr(config, "sliding_window", None) and config.sliding_window < getattr(config, "max_position_embeddings", 0):
+        raise LorapError(
+            f"this model attends within a sliding window of {config.sliding_window} tokens, which the LLaMA layouts of "
+            "llama.cpp and DeciLM do not express; it cannot be exported without changing what it computes"
+        )
+    if getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False):
+        raise LorapError("export does not handle models whose dense layers carry biases (attention_bias / mlp_bias)")
+
+
+@torch.no_grad()
+def dense_model(model) -> DenseModel:
+    """Merge every factor pair of a (lorap or dense) LLaMA-layout model; read its per-layer shapes."""
+    config = model.config
+    check_exportable(config)
+    state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
+    tensors, merged, added = {}, 0, 0
+    for name, tensor in state.items():
+        if name.endswith(".right.weight"):
+            prefix = name[: -len(".right.weight")]
+            left = state[prefix + ".left.weight"]
+            tensors[prefix + ".weight"] = left @ tensor  # (out, rank) @ (rank, in)
+            if prefix + ".left.bias" in state:
+                tensors[prefix + ".bias"] = state[prefix + ".left.bias"]
+            merged += 1
+            added += left.shape[0] * tensor.shape[1] - tensor.numel() - left.numel()
+        elif ".left." not in name:
+            tensors[name] = tensor
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_layers = config.num_hidden_layers
+    layer = "model.layers.{}.{}.weight"
+    ffn_widths = [tensors[layer.format(i, "mlp.up_proj")].shape[0] for i in range(n_layers)]
+    heads = [tensors[layer.format(i, "self_attn.q_proj")].shape[0] // head_dim for i in range(n_layers)]
+    kv_heads = [tensors[layer.format(i, "self_attn.k_proj")].shape[0] // head_dim for i in range(n_layers)]
+    for name in tensors:
+        if name.endswith(".bias") and not name.endswith("mlp.down_proj.bias"):
+            raise LorapError(f"{name}: a bias here has no place in the exported layouts")
+    source_parameters = sum(t.numel() for n, t in state.items() if not (n == "lm_head.weight" and config.tie_word_embeddings))
+    return DenseModel(config, tensors, ffn_widths, heads, kv_heads, head_dim, source_parameters, merged, added)
