@@ -44,7 +44,7 @@ def test_llamacpp_tokenizes_text_as_the_builtin_tokenizer(tmp_path):
     out = tmp_path / "dense.gguf"
     assert main(["export", "--format", "gguf", "--out", str(out)]) == 0
     _, tokenizer, _ = load_model(None)
-    vocab = llamacpp._llama_cpp().Llama(model_path=str(out), vocab_only=True, verbose=False)
+    vocab = llamacpp.binding().Llama(model_path=str(out), vocab_only=True, verbose=False)
     for text in wiki_documents("test")[:20]:
         assert vocab.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
 

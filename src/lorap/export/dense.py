@@ -15,7 +15,7 @@ SUPPORTED_TYPES = ("llama", "mistral")  # the families whose layer is LLaMA's, t
 
 @dataclass
 class DenseModel:
-    """Dense tensors (HF names, float32) and the shapes an engine must be told."""
+    """Dense tensors (HF names, the model's dtype) and the shapes an engine must be told."""
 
     config: object  # the transformers config of the source model
     tensors: dict  # name -> tensor
@@ -62,13 +62,15 @@ def dense_model(model) -> DenseModel:
     """Merge every factor pair of a (lorap or dense) LLaMA-layout model; read its per-layer shapes."""
     config = model.config
     check_exportable(config)
-    state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
+    # The model's own tensors (its dtype, no copies); only merged pairs are new tensors, computed in
+    # float32 and stored in the model's dtype.
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     tensors, merged, added = {}, 0, 0
     for name, tensor in state.items():
         if name.endswith(".right.weight"):
             prefix = name[: -len(".right.weight")]
             left = state[prefix + ".left.weight"]
-            tensors[prefix + ".weight"] = left @ tensor  # (out, rank) @ (rank, in)
+            tensors[prefix + ".weight"] = (left.float() @ tensor.float()).to(tensor.dtype)  # (out, rank) @ (rank, in)
             if prefix + ".left.bias" in state:
                 tensors[prefix + ".bias"] = state[prefix + ".left.bias"]
             merged += 1

@@ -106,6 +106,17 @@ def _numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return tensor.bfloat16().view(torch.int16).numpy()  # bf16 bits, tagged as BF16 below
 
 
+def _file_layout(tensor: torch.Tensor, dtype: str) -> tuple:
+    """(numpy dtype, bytes, GGML type or None) of a tensor as `_numpy` will write it, without converting it."""
+    import gguf
+
+    if tensor.ndim == 1 or dtype == "f32":
+        return np.dtype(np.float32), tensor.numel() * 4, None
+    if dtype == "f16":
+        return np.dtype(np.float16), tensor.numel() * 2, None
+    return np.dtype(np.int16), tensor.numel() * 2, gguf.GGMLQuantizationType.BF16
+
+
 def write_gguf(dense: DenseModel, tokenizer_folder: Path, tokenizer, path: Path, dtype: str, pre: str | None,
                name: str) -> dict:
     """Write `dense` and its tokenizer to the GGUF file `path`; returns what the file says."""
@@ -135,12 +146,15 @@ def write_gguf(dense: DenseModel, tokenizer_folder: Path, tokenizer, path: Path,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     writer.add_file_type(int(file_type))
     tokenizer_record = add_tokenizer(writer, tokenizer_folder, tokenizer, vocab_rows, pre)
+    # Tensor infos first, then each tensor converted and written alone: memory holds one converted
+    # tensor at a time, not a second copy of the model.
     for tensor_name, tensor in tensors.items():
-        array = _numpy(tensor, dtype)
-        raw = gguf.GGMLQuantizationType.BF16 if array.dtype == np.int16 else None
-        writer.add_tensor(tensor_name, array, raw_dtype=raw)
+        numpy_dtype, size, raw = _file_layout(tensor, dtype)
+        writer.add_tensor_info(tensor_name, list(tensor.shape), numpy_dtype, size, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in tensors.values():
+        writer.write_tensor_data(_numpy(tensor, dtype))
     writer.close()
     return {"architecture": architecture, "dtype": dtype, "tensors": len(tensors), "tokenizer": tokenizer_record}

@@ -15,7 +15,8 @@ from ..errors import LorapError
 QUANT_TYPES = ("q8_0", "q4_k_m")
 
 
-def _llama_cpp():
+def binding():
+    """The llama_cpp module, or a clear error that says how to install it."""
     try:
         import llama_cpp
     except ImportError as err:
@@ -26,7 +27,7 @@ def _llama_cpp():
 
 def open_model(path: Path, context: int, threads: int = 2, all_logits: bool = False):
     """A llama.cpp model and context; with `all_logits`, every position's logits are kept (perplexity)."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = binding()
     return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context, n_threads=threads,
                            n_threads_batch=threads, logits_all=all_logits, verbose=False)
 
@@ -88,7 +89,7 @@ class Timer:
 
 def quantize(source: Path, target: Path, kind: str, threads: int = 2) -> Path:
     """llama.cpp's own quantizer (as llama-quantize runs it): `kind` is one of QUANT_TYPES."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = binding()
     if kind not in QUANT_TYPES:
         raise LorapError(f"quantization must be one of {', '.join(QUANT_TYPES)}, got {kind!r}")
     params = llama_cpp.llama_model_quantize_default_params()
