@@ -59,13 +59,14 @@ def pre_tokenizer_for(source, model, tokenizer) -> str | None:
 def export_model(spec, fmt: str, out, dtype: str = "f16", ffn_multiple: str = "refuse", overwrite: bool = False,
                  pre_tokenizer: str | None = None) -> dict:
     """Export and return the report (what `lorap export --json` writes)."""
-    from ..io.models import load_model
-    from .dense import dense_model
+    from ..io.models import load_config, load_model
+    from .dense import check_exportable, dense_model
 
     if fmt not in FORMATS:
         raise LorapError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     source = exportable_source(spec)
     out = check_output(Path(out), fmt, overwrite, source.location)
+    check_exportable(load_config(spec))  # refuse from the config, before loading any weights
     model, tokenizer, source = load_model(spec, fuse=False)  # in its own dtype: a 7B fp16 model stays 13 GB
     dense = dense_model(model)
     notes = []
