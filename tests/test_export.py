@@ -22,21 +22,22 @@ pytest.importorskip("gguf")
 @pytest.fixture(scope="module")
 def compressed_dirs(tmp_path_factory, tiny_tokenizer):
     """{name: lorap checkpoint folder} of tiny LLaMA-layout models: factor pairs and uneven FFN widths
-    (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, and even
-    widths with a down-projection bias."""
+    (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, even
+    widths with a down-projection bias, and Qwen2 (q/k/v biases) compressed by best."""
     root = tmp_path_factory.mktemp("export")
-    dense = root / "dense"
-    build_tiny_model("llama_gqa").save_pretrained(dense)
-    tiny_tokenizer.save_pretrained(dense)
+    for arch in ("llama_gqa", "qwen2"):
+        build_tiny_model(arch).save_pretrained(root / arch)
+        tiny_tokenizer.save_pretrained(root / arch)
     common = dict(progress=False, calibration_samples=8, calibration_seqlen=32, predict_speed=False)
     folders = {}
-    for name, settings in {
-        "best": dict(preset="best", ratio=0.3, mode="exact", align=1),
-        "paper": dict(preset="paper", ratio=0.4),
-        "ffn-only": dict(preset="ffn-only", ratio=0.3),
-        "lstsq": dict(preset="lstsq", ratio=0.3),  # uniform widths with a down-projection bias: `llama` + bias
+    for name, (arch, settings) in {
+        "best": ("llama_gqa", dict(preset="best", ratio=0.3, mode="exact", align=1)),
+        "paper": ("llama_gqa", dict(preset="paper", ratio=0.4)),
+        "ffn-only": ("llama_gqa", dict(preset="ffn-only", ratio=0.3)),
+        "lstsq": ("llama_gqa", dict(preset="lstsq", ratio=0.3)),  # uniform widths with a down bias: `llama` + bias
+        "qwen2-best": ("qwen2", dict(preset="best", ratio=0.3, mode="exact", align=1)),  # q/k/v biases too
     }.items():
-        api.compress(str(dense), root / name, **common, **settings)
+        api.compress(str(root / arch), root / name, **common, **settings)
         folders[name] = root / name
     return folders
 
@@ -75,14 +76,21 @@ def model_from_gguf(path, like):
                          num_key_value_heads=kv_heads[0], rms_norm_eps=value(f"{arch}.attention.layer_norm_rms_epsilon"),
                          rope_theta=value(f"{arch}.rope.freq_base"), tie_word_embeddings="output.weight" not in tensors,
                          max_position_embeddings=value(f"{arch}.context_length"))
+    qkv_bias = "blk.0.attn_q.bias" in tensors
+    config.attention_bias = qkv_bias  # LLaMA's switch also gives o a bias, zeroed below
     model = LlamaForCausalLM(config)
     apply_layout(model, [{"intermediate_size": w, "down_proj_bias": f"blk.{i}.ffn_down.bias" in tensors}
                          for i, w in enumerate(widths)])
+    if qkv_bias:
+        for layer in model.model.layers:
+            torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
     names = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "self_attn.q_proj.weight",
              "attn_k.weight": "self_attn.k_proj.weight", "attn_v.weight": "self_attn.v_proj.weight",
              "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
              "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-             "ffn_down.weight": "mlp.down_proj.weight", "ffn_down.bias": "mlp.down_proj.bias"}
+             "ffn_down.weight": "mlp.down_proj.weight", "ffn_down.bias": "mlp.down_proj.bias",
+             "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+             "attn_v.bias": "self_attn.v_proj.bias"}
     state = {}
     for name, tensor in tensors.items():
         if name == "token_embd.weight":
@@ -93,13 +101,13 @@ def model_from_gguf(path, like):
             state["lm_head.weight"] = tensor
         else:
             _, index, local = name.split(".", 2)
-            if local in ("attn_q.weight", "attn_k.weight"):  # undo the GGML rotary order
-                count = heads[int(index)] if local == "attn_q.weight" else kv_heads[int(index)]
+            if local.startswith(("attn_q.", "attn_k.")):  # undo the GGML rotary order
+                count = heads[int(index)] if local.startswith("attn_q.") else kv_heads[int(index)]
                 half = tensor.shape[0] // count // 2
-                tensor = tensor.reshape(count, half, 2, -1).transpose(1, 2).reshape(tensor.shape)
+                tensor = tensor.reshape(count, half, 2, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
             state[f"model.layers.{index}.{names[local]}"] = tensor
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert not unexpected and {m for m in missing if not m.endswith("o_proj.bias")} <= {"lm_head.weight"}
     model.tie_weights()
     return model.eval(), value
 
@@ -120,7 +128,7 @@ def test_rotary_reorder_is_a_permutation_of_each_heads_rows():
     assert torch.equal(reordered[:4], weight[[0, 2, 1, 3]]) and torch.equal(reordered[4:], weight[[4, 6, 5, 7]])
 
 
-@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq"])
+@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best"])
 def test_gguf_holds_the_compressed_model(compressed_dirs, tmp_path, name):
     out = tmp_path / f"{name}.gguf"
     assert main(["export", str(compressed_dirs[name]), "--format", "gguf", "--out", str(out), "--dtype", "f32",
@@ -171,9 +179,13 @@ def decilm_logits(folder, ids):
                       else block.ffn.intermediate_size)
     kv = config.num_attention_heads // config.block_configs[0].attention.n_heads_in_group
     llama = LlamaConfig(**{**config.to_dict(), "model_type": "llama", "num_key_value_heads": kv,
-                           "intermediate_size": max(widths)})
+                           "intermediate_size": max(widths), "attention_bias": config.qkv_bias})
     model = LlamaForCausalLM(llama)
     apply_layout(model, [{"intermediate_size": w, "down_proj_bias": config.mlp_bias} for w in widths])
+    if config.qkv_bias:  # as vLLM reads it: q/k/v biases from qkv_bias, none on o (attention_bias false)
+        assert config.attention_bias is False
+        for layer in model.model.layers:
+            torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
     if config.mlp_bias:
         for layer in model.model.layers:
             for name in ("gate_proj", "up_proj"):
@@ -181,7 +193,7 @@ def decilm_logits(folder, ids):
                 setattr(layer.mlp, name, torch.nn.Linear(old.in_features, old.out_features, bias=True))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert not unexpected and {m for m in missing if not m.endswith("o_proj.bias")} <= {"lm_head.weight"}
     model.tie_weights()
     with torch.no_grad():
         return model.eval()(ids).logits, widths
@@ -202,14 +214,15 @@ def test_decilm_refuses_widths_engines_would_misread_then_pads_them_exactly(comp
     assert report["padded_channels"] == sum(widths) - sum(report["layers"]["ffn_widths"]) > 0
 
 
-def test_decilm_intermediate_size_keeps_the_widths(compressed_dirs, tmp_path):
+@pytest.mark.parametrize("name", ["best", "qwen2-best"])
+def test_decilm_intermediate_size_keeps_the_widths(compressed_dirs, tmp_path, name):
     out = tmp_path / "deci"
-    assert main(["export", str(compressed_dirs["best"]), "--format", "decilm", "--out", str(out), "--dtype", "f32",
+    assert main(["export", str(compressed_dirs[name]), "--format", "decilm", "--out", str(out), "--dtype", "f32",
                  "--ffn-multiple", "intermediate-size"]) == 0
     logits, widths = decilm_logits(out, IDS)
-    layout = json.loads((compressed_dirs["best"] / "config.json").read_text())["lorap"]["layers"]
+    layout = json.loads((compressed_dirs[name] / "config.json").read_text())["lorap"]["layers"]
     assert widths == [layer["intermediate_size"] for layer in layout]
-    assert torch.allclose(logits, lorap_logits(compressed_dirs["best"], IDS), atol=2e-4, rtol=1e-4)
+    assert torch.allclose(logits, lorap_logits(compressed_dirs[name], IDS), atol=2e-4, rtol=1e-4)
 
 
 def test_bad_input_is_refused_and_nothing_is_written(compressed_dirs, tmp_path, tiny_tokenizer, capsys):
@@ -222,11 +235,11 @@ def test_bad_input_is_refused_and_nothing_is_written(compressed_dirs, tmp_path, 
     tiny_tokenizer.save_pretrained(plain)
     assert main(["export", str(plain), "--format", "gguf", "--out", str(tmp_path / "p.gguf")]) == 2
     assert "not a lorap checkpoint" in capsys.readouterr().err
-    qwen = tmp_path / "qwen"
-    build_tiny_model("qwen2").save_pretrained(qwen)
-    tiny_tokenizer.save_pretrained(qwen)
-    api.compress(str(qwen), tmp_path / "qwen-c", ratio=0.3, progress=False, calibration_samples=8,
+    gemma = tmp_path / "gemma"
+    build_tiny_model("gemma").save_pretrained(gemma)
+    tiny_tokenizer.save_pretrained(gemma)
+    api.compress(str(gemma), tmp_path / "gemma-c", ratio=0.3, progress=False, calibration_samples=8,
                  calibration_seqlen=32, predict_speed=False)
-    assert main(["export", str(tmp_path / "qwen-c"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 2
+    assert main(["export", str(tmp_path / "gemma-c"), "--format", "gguf", "--out", str(tmp_path / "g.gguf")]) == 2
     assert "cannot express" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "plain", "qwen", "qwen-c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma", "gemma-c", "m.gguf", "plain"]

@@ -1,5 +1,6 @@
 """A Hugging Face folder in the DeciLM / Nemotron-NAS layout, which vLLM's DeciLMForCausalLM serves:
-LLaMA's tensor names, and per-layer shapes in `config.block_configs`.
+LLaMA's tensor names (with Qwen2's q/k/v biases where it has them), and per-layer shapes in
+`config.block_configs`.
 
 The layout states each FFN width as `ffn_mult`, from which engines compute
     width = round_up(int(2 * ffn_mult * hidden / 3), 256),
@@ -92,6 +93,8 @@ def write_decilm(dense: DenseModel, tokenizer, folder: Path, dtype: str, choice:
     settings = {key: value for key, value in config.to_dict().items() if key not in DROPPED_KEYS}
     settings.update(
         architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks, mlp_bias=mlp_bias,
+        # Qwen2's q/k/v biases: DeciLM readers take `qkv_bias` for q, k and v, `attention_bias` for o
+        qkv_bias=any(name.endswith("self_attn.q_proj.bias") for name in tensors), attention_bias=False,
         torch_dtype=str(TORCH_DTYPES[dtype]).removeprefix("torch."),
         auto_map={"AutoConfig": f"{CONFIG_FILE[:-3]}.DeciLMConfig"},
     )

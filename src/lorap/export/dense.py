@@ -10,7 +10,9 @@ import torch
 
 from ..errors import LorapError
 
-SUPPORTED_TYPES = ("llama", "mistral")  # the families whose layer is LLaMA's, tensor for tensor
+# The families whose layer is LLaMA's, tensor for tensor (Qwen2 adds q/k/v biases)
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+ALLOWED_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "mlp.down_proj.bias")
 
 
 @dataclass
@@ -45,8 +47,8 @@ def check_exportable(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_TYPES:
         raise LorapError(
-            f"export supports the LLaMA layer layout ({', '.join(SUPPORTED_TYPES)}: LLaMA 1/2/3, Mistral, SmolLM, "
-            f"TinyLlama); this model is '{model_type}', which these formats cannot express yet"
+            f"export supports the LLaMA layer layout ({', '.join(SUPPORTED_TYPES)}: LLaMA 1/2/3, Mistral, Qwen2/2.5, "
+            f"SmolLM, TinyLlama); this model is '{model_type}', which these formats cannot express yet"
         )
     if getattr(config, "sliding_window", None) and config.sliding_window < getattr(config, "max_position_embeddings", 0):
         raise LorapError(
@@ -84,7 +86,7 @@ def dense_model(model) -> DenseModel:
     heads = [tensors[layer.format(i, "self_attn.q_proj")].shape[0] // head_dim for i in range(n_layers)]
     kv_heads = [tensors[layer.format(i, "self_attn.k_proj")].shape[0] // head_dim for i in range(n_layers)]
     for name in tensors:
-        if name.endswith(".bias") and not name.endswith("mlp.down_proj.bias"):
+        if name.endswith(".bias") and not name.endswith(ALLOWED_BIASES):
             raise LorapError(f"{name}: a bias here has no place in the exported layouts")
     source_parameters = sum(t.numel() for n, t in state.items() if not (n == "lm_head.weight" and config.tie_word_embeddings))
     return DenseModel(config, tensors, ffn_widths, heads, kv_heads, head_dim, source_parameters, merged, added)

@@ -16,6 +16,9 @@ DTYPES = ("f32", "f16", "bf16")
 LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
@@ -34,10 +37,10 @@ def gguf_architecture(dense: DenseModel) -> str:
 
 
 def interleave_rotary_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder q or k rows from HF's rotary layout (each head's first half pairs with its second
-    half) to GGML's (pairs are adjacent), which llama.cpp's `llama` rope expects."""
-    rows, columns = weight.shape
-    return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
+    """Reorder q or k rows (or their bias) from HF's rotary layout (each head's first half pairs with
+    its second half) to GGML's (pairs are adjacent), which llama.cpp's `llama` and `deci` rope expects."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def llama3_rope_factors(config, head_dim: int) -> torch.Tensor:
@@ -90,9 +93,9 @@ def gguf_tensors(dense: DenseModel) -> dict:
         if local not in LAYER_TENSORS:
             raise LorapError(f"tensor {name} has no place in a GGUF llama layer")
         layer = int(index)
-        if local == "self_attn.q_proj.weight":
+        if local.startswith("self_attn.q_proj."):
             tensor = interleave_rotary_halves(tensor, dense.head_counts[layer])
-        elif local == "self_attn.k_proj.weight":
+        elif local.startswith("self_attn.k_proj."):
             tensor = interleave_rotary_halves(tensor, dense.kv_head_counts[layer])
         tensors[f"blk.{layer}.{LAYER_TENSORS[local]}"] = tensor
     return tensors
