@@ -102,6 +102,8 @@ def speed(files: dict, repeats: int, threads: int, tokenizer_prompt: list) -> di
                 times[key]["decode"].append(seconds[1])
         loads.append(os.getloadavg()[0])
         print(f"speed round {repeat}/{repeats}", file=sys.stderr, flush=True)
+    for timer in (timer for pair in timers.values() for timer in pair):
+        timer.close()
     return {"times": times, "load": (min(loads), max(loads))}
 
 

@@ -32,6 +32,7 @@ def test_llamacpp_scores_the_windows_as_lorap_does(compressed_dirs, tmp_path, na
     assert main(["export", str(compressed_dirs[name]), "--format", "gguf", "--out", str(out), "--dtype", "f32"]) == 0
     model = llamacpp.open_model(out, IDS.shape[1], all_logits=True)  # loads: `deci` for best's uneven widths
     got = sum(llamacpp.window_nll(model, window) for window in IDS.tolist())
+    model.close()
     assert math.isclose(got, lorap_nll(compressed_dirs[name], IDS), rel_tol=1e-4)
     tokens = llamacpp.generate(out, IDS[0, :8].tolist(), 4)
     assert len(tokens) == 4 and all(0 <= t < 512 for t in tokens)
@@ -47,6 +48,7 @@ def test_llamacpp_tokenizes_text_as_the_builtin_tokenizer(tmp_path):
     vocab = llamacpp.binding().Llama(model_path=str(out), vocab_only=True, verbose=False)
     for text in wiki_documents("test")[:20]:
         assert vocab.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
+    vocab.close()
 
 
 def test_quantized_file_loads_and_is_smaller(compressed_dirs, tmp_path):  # noqa: F811
@@ -56,3 +58,14 @@ def test_quantized_file_loads_and_is_smaller(compressed_dirs, tmp_path):  # noqa
     assert target.stat().st_size < 0.5 * source.stat().st_size
     model = llamacpp.open_model(target, IDS.shape[1], all_logits=True)
     assert math.isfinite(llamacpp.window_nll(model, IDS[0].tolist()))
+    model.close()
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_half_precision_files_score_close_to_lorap(compressed_dirs, tmp_path, dtype):  # noqa: F811
+    out = tmp_path / f"{dtype}.gguf"
+    assert main(["export", str(compressed_dirs["best"]), "--format", "gguf", "--out", str(out), "--dtype", dtype]) == 0
+    model = llamacpp.open_model(out, IDS.shape[1], all_logits=True)
+    got = sum(llamacpp.window_nll(model, window) for window in IDS.tolist())
+    model.close()
+    assert math.isclose(got, lorap_nll(compressed_dirs["best"], IDS), rel_tol=1e-2)

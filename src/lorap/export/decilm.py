@@ -57,23 +57,24 @@ def padded_tensors(dense: DenseModel, widths: list) -> dict:
     return tensors
 
 
-def engine_widths(dense: DenseModel, choice: str) -> list:
+def engine_widths(widths: list, choice: str) -> list:
+    """The FFN widths the folder will state, by `choice` for those that are not multiples of 256."""
     if choice not in FFN_CHOICES:
         raise LorapError(f"--ffn-multiple must be one of {', '.join(FFN_CHOICES)}, got {choice!r}")
-    odd = sorted({w for w in dense.ffn_widths if w % ENGINE_MULTIPLE})
+    odd = sorted({w for w in widths if w % ENGINE_MULTIPLE})
     if odd and choice == "refuse":
         raise LorapError(
             f"FFN widths {odd} are not multiples of {ENGINE_MULTIPLE}, which the DeciLM layout's ffn_mult cannot "
             "state exactly. Compress with --align 256 (or the serving preset), or pass --ffn-multiple pad (zero "
             "channels, same outputs, more parameters) or --ffn-multiple intermediate-size (exact; vLLM reads it)"
         )
-    return [round_up(w) if choice == "pad" else w for w in dense.ffn_widths]
+    return [round_up(w) if choice == "pad" else w for w in widths]
 
 
 def write_decilm(dense: DenseModel, tokenizer, folder: Path, dtype: str, choice: str) -> dict:
     """Write `dense` as a DeciLM folder into the (empty, staging) `folder`; returns what it holds."""
     config, hidden = dense.config, dense.config.hidden_size
-    widths = engine_widths(dense, choice)
+    widths = engine_widths(dense.ffn_widths, choice)
     tensors = padded_tensors(dense, widths) if widths != dense.ffn_widths else dense.tensors
     mlp_bias = any(name.endswith("mlp.down_proj.bias") for name in tensors)
     if mlp_bias:  # the layout has one switch for all three FFN biases: the others are zeros
@@ -108,5 +109,5 @@ def write_decilm(dense: DenseModel, tokenizer, folder: Path, dtype: str, choice:
     save_file(saved, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)
     padding = sum(new - old for new, old in zip(widths, dense.ffn_widths))
-    return {"ffn_widths": widths, "padded_channels": padding,
+    return {"engine_ffn_widths": widths, "padded_channels": padding,
             "parameters": sum(t.numel() for t in saved.values()), "mlp_bias": mlp_bias}

@@ -59,6 +59,12 @@ def check_exportable(config) -> None:
         raise LorapError("export does not handle models whose dense layers carry biases (attention_bias / mlp_bias)")
 
 
+def recorded_ffn_widths(config) -> list:
+    """Each layer's FFN width as the config records it (a lorap checkpoint's layout, or the dense width)."""
+    layers = (getattr(config, "lorap", None) or {}).get("layers") or [{}] * config.num_hidden_layers
+    return [layer.get("intermediate_size") or config.intermediate_size for layer in layers]
+
+
 @torch.no_grad()
 def dense_model(model) -> DenseModel:
     """Merge every factor pair of a (lorap or dense) LLaMA-layout model; read its per-layer shapes."""

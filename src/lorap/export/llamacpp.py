@@ -46,20 +46,26 @@ def perplexity(path: Path, windows, threads: int = 2) -> float:
     """exp(mean token NLL) over the windows (a [n, L] tensor of token ids): lorap's protocol, in llama.cpp."""
     seqlen = windows.shape[1]
     model = open_model(path, seqlen, threads, all_logits=True)
-    total = sum(window_nll(model, window) for window in windows.tolist())
+    try:
+        total = sum(window_nll(model, window) for window in windows.tolist())
+    finally:
+        model.close()  # free llama.cpp's memory now, not at interpreter exit (where it raises)
     return math.exp(total / (windows.shape[0] * (seqlen - 1)))
 
 
 def generate(path: Path, prompt: list, new_tokens: int, threads: int = 2) -> list:
     """Greedy continuation of `prompt` (token ids)."""
     model = open_model(path, len(prompt) + new_tokens, threads)
-    model.reset()
-    model.eval(prompt)
-    out = []
-    for _ in range(new_tokens):
-        token = int(np.argmax(model.scores[model.n_tokens - 1]))
-        out.append(token)
-        model.eval([token])
+    try:
+        model.reset()
+        model.eval(prompt)
+        out = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+            out.append(token)
+            model.eval([token])
+    finally:
+        model.close()
     return out
 
 
@@ -85,6 +91,9 @@ class Timer:
             token = int(np.argmax(self.model.scores[self.model.n_tokens - 1]))
             self.model.eval([token])
         return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.model.close()
 
 
 def quantize(source: Path, target: Path, kind: str, threads: int = 2) -> Path:

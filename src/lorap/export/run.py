@@ -50,7 +50,7 @@ def pre_tokenizer_for(source, model, tokenizer) -> str | None:
     from ..io.default_model import default_gguf_path
     from .gguf_vocab import guess_pre_tokenizer, source_gguf_pre
 
-    base_is_builtin = source.kind == "default" or (model.config.lorap or {}).get("base_model") is None
+    base_is_builtin = source.kind == "default" or (getattr(model.config, "lorap", None) or {}).get("base_model") is None
     if base_is_builtin:  # the built-in model ships as GGUF: take its own pre-tokenizer name
         return source_gguf_pre(default_gguf_path())
     return guess_pre_tokenizer(model.config, tokenizer)
@@ -60,13 +60,18 @@ def export_model(spec, fmt: str, out, dtype: str = "f16", ffn_multiple: str = "r
                  pre_tokenizer: str | None = None) -> dict:
     """Export and return the report (what `lorap export --json` writes)."""
     from ..io.models import load_config, load_model
-    from .dense import check_exportable, dense_model
+    from .dense import check_exportable, dense_model, recorded_ffn_widths
 
     if fmt not in FORMATS:
         raise LorapError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     source = exportable_source(spec)
     out = check_output(Path(out), fmt, overwrite, source.location)
-    check_exportable(load_config(spec))  # refuse from the config, before loading any weights
+    config = load_config(spec)  # refuse what cannot be exported from the config, before loading any weights
+    check_exportable(config)
+    if fmt == "decilm":
+        from .decilm import engine_widths
+
+        engine_widths(recorded_ffn_widths(config), ffn_multiple)
     model, tokenizer, source = load_model(spec, fuse=False)  # in its own dtype: a 7B fp16 model stays 13 GB
     dense = dense_model(model)
     notes = []
@@ -75,8 +80,6 @@ def export_model(spec, fmt: str, out, dtype: str = "f16", ffn_multiple: str = "r
                      f"factor pairs): +{dense.added_back:,} parameters over the checkpoint")
     pre = None
     if fmt == "gguf":
-        if not hasattr(model.config, "lorap"):
-            model.config.lorap = None
         pre = pre_tokenizer or pre_tokenizer_for(source, model, tokenizer)
         if pre is None:
             notes.append("llama.cpp's pre-tokenizer for this tokenizer is unknown to lorap: 'default' was written, "
