@@ -20,7 +20,7 @@ from ..plan.alignment import AUTO_ALIGN
 PAPER = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
              ffn_score="lorap", ffn_update="none", ffn_allocation="uniform", align=1)
 DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
-SERVING_ALIGN = 256  # export/decilm.py ENGINE_MULTIPLE; kept here so methods need not import export
+SERVING_ALIGN = 256  # the FFN width multiple engines need; export/decilm.py takes it from here (ENGINE_MULTIPLE)
 
 
 @dataclass(frozen=True)
