@@ -141,8 +141,16 @@ def test_best_and_the_baselines_align_by_default_and_the_paper_and_its_ablations
 
     deployed = {"best", "svd-magnitude", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor"}
     for name in METHODS:
-        assert config_for(name).align == ("auto" if name in deployed else 1), name
+        expected = "auto" if name in deployed else 256 if name == "serving" else 1  # serving: the engines' multiple
+        assert config_for(name).align == expected, name
     assert config_for("best", align=1).align == 1  # --align 1 turns it off
+
+
+def test_an_alignment_that_would_remove_nothing_is_refused():
+    settings = config_for("serving", ratio=0.2).plan_settings()
+    with pytest.raises(LorapError, match="nothing would be removed.*--align 256"):
+        make_plan(tiny_config("llama_gqa"), settings)  # FFN 160 rounds back to 160 in blocks of 256
+    assert make_plan(tiny_config("llama_gqa", intermediate_size=1024), settings).removed_fraction > 0
 
 
 def test_a_pair_too_large_to_run_faster_stays_dense_and_its_budget_goes_elsewhere(monkeypatch):

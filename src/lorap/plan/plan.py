@@ -231,7 +231,13 @@ def make_plan(config, settings: PlanSettings) -> Plan:
     if settings.align == AUTO_ALIGN:
         return _plan_with_default_alignment(config, settings)
     if settings.mode == "reference":
-        return plan_with_layer_ratio(config, settings, settings.ratio)
+        plan = plan_with_layer_ratio(config, settings, settings.ratio)
+        if plan.removed_fraction <= 0:  # a coarse --align can round every shape back to dense
+            raise LorapError(
+                f"at ratio {settings.ratio} nothing would be removed: every rank and FFN width of this model rounds "
+                f"back to its dense size at --align {settings.align}; use a smaller --align or a larger --ratio"
+            )
+        return plan
     return _exact_plan(config, settings)
 
 
