@@ -503,7 +503,7 @@ def _run_bench(args):
 
 def _add_export(sub):
     from .export.decilm import FFN_CHOICES
-    from .export.gguf_file import DTYPES
+    from .export.dense import WEIGHT_DTYPES
 
     p = sub.add_parser(
         "export",
@@ -516,7 +516,7 @@ def _add_export(sub):
     p.add_argument("model", nargs="?", help="a lorap checkpoint folder (default: the built-in dense model)")
     p.add_argument("--format", required=True, choices=("gguf", "decilm"), help="gguf (llama.cpp) or decilm (vLLM)")
     p.add_argument("--out", type=Path, required=True, help="a .gguf file, or a folder for decilm")
-    p.add_argument("--dtype", default="f16", choices=DTYPES, help="weight dtype (default f16; norms stay f32)")
+    p.add_argument("--dtype", default="f16", choices=tuple(WEIGHT_DTYPES), help="weight dtype (default f16; norms stay f32)")
     p.add_argument("--ffn-multiple", default="refuse", choices=FFN_CHOICES,
                    help="decilm: FFN widths that are not multiples of 256 are refused (default), padded with zero "
                    "channels (same outputs), or written as intermediate_size (vLLM only)")

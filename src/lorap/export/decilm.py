@@ -18,16 +18,15 @@ from pathlib import Path
 import torch
 
 from ..errors import LorapError
-from . import configuration_decilm
 from ..methods.presets import SERVING_ALIGN
-from .dense import DenseModel
+from . import configuration_decilm
+from .dense import WEIGHT_DTYPES, DenseModel
 
 ENGINE_MULTIPLE = SERVING_ALIGN  # DeciLM's _find_multiple(width, 256); the serving preset aligns to it
 FFN_CHOICES = ("refuse", "pad", "intermediate-size")
 CONFIG_FILE = Path(configuration_decilm.__file__).name
 DROPPED_KEYS = ("lorap", "auto_map", "architectures", "model_type", "intermediate_size", "_name_or_path",
                 "transformers_version", "torch_dtype", "dtype")
-TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def round_up(width: int, multiple: int = ENGINE_MULTIPLE) -> int:
@@ -96,7 +95,7 @@ def write_decilm(dense: DenseModel, tokenizer, folder: Path, dtype: str, choice:
         architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks, mlp_bias=mlp_bias,
         # Qwen2's q/k/v biases: DeciLM readers take `qkv_bias` for q, k and v, `attention_bias` for o
         qkv_bias=any(name.endswith("self_attn.q_proj.bias") for name in tensors), attention_bias=False,
-        torch_dtype=str(TORCH_DTYPES[dtype]).removeprefix("torch."),
+        torch_dtype=str(WEIGHT_DTYPES[dtype]).removeprefix("torch."),
         auto_map={"AutoConfig": f"{CONFIG_FILE[:-3]}.DeciLMConfig"},
     )
     settings.pop("num_key_value_heads", None)  # per layer now, in block_configs
@@ -104,7 +103,7 @@ def write_decilm(dense: DenseModel, tokenizer, folder: Path, dtype: str, choice:
     shutil.copyfile(configuration_decilm.__file__, folder / CONFIG_FILE)
     from safetensors.torch import save_file
 
-    saved = {name: tensor.to(TORCH_DTYPES[dtype]).contiguous() for name, tensor in tensors.items()
+    saved = {name: tensor.to(WEIGHT_DTYPES[dtype]).contiguous() for name, tensor in tensors.items()
              if not dense.tied_head_name(name)}
     save_file(saved, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(folder)

@@ -8,10 +8,9 @@ import numpy as np
 import torch
 
 from ..errors import LorapError
-from .dense import DenseModel
+from .dense import WEIGHT_DTYPES, DenseModel
 from .gguf_vocab import add_tokenizer
 
-DTYPES = ("f32", "f16", "bf16")
 # HF tensor name (inside a decoder layer) -> GGUF name; the same for `llama` and `deci`
 LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -101,23 +100,22 @@ def gguf_tensors(dense: DenseModel) -> dict:
     return tensors
 
 
-def _numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    if tensor.ndim == 1 or dtype == "f32":  # norms and biases stay float32, as llama.cpp's converter keeps them
-        return tensor.float().numpy()
-    if dtype == "f16":
-        return tensor.half().numpy()
-    return tensor.bfloat16().view(torch.int16).numpy()  # bf16 bits, tagged as BF16 below
-
-
-def _file_layout(tensor: torch.Tensor, dtype: str) -> tuple:
-    """(numpy dtype, bytes, GGML type or None) of a tensor as `_numpy` will write it, without converting it."""
+def _stored_as(tensor: torch.Tensor, dtype: str) -> tuple:
+    """(torch dtype, numpy dtype, GGML type or None) of `tensor` in a file of weight dtype `dtype`.
+    Norms and biases stay float32, as llama.cpp's converter keeps them; bf16 is written as its bits
+    in int16, tagged BF16."""
     import gguf
 
     if tensor.ndim == 1 or dtype == "f32":
-        return np.dtype(np.float32), tensor.numel() * 4, None
+        return torch.float32, np.dtype(np.float32), None
     if dtype == "f16":
-        return np.dtype(np.float16), tensor.numel() * 2, None
-    return np.dtype(np.int16), tensor.numel() * 2, gguf.GGMLQuantizationType.BF16
+        return torch.float16, np.dtype(np.float16), None
+    return torch.bfloat16, np.dtype(np.int16), gguf.GGMLQuantizationType.BF16
+
+
+def _numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    converted = tensor.to(_stored_as(tensor, dtype)[0]).contiguous()
+    return (converted.view(torch.int16) if converted.dtype == torch.bfloat16 else converted).numpy()
 
 
 def write_gguf(dense: DenseModel, tokenizer_folder: Path, tokenizer, path: Path, dtype: str, pre: str | None,
@@ -125,8 +123,8 @@ def write_gguf(dense: DenseModel, tokenizer_folder: Path, tokenizer, path: Path,
     """Write `dense` and its tokenizer to the GGUF file `path`; returns what the file says."""
     import gguf
 
-    if dtype not in DTYPES:
-        raise LorapError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise LorapError(f"GGUF dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     config, architecture = dense.config, gguf_architecture(dense)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(name)
@@ -152,8 +150,9 @@ def write_gguf(dense: DenseModel, tokenizer_folder: Path, tokenizer, path: Path,
     # Tensor infos first, then each tensor converted and written alone: memory holds one converted
     # tensor at a time, not a second copy of the model.
     for tensor_name, tensor in tensors.items():
-        numpy_dtype, size, raw = _file_layout(tensor, dtype)
-        writer.add_tensor_info(tensor_name, list(tensor.shape), numpy_dtype, size, raw_dtype=raw)
+        _, numpy_dtype, raw = _stored_as(tensor, dtype)
+        writer.add_tensor_info(tensor_name, list(tensor.shape), numpy_dtype, tensor.numel() * numpy_dtype.itemsize,
+                               raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

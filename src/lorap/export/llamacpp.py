@@ -53,20 +53,24 @@ def perplexity(path: Path, windows, threads: int = 2) -> float:
     return math.exp(total / (windows.shape[0] * (seqlen - 1)))
 
 
+def greedy_tokens(model, count: int) -> list:
+    """`count` greedy tokens after what the model has evaluated, each fed back in."""
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(np.argmax(model.scores[model.n_tokens - 1])))
+        model.eval(tokens[-1:])
+    return tokens
+
+
 def generate(path: Path, prompt: list, new_tokens: int, threads: int = 2) -> list:
     """Greedy continuation of `prompt` (token ids)."""
     model = open_model(path, len(prompt) + new_tokens, threads)
     try:
         model.reset()
         model.eval(prompt)
-        out = []
-        for _ in range(new_tokens):
-            token = int(np.argmax(model.scores[model.n_tokens - 1]))
-            out.append(token)
-            model.eval([token])
+        return greedy_tokens(model, new_tokens)
     finally:
         model.close()
-    return out
 
 
 class Timer:
@@ -87,9 +91,7 @@ class Timer:
         self.model.reset()
         self.model.eval(self.prompt)
         started = time.perf_counter()
-        for _ in range(self.new_tokens):
-            token = int(np.argmax(self.model.scores[self.model.n_tokens - 1]))
-            self.model.eval([token])
+        greedy_tokens(self.model, self.new_tokens)
         return time.perf_counter() - started
 
     def close(self) -> None:

@@ -6,7 +6,6 @@ the input checkpoint is only read.
 """
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import LorapError
@@ -116,19 +115,11 @@ def _write_atomically(out: Path, fmt, dense, tokenizer, source, dtype, ffn_multi
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return written
+    from ..io.files import atomic_file
     from .gguf_file import write_gguf
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(handle)
-    try:
-        written = write_gguf(dense, Path(source.location), tokenizer, Path(partial), dtype, pre, source.name)
-        os.chmod(partial, 0o644)
-        os.replace(partial, out)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return written
+    with atomic_file(out) as partial:
+        return write_gguf(dense, Path(source.location), tokenizer, partial, dtype, pre, source.name)
 
 
 def _size(path: Path) -> int:
