@@ -122,12 +122,6 @@ def test_taylor_leaves_no_gradients_and_restores_requires_grad(tiny_tokenizer):
     assert not model.model.embed_tokens.weight.requires_grad and model.model.layers[0].mlp.up_proj.weight.requires_grad
 
 
-def test_whole_model_methods_refuse_to_stream(gqa_dir, tmp_path):
-    for name in ("flap", "llm-pruner-taylor"):
-        with pytest.raises(LorapError, match="whole model in memory"):
-            api.compress(str(gqa_dir), tmp_path / name, preset=name, ratio=0.3, stream=True, progress=False, **SMALL)
-
-
 def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, monkeypatch):
     from lorap.compare import run as compare_module
     from lorap.compare.run import ComparisonSettings, compare

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from conftest import build_tiny_model
 from lorap import api
 from lorap.errors import LorapError
+from lorap.methods.presets import METHODS, config_for
 
 SMALL = dict(ratio=0.4, calibration_samples=8, calibration_seqlen=32, batch_size=4)
 
@@ -32,6 +33,22 @@ def sharded_model_dir(tmp_path, tiny_tokenizer, request):
     return folder
 
 
+def _assert_same_checkpoints(mem_folder, str_folder, atol=1e-5):
+    config_mem = json.loads((mem_folder / "config.json").read_text())
+    config_str = json.loads((str_folder / "config.json").read_text())
+    assert config_str == config_mem  # same lorap layout, metadata, auto_map and architectures
+    mem, stream = _weights(mem_folder), _weights(str_folder)
+    assert mem.keys() == stream.keys()
+    for name in mem:
+        assert mem[name].shape == stream[name].shape, name
+        assert torch.allclose(mem[name], stream[name], atol=atol, rtol=0), name
+    model_mem, tokenizer = api.load(mem_folder)
+    model_str, _ = api.load(str_folder)
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model_mem(ids).logits, model_str(ids).logits, atol=atol)
+
+
 @pytest.mark.parametrize("sharded_model_dir", [("llama_gqa", False), ("qwen2", True), ("phi3", False), ("gemma", True)],
                          indirect=True, ids=str)
 def test_streamed_equals_in_memory(sharded_model_dir, tmp_path):
@@ -39,19 +56,7 @@ def test_streamed_equals_in_memory(sharded_model_dir, tmp_path):
     streamed = api.compress(str(sharded_model_dir), tmp_path / "str", progress=False, stream=True, **SMALL)
     assert streamed.model is None
     assert streamed.report["plan"] == in_memory.report["plan"]
-    config_mem = json.loads((tmp_path / "mem" / "config.json").read_text())
-    config_str = json.loads((tmp_path / "str" / "config.json").read_text())
-    assert config_str == config_mem  # same lorap layout, metadata, auto_map and architectures
-    mem, stream = _weights(tmp_path / "mem"), _weights(tmp_path / "str")
-    assert mem.keys() == stream.keys()
-    for name in mem:
-        assert mem[name].shape == stream[name].shape, name
-        assert torch.allclose(mem[name], stream[name], atol=1e-5, rtol=0), name
-    model_mem, tokenizer = api.load(tmp_path / "mem")
-    model_str, _ = api.load(tmp_path / "str")
-    ids = torch.randint(0, len(tokenizer), (2, 16))
-    with torch.no_grad():
-        assert torch.allclose(model_mem(ids).logits, model_str(ids).logits, atol=1e-5)
+    _assert_same_checkpoints(tmp_path / "mem", tmp_path / "str")
     assert streamed.report["streaming"]["activations"] == {
         "dtype": "float32",
         "model_dtype": "float32",
@@ -59,6 +64,31 @@ def test_streamed_equals_in_memory(sharded_model_dir, tmp_path):
         "bytes": 8 * 32 * 64 * 4,
     }
     assert not list(tmp_path.glob(".str*"))  # the staging folder was renamed into place
+
+
+# Every preset streams; those with whole-model decisions (adaptive widths, Taylor scores) make them
+# in a streamed scoring pass first. On every family for the two with a whole-model pass.
+PRESET_CASES = [("llama_gqa", False, name) for name in METHODS] + [
+    (arch, tied, name) for arch, tied in (("qwen2", True), ("phi3", False), ("gemma", True))
+    for name in ("best", "llm-pruner-taylor")
+]
+
+
+@pytest.mark.parametrize("sharded_model_dir,preset", [((arch, tied), name) for arch, tied, name in PRESET_CASES],
+                         indirect=["sharded_model_dir"], ids=[f"{a}-{n}" for a, _, n in PRESET_CASES])
+def test_every_preset_streams_equal_to_in_memory(sharded_model_dir, preset, tmp_path):
+    settings = {**SMALL, "preset": preset}
+    if preset == "serving":  # its 256-wide FFN blocks need a wider FFN than the tiny model's
+        settings["align"] = 8
+    in_memory = api.compress(str(sharded_model_dir), tmp_path / "mem", progress=False, **settings)
+    streamed = api.compress(str(sharded_model_dir), tmp_path / "str", progress=False, stream=True, **settings)
+    assert streamed.report["plan"] == in_memory.report["plan"]
+    _assert_same_checkpoints(tmp_path / "mem", tmp_path / "str")
+    phases = streamed.report["peak_rss_mb_by_phase"]
+    passes = [spec.prepare_phase for spec in config_for(preset).specs().values() if spec.needs_whole_model]
+    assert list(phases) == ["before_passes", *passes, "layer_walk"]
+    assert all(streamed.report["timings"][phase] > 0 for phase in passes)
+    assert not (tmp_path / "str" / "taylor").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(sharded_model_dir, tmp_path, monkeypatch):

@@ -29,10 +29,55 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+# The largest resident set seen before the last reset of the kernel's high-water mark (see phase_peak_rss_mb)
+_PEAK_BEFORE_RESET_MB = 0.0
+
+
+def _status_mb(field: str) -> float | None:
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def phase_peak_rss_mb() -> float | None:
+    """The peak resident set since the previous call (or since the process began), then a fresh start.
+
+    Linux keeps one high-water mark per process (VmHWM); writing 5 to /proc/self/clear_refs resets
+    it, so each phase of a run gets its own peak. None where that is not possible (not Linux), and
+    then no reset happens. peak_memory() still reports the whole process's peak.
+    """
+    global _PEAK_BEFORE_RESET_MB
+    peak = _status_mb("VmHWM")
+    if peak is None:
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return None
+    _PEAK_BEFORE_RESET_MB = max(_PEAK_BEFORE_RESET_MB, peak)
+    return peak
+
+
 def peak_memory(device) -> dict:
+    """This process's peak resident set, and the device's peak allocation on CUDA.
+
+    Linux's VmHWM, not ru_maxrss: ru_maxrss also counts the parent's peak when a process was
+    started by fork and exec (the parent's high-water mark carries over through exec), so lorap
+    run from a script that had just used 3 GiB reported 3 GiB whatever it used itself.
+    """
     import resource
 
-    memory = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    own = _status_mb("VmHWM")
+    if own is None:  # not Linux
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    memory = {"host_rss_mb": max(own, _PEAK_BEFORE_RESET_MB)}  # phase_peak_rss_mb() resets VmHWM
     if str(device).startswith("cuda"):
         memory["device_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return memory

@@ -3,13 +3,13 @@
 FLAP's rule (An et al. 2024, "AL"): every channel's score is standardised within its layer
 ((score - mean) / std), and the lowest standardised scores of the whole model are removed,
 whichever layers they are in. Layers whose channels matter less lose more. The scores are
-taken on the dense model (one pass over all layers before any is compressed), as in FLAP.
+taken on the dense model (one pass over all layers before any is compressed), as in FLAP; a
+streamed run makes that pass over the shards, keeping only the scores.
 """
 import torch
 
-from ..architectures import FFN_PROJECTIONS, Architecture
+from ..architectures import FFN_PROJECTIONS
 from ..log import info
-from ..pipeline.walk import capture_first_layer_inputs, walk_layers
 from ..plan.ranks import aligned_width
 from .ffn_pruning import protected_count
 from .ffn_scores import channel_scores
@@ -18,18 +18,18 @@ from .ffn_scores import channel_scores
 MIN_KEPT_FRACTION = 0.05
 
 
-def dense_channel_scores(model, batches: list, device, method: str, progress: bool = True) -> list:
-    """Scores of every layer's FFN channels on the unmodified model (consumes `batches`)."""
+def dense_channel_scores(run, method: str) -> list:
+    """Scores of every layer's FFN channels on the unmodified model (run: pipeline.run.PreparedRun)."""
     from ..pipeline.layer_step import FfnView
 
-    architecture = Architecture(model.config)
+    architecture = run.source.architecture
     scores = []
 
     def record(index, layer, stats):
         inputs = {name: stats.inputs(name) for name in FFN_PROJECTIONS}
         scores.append(channel_scores(FfnView(architecture, layer), inputs, method).cpu())
 
-    walk_layers(model, batches, device, record, progress, desc="scoring FFN channels")
+    run.dense_walk(record, desc="scoring FFN channels")
     return scores
 
 
@@ -78,8 +78,7 @@ def prepare_adaptive_widths(run) -> None:
         return
     scores = run.channel_scores
     if scores is None:
-        batches = capture_first_layer_inputs(run.model, run.samples, config.batch_size, run.device)
-        scores = dense_channel_scores(run.model, batches, run.device, config.ffn_score, run.progress)
+        scores = dense_channel_scores(run, config.ffn_score)
     removed = sum(plan.intermediate_size - layer.ffn_width for layer in plan.layers)
     widths = aligned_widths(adaptive_widths(scores, removed, config.bottom_keep), plan.settings.align, plan.intermediate_size)
     info(f"adaptive FFN widths: {min(widths)} to {max(widths)} channels kept per layer (uniform: {plan.layers[0].ffn_width})")

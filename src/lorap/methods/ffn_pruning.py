@@ -22,6 +22,7 @@ from ..errors import LorapError
 # Relative ridge on the kept channels' covariance in the least-squares refit (as SparseGPT's
 # 1% dampening): keeps the solve well posed when kept channels are nearly collinear.
 LSTSQ_DAMPING = 0.01
+COVARIANCE_ROWS_AT_ONCE = 1024
 
 
 def protected_count(width: int, bottom_keep: float) -> int:
@@ -61,7 +62,7 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int, bias: bool =
 
 def bias_compensation(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) -> tuple:
     mean = down_inputs.mean.double().cpu()
-    return None, weight[:, dropped] @ mean[dropped]
+    return None, weight[:, dropped].double() @ mean[dropped]
 
 
 def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) -> tuple:
@@ -70,15 +71,34 @@ def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs
     mean = down_inputs.mean.double().cpu()
     kept_mask = ~dropped
     tokens = down_inputs.tokens
-    covariance = down_inputs.gram.double().cpu() / tokens - torch.outer(mean, mean)
-    kk = covariance[kept_mask][:, kept_mask]
-    kd = covariance[kept_mask][:, dropped]
+    # Only the kept-kept and kept-dropped blocks of the input covariance are formed (never the whole
+    # [width, width] matrix and its temporaries: gigabytes at LLaMA-7B's FFN width), each element
+    # computed as gram / tokens - mean_i mean_j, in place.
+    kept, removed = kept_mask.nonzero().squeeze(1), dropped.nonzero().squeeze(1)
+    gram = down_inputs.take_gram().cpu()  # taken, so that it is freed once the two blocks are read
+    kk = _covariance_block(gram, mean, tokens, kept, kept)
+    kd = _covariance_block(gram, mean, tokens, kept, removed)
+    del gram
     ridge = LSTSQ_DAMPING * kk.diagonal().mean().clamp_min(1e-12)
-    kk = kk + ridge * torch.eye(kk.shape[0], dtype=kk.dtype)
+    kk.diagonal().add_(ridge)
+    dropped_weight = weight[:, dropped].double()
     # delta = W_D C_DK (C_KK + ridge)^-1: the dropped channels' output regressed on the kept ones.
-    delta = torch.linalg.solve(kk, kd @ weight[:, dropped].T).T
-    bias_change = weight[:, dropped] @ mean[dropped] - delta @ mean[kept_mask]
+    right_side = kd @ dropped_weight.T
+    del kd
+    delta = torch.linalg.solve(kk, right_side).T
+    bias_change = dropped_weight @ mean[dropped] - delta @ mean[kept_mask]
     return delta, bias_change
+
+
+def _covariance_block(gram: torch.Tensor, mean: torch.Tensor, tokens: int, rows: torch.Tensor, columns: torch.Tensor):
+    """(gram / tokens - outer(mean, mean))[rows][:, columns], in float64, without the whole matrix."""
+    block = torch.empty(rows.numel(), columns.numel(), dtype=torch.float64)
+    for start in range(0, rows.numel(), COVARIANCE_ROWS_AT_ONCE):  # bounded temporaries of the row gather
+        chunk = rows[start : start + COVARIANCE_ROWS_AT_ONCE]
+        block[start : start + chunk.numel()] = gram[chunk][:, columns]
+    block.div_(tokens)
+    block.sub_(torch.outer(mean[rows], mean[columns]))
+    return block
 
 
 @dataclass
@@ -102,7 +122,9 @@ def prune_ffn(mlp, keep: torch.Tensor, update: str = "none", down_inputs=None) -
         width = mlp.down_proj.in_features
         dropped = torch.ones(width, dtype=torch.bool)
         dropped[keep.cpu()] = False
-        delta, bias_change = spec.function()(mlp.down_proj.weight.detach().double().cpu(), dropped, down_inputs)
+        # float32 (the updates take float64 copies of the dropped columns only: a copy of the whole
+        # matrix in float64 is 360 MB at LLaMA-7B's width)
+        delta, bias_change = spec.function()(mlp.down_proj.weight.detach().float().cpu(), dropped, down_inputs)
     pruned = PrunedFfn(
         _slice_linear(mlp.gate_proj, keep, 0),
         _slice_linear(mlp.up_proj, keep, 0),

@@ -1,14 +1,21 @@
 """LLM-Pruner's first-order Taylor importance of FFN channels, from calibration gradients.
 
-Needs one backward pass per calibration batch through the whole model, so the whole model must
-be in memory (the reason LLM-Pruner needs 80 GB for LLaMA-7B); only the FFN weights get
-gradients. Channel c of layer l scores sum |w * dL/dw| over row c of gate and up and column c
-of down, with dL/dw accumulated over all calibration batches (the language-modelling loss).
+Channel c of layer l scores sum |w * dL/dw| over row c of gate and up and column c of down, with
+dL/dw accumulated over all calibration batches (the language-modelling loss); only the FFN
+weights get gradients.
+
+In memory, one backward pass per batch through the whole model (what LLM-Pruner does, and why it
+needs 80 GB for LLaMA-7B). Streamed, the same gradients layer by layer, one layer in memory at a
+time: a forward walk saves each layer's input to the staging folder, the loss at the head gives
+the gradient of the last hidden states, and a backward walk (last layer first) recomputes each
+layer from its saved input and back-propagates that gradient through it, which yields its FFN
+weight gradients and the gradient of its input for the layer below.
 """
 import torch
 from tqdm.auto import tqdm
 
 from ..architectures import FFN_PROJECTIONS, Architecture
+from ..pipeline.walk import compute_dtype, layer_forward, layer_output
 
 
 def _salience(weight) -> torch.Tensor:
@@ -37,11 +44,7 @@ def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device,
                               disable=not progress):
                 batch = samples[start : start + batch_size].to(device)
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        scores = []
-        for layer in layers:
-            gate, up, down = (architecture.projection_weight(layer, name, _salience) for name in FFN_PROJECTIONS)
-            scores.append((gate.sum(1) + up.sum(1) + down.sum(0)).cpu())
-        return scores
+        return [_layer_salience(architecture, layer) for layer in layers]
     finally:
         for weight in weights.values():
             weight.grad = None
@@ -50,7 +53,76 @@ def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device,
         model.to(home)
 
 
+def _layer_salience(architecture, layer) -> torch.Tensor:
+    gate, up, down = (architecture.projection_weight(layer, name, _salience) for name in FFN_PROJECTIONS)
+    return (gate.sum(1) + up.sum(1) + down.sum(0)).cpu()
+
+
+def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, device, progress: bool = True) -> list:
+    """The same scores as taylor_channel_scores, with one decoder layer in memory at a time.
+
+    `source` is a streamed layer source (pipeline/sharded.py): first_layer_inputs, dense_layer,
+    loss_head and a staging folder for the saved layer inputs.
+    """
+    from ..pipeline.activations import ActivationStore
+    from ..pipeline.sharded import release_freed_memory
+
+    architecture, n_layers = source.architecture, source.n_layers
+    scratch = source.staging / "taylor"
+    scratch.mkdir(exist_ok=True)
+    store, batches = source.first_layer_inputs(samples, batch_size, device, None)
+    try:
+        for index in tqdm(range(n_layers), desc="taylor forward (streamed)", unit="layer", disable=not progress):
+            store.save(scratch / f"input-{index}")
+            with source.dense_layer(index) as layer:
+                computed = compute_dtype(next(layer.parameters()).dtype, device)
+                layer.to(device, computed)
+                with torch.no_grad():
+                    for batch in batches:
+                        batch.hidden = layer_output(layer, batch, computed)
+        gradients = ActivationStore(store.shape, torch.float32)
+        with source.loss_head(device) as loss_of:
+            for batch in batches:
+                hidden = batch.hidden.detach().to(loss_of.dtype).requires_grad_(True)
+                with torch.enable_grad():
+                    loss_of(hidden, samples[batch.rows].to(device)).backward()
+                gradients.data[batch.rows] = hidden.grad.float().cpu()
+        scores = [None] * n_layers
+        for index in tqdm(reversed(range(n_layers)), total=n_layers, desc="taylor backward (streamed)", unit="layer",
+                          disable=not progress):
+            store.load(scratch / f"input-{index}")
+            with source.dense_layer(index) as layer:
+                computed = compute_dtype(next(layer.parameters()).dtype, device)
+                layer.to(device, computed)
+                for parameter in layer.parameters():
+                    parameter.requires_grad_(False)
+                holders = {id(architecture.holder(layer, name)[0].weight): architecture.holder(layer, name)[0].weight
+                           for name in FFN_PROJECTIONS}
+                for weight in holders.values():
+                    weight.requires_grad_(True)
+                for batch in batches:
+                    hidden = batch.hidden.detach().to(computed).requires_grad_(True)
+                    with torch.enable_grad():
+                        output = layer_forward(layer, hidden, batch.kwargs, computed)
+                    output.backward(gradients.data[batch.rows].to(device, output.dtype))
+                    gradients.data[batch.rows] = hidden.grad.float().cpu()
+                scores[index] = _layer_salience(architecture, layer)
+            (scratch / f"input-{index}").unlink()
+        return scores
+    finally:
+        for file in scratch.glob("input-*"):
+            file.unlink()
+        scratch.rmdir()
+        release_freed_memory()
+
+
 def prepare_taylor_scores(run) -> None:
-    """The registered whole-model pass of the Taylor criterion: per-layer scores before the walk."""
-    if "ffn" in run.config.sublayers:
+    """The registered whole-model pass of the Taylor criterion: per-layer scores before the walk
+    (in memory through the whole model, streamed layer by layer)."""
+    if "ffn" not in run.config.sublayers:
+        return
+    if run.model is not None:
         run.channel_scores = taylor_channel_scores(run.model, run.samples, run.config.batch_size, run.device, run.progress)
+    else:
+        run.channel_scores = layerwise_taylor_scores(run.source, run.samples, run.config.batch_size, run.device,
+                                                     run.progress)

@@ -60,6 +60,7 @@ class LayerCompressor:
         if width == ffn.gate_proj.out_features:
             return
         inputs = {name: stats.inputs(name) for name in FFN_PROJECTIONS}
+        stats.release_grams()  # the FFN step is the layer's last: its update may free them as it goes
         if self.channel_scores is not None:
             scores = self.channel_scores[index]
         else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..architectures import Architecture
-from ..devices import peak_memory, resolve_device
+from ..devices import peak_memory, phase_peak_rss_mb, resolve_device
 from ..errors import LorapError
 from ..io.checkpoint import REPORT_FILE, check_output_folder, finish_checkpoint, new_staging_folder
 from ..io.data import calibration_samples
@@ -32,6 +32,7 @@ class CompressionResult:
     plan: Plan
     config: CompressionConfig
     timings: dict = field(default_factory=dict)  # phase -> seconds
+    peak_rss_mb: dict = field(default_factory=dict)  # phase -> its own peak resident set (None: not measurable)
 
     @property
     def parameters(self) -> int:
@@ -40,15 +41,29 @@ class CompressionResult:
 
 @dataclass
 class PreparedRun:
-    """What a registered part's whole-model pass (its `prepare` hook) sees and may change."""
+    """What a registered part's whole-model pass (its `prepare` hook) sees and may change.
 
-    model: object
+    A pass reads the dense model through its layer source: `dense_walk` visits every dense layer in
+    order with its input statistics, in memory or streamed from the shards, so a pass that needs
+    only per-layer scores runs the same way on both.
+    """
+
+    source: object  # the layer source (sources.py, sharded.py)
     samples: object  # calibration token windows [samples, seqlen]
     config: CompressionConfig
     plan: Plan  # a pass may replace it (adaptive FFN widths)
     device: object
     progress: bool
     channel_scores: list | None = None  # per-layer FFN scores, for a criterion scored before the walk
+
+    @property
+    def model(self):
+        """The whole dense model, or None when the run streams."""
+        return self.source.whole_model()
+
+    def dense_walk(self, visit, desc: str) -> None:
+        """visit(index, layer, stats) for every layer of the dense model, in order (nothing is changed)."""
+        self.source.dense_walk(self.samples, visit, self.device, self.progress, self.config.batch_size, desc)
 
 
 @dataclass
@@ -83,20 +98,24 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
     timings = {}
     samples = timed_calibration_samples(tokenizer, config, timings)
     info(source.describe(config, device))
+    # Each phase's own peak: a streamed run's scoring passes and its compressing walk are reported apart.
+    peaks = {"before_passes": phase_peak_rss_mb()}
 
-    run = PreparedRun(source.whole_model(), samples, config, plan, device, progress)
+    run = PreparedRun(source, samples, config, plan, device, progress)
     for spec in config.specs().values():
         if spec.needs_whole_model:
             started = time.perf_counter()
             spec.prepare_function()(run)
             timings[spec.prepare_phase] = time.perf_counter() - started
+            peaks[spec.prepare_phase] = phase_peak_rss_mb()
 
     step = LayerCompressor(config, run.plan, source.architecture, run.channel_scores)
     source.walk(samples, step, device, timings, progress, config.batch_size)
+    peaks["layer_walk"] = phase_peak_rss_mb()
     counted = source.compressed_parameters()
     if counted != run.plan.compressed_parameters:
         raise RuntimeError(f"compressed model has {counted} parameters, the plan says {run.plan.compressed_parameters}")
-    return CompressionResult(source.whole_model(), run.plan, config, timings)
+    return CompressionResult(source.whole_model(), run.plan, config, timings, peaks)
 
 
 def compress_model(model, tokenizer, config: CompressionConfig, progress: bool = True) -> CompressionResult:
@@ -208,6 +227,7 @@ def compress_checkpoint(
         "plan": result.plan.to_dict(),
         "timings": timings,
         "peak_memory": peak_memory(device),
+        "peak_rss_mb_by_phase": result.peak_rss_mb,
         "evaluation": evaluation,
         **environment(str(device)),
     }

@@ -6,6 +6,10 @@ read from the shards, compressed by the run's per-layer step (`walk.process_laye
 memory), written to its own output shard and freed. Host memory holds at most about two decoder
 layers (the dense one and its compressed copy) plus the calibration activations, whatever the depth.
 
+Whole-model decisions (adaptive FFN widths, Taylor scores) are made first, in a scoring pass over
+the same shards that keeps only per-layer scores (`dense_walk`; Taylor's gradients walk the
+layers forward, then backward: methods/taylor.py); the compressing walk is a second pass.
+
 Everything is written into a staging folder beside the output (staging.py), with a progress file
 and the activations after the last finished layer, so an interrupted run resumes there and ends
 with the same bytes as an uninterrupted one. The run adds config, tokenizer, modeling file and
@@ -14,9 +18,11 @@ report and renames the folder into place.
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..architectures import Architecture
@@ -28,9 +34,10 @@ from ..io.shards import ShardReader, shard_contents, shard_name, write_index, wr
 from ..plan.memory import memory_estimate
 from .activations import ACTIVATION_DTYPES, ACTIVATION_STORES, store_batches
 from .staging import activations_file, open_staging, remove_run_state, staging_folder, write_progress
-from .walk import capture_first_layer_inputs, process_layer
+from .walk import capture_first_layer_inputs, compute_dtype, process_layer
 
 MEMMAP_FILE = "activations.memmap"
+SCORING_MEMMAP_FILE = "scoring-activations.memmap"
 
 
 @dataclass
@@ -81,12 +88,6 @@ class ShardedLayers:
 
         self.options = options or StreamOptions()
         self.options.validate()
-        if config.needs_whole_model:
-            raise LorapError(
-                f"{' and '.join(config.whole_model_parts())} look at every layer before compressing any, so they "
-                "need the whole model in memory, and this run streams (--stream, --resume, or the model would not "
-                "fit in memory); choose parts without a whole-model pass (`lorap compress --help`)"
-            )
         if out is None:
             raise LorapError("a streamed run writes its checkpoint as it goes: give an output folder (--out)")
         if source.kind not in ("default", "folder"):
@@ -139,26 +140,99 @@ class ShardedLayers:
             + (f"; resuming after layer {self.finished - 1}" if self.finished else "")
         )
 
-    def walk(self, samples, step, device, timings: dict, progress: bool, batch_size: int) -> None:
+    def first_layer_inputs(self, samples, batch_size: int, device, store_path: Path | None) -> tuple:
+        """The skeleton (built on first use) and the first layer's calibration inputs, from the embeddings alone:
+        (the activation store, its batches)."""
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        begin = time.perf_counter()
         embedding_prefix = self.architecture.embedding + "."
         embedding = self.reader.read([n for n in self.first_names if n.startswith(embedding_prefix)])
-        self.dtype = embedding[embedding_prefix + "weight"].dtype
-        with init_empty_weights():  # parameters on the meta device, buffers (rotary frequencies) real
-            self.skeleton = AutoModelForCausalLM.from_config(self.model_config, dtype=self.dtype)
-        self.skeleton.eval()
+        if self.skeleton is None:
+            self.dtype = embedding[embedding_prefix + "weight"].dtype
+            with init_empty_weights():  # parameters on the meta device, buffers (rotary frequencies) real
+                self.skeleton = AutoModelForCausalLM.from_config(self.model_config, dtype=self.dtype)
+            self.skeleton.eval()
         embed_module = self.architecture.before_layers(self.skeleton)[0]
         embed_module.load_state_dict({k.removeprefix(embedding_prefix): v for k, v in embedding.items()}, assign=True)
         del embedding
         captured = capture_first_layer_inputs(self.skeleton, samples, batch_size, device)
         embed_module.to("meta")
         release_freed_memory()
+        return store_batches(captured, self.options.activation_dtype, store_path, device)
+
+    @contextmanager
+    def dense_layer(self, index: int):
+        """Decoder layer `index` of the skeleton holding its dense weights from the shards; freed on exit."""
+        prefix = f"{self.architecture.state_prefix}{index}."
+        layer = self.architecture.decoder_layers(self.skeleton)[index]
+        dense = self.reader.read(self.reader.layer_names(index))
+        layer.load_state_dict({k.removeprefix(prefix): v for k, v in dense.items()}, assign=True)
+        del dense
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+            release_freed_memory()
+
+    @contextmanager
+    def loss_head(self, device):
+        """loss(hidden, ids): the model's own language-modelling loss of the last decoder layer's output
+        (final norm, LM head, any logit scaling, the shifted cross-entropy), computed by the skeleton's
+        forward with its decoder layers bypassed; the head's weights are loaded here and freed on exit."""
+        tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
+        embedding_prefix = self.architecture.embedding + "."
+        # the final norm and the LM head (the embedding matrix, when tied)
+        names = self.other if tied else [n for n in self.other if not n.startswith(embedding_prefix)]
+        dtype = compute_dtype(self.dtype, device)
+        tensors = {name: tensor.to(device, dtype) for name, tensor in self.reader.read(names).items()}
+        self.skeleton.load_state_dict(tensors, strict=False, assign=True)
+        del tensors
+        if tied:
+            self.skeleton.tie_weights()
+        loaded = [module for module in self.skeleton.modules()
+                  if any(not p.is_meta for p in module.parameters(recurse=False))]
+        rotary = self.architecture.before_layers(self.skeleton)[1:]
+        for module in rotary:
+            module.to(device)
+        layers = self.architecture.decoder_layers(self.skeleton)
+        dense_layers = list(layers)
+        bypasses = [_Bypass(layer) for layer in dense_layers]
+        last = bypasses[-1]
+        for index, bypass in enumerate(bypasses):
+            layers[index] = bypass
+
+        def loss(hidden, ids):
+            last.hidden = hidden
+            placeholder = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)  # what the bypassed layers get
+            return self.skeleton(inputs_embeds=placeholder, labels=ids, use_cache=False).loss
+
+        loss.dtype = dtype
+        try:
+            yield loss
+        finally:
+            for index, layer in enumerate(dense_layers):
+                layers[index] = layer
+            for module in loaded + rotary:
+                module.to("cpu" if module in rotary else "meta")
+            release_freed_memory()
+
+    def dense_walk(self, samples, visit, device, progress: bool, batch_size: int, desc: str) -> None:
+        """One walk over the shards with the dense layers: statistics and visit(index, layer, stats), nothing written."""
+        store_path = self.staging / SCORING_MEMMAP_FILE if self.options.activation_store == "disk" else None
+        store, batches = self.first_layer_inputs(samples, batch_size, device, store_path)
+        for index in tqdm(range(self.n_layers), desc=f"{desc} (streamed)", unit="layer", disable=not progress):
+            with self.dense_layer(index) as layer:
+                process_layer(index, layer, batches, device, visit, self.architecture)
+        del store, batches
+        if store_path is not None:
+            store_path.unlink(missing_ok=True)
+        release_freed_memory()
+
+    def walk(self, samples, step, device, timings: dict, progress: bool, batch_size: int) -> None:
+        begin = time.perf_counter()
         store_path = self.staging / MEMMAP_FILE if self.options.activation_store == "disk" else None
-        self.store, batches = store_batches(captured, self.options.activation_dtype, store_path, device)
-        del captured
+        self.store, batches = self.first_layer_inputs(samples, batch_size, device, store_path)
         if self.finished:
             self.store.load(self.staging / activations_file(self.finished))
         timings["embeddings"] = time.perf_counter() - begin
@@ -171,18 +245,13 @@ class ShardedLayers:
         timings["copy_embeddings_and_head"] = time.perf_counter() - begin
 
         begin = time.perf_counter()
-        layers = self.architecture.decoder_layers(self.skeleton)
         for index in tqdm(range(self.finished, self.n_layers), desc="compressing layers (streamed)", unit="layer",
                           disable=not progress):
             prefix = f"{self.architecture.state_prefix}{index}."
-            layer = layers[index]
-            dense = self.reader.read(self.reader.layer_names(index))
-            layer.load_state_dict({k.removeprefix(prefix): v for k, v in dense.items()}, assign=True)
-            del dense
-            process_layer(index, layer, batches, device, step, self.architecture)
-            write_shard(self.staging, shard_name(index + 2, self.total_shards),
-                        {prefix + k: v for k, v in layer.state_dict().items()})
-            layer.to("meta")
+            with self.dense_layer(index) as layer:
+                process_layer(index, layer, batches, device, step, self.architecture)
+                write_shard(self.staging, shard_name(index + 2, self.total_shards),
+                            {prefix + k: v for k, v in layer.state_dict().items()})
             self.store.save(self.staging / activations_file(index + 1))
             write_progress(self.staging, self.identity, index + 1)
             previous = self.staging / activations_file(index)
@@ -237,6 +306,21 @@ class ShardedLayers:
             },
             "estimate": estimate,
         }
+
+
+class _Bypass(torch.nn.Module):
+    """A decoder layer that returns its input, or, once given `hidden`, that instead (loss_head)."""
+
+    hidden = None
+
+    def __init__(self, layer):
+        super().__init__()
+        if hasattr(layer, "attention_type"):  # what Qwen2's model reads of each layer (full or sliding window)
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # transformers 4.57's LLaMA-family models take a decoder layer's output as a tensor
+        return hidden_states if self.hidden is None else self.hidden
 
 
 def _generation_config(folder: Path, skeleton):

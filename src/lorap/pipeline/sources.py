@@ -5,7 +5,10 @@ streamed from its shards; everything else (plan, checks, whole-model passes, the
 metadata, report, the atomic write) is the run's, once. A source has:
 
   model_config, architecture     the dense model's config and its family adapter
-  whole_model()                  the model, for whole-model passes (None when streamed)
+  whole_model()                  the whole model (None when streamed)
+  dense_walk(samples, visit, device, progress, batch_size, desc)
+                                 visit(index, layer, stats) every dense layer in order, nothing
+                                 changed: the scoring pass of whole-model decisions (run.py)
   dense_parameters()             counted from what is really there, checked against the plan
   describe(config, device)       one line for the log
   walk(samples, step, device, timings, progress)
@@ -48,6 +51,10 @@ class InMemoryLayers:
             f"calibration: {config.calibration_samples} x {config.calibration_seqlen} tokens from "
             f"'{config.calibration_source}' (train), seed {config.seed}; compute device {device}"
         )
+
+    def dense_walk(self, samples, visit, device, progress: bool, batch_size: int, desc: str) -> None:
+        batches = capture_first_layer_inputs(self.model, samples, batch_size, device)
+        walk_layers(self.model, batches, device, visit, progress, desc)
 
     def walk(self, samples, step, device, timings: dict, progress: bool, batch_size: int) -> None:
         started = time.perf_counter()

@@ -33,6 +33,12 @@ class ProjectionInputs:
     def from_norm(cls, norm: torch.Tensor) -> "ProjectionInputs":
         return cls(norm=norm)
 
+    def take_gram(self) -> torch.Tensor | None:
+        """The Gram matrix, handed over: this record forgets it, so the taker can hold its last reference
+        and free it as soon as it has read what it needs (0.9 GiB at LLaMA-7B's FFN width)."""
+        gram, self.gram = self.gram, None
+        return gram
+
 
 class InputStatistics:
     """Per-channel sums over the calibration tokens at the inputs of the seven projections of one layer.
@@ -76,7 +82,11 @@ class InputStatistics:
                 self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
                 if name in self.gram_sources:
                     # float32 products per batch (exact enough over ~1k tokens), float64 across batches
-                    self._add(self.grams, name, (flat.T @ flat).double())
+                    product = flat.T @ flat
+                    if name in self.grams:  # added into the float64 sum in place: no float64 copy of the product
+                        self.grams[name].add_(product)
+                    else:
+                        self.grams[name] = product.double()
                 if name == "q_proj":
                     self.sequences += x.shape[0] if x.dim() == 3 else 1
 
@@ -88,6 +98,11 @@ class InputStatistics:
         finally:
             for handle in self._handles:
                 handle.remove()
+
+    def release_grams(self) -> None:
+        """Forget the Gram matrices: from here on, the ProjectionInputs read from this object are their
+        only holders (so a method that takes one frees it when done)."""
+        self.grams = {}
 
     def check_finite(self, layer_index: int) -> None:
         for name, squares in self.sum_squares.items():

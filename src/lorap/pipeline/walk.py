@@ -86,16 +86,20 @@ def capture_first_layer_inputs(model, samples: torch.Tensor, batch_size: int, de
     return batches
 
 
+def layer_forward(layer, hidden: torch.Tensor, kwargs: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The layer's output for `hidden`, computed in `dtype` (None: hidden's own, the kwargs as they are)."""
+    if dtype is not None:
+        hidden = hidden.to(dtype)
+        kwargs = {key: _floats_as(value, dtype) for key, value in kwargs.items()}
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def layer_output(layer, batch: CalibrationBatch, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The layer's output for `batch`, computed in `dtype` (None: the batch's own) and returned in the
     batch's dtype, so activations between layers keep the model's dtype however a layer computed."""
-    if dtype is None:
-        out = layer(batch.hidden, **batch.kwargs)
-        return out[0] if isinstance(out, tuple) else out
     hidden = batch.hidden
-    kwargs = {key: _floats_as(value, dtype) for key, value in batch.kwargs.items()}
-    out = layer(hidden.to(dtype), **kwargs)
-    return (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
+    return layer_forward(layer, hidden, batch.kwargs, dtype).to(hidden.dtype)
 
 
 @torch.no_grad()
