@@ -95,6 +95,37 @@ def test_token_stream_is_the_joined_split_tokenized_once(tiny_tokenizer):
     assert token_stream(tiny_tokenizer, "wiki", "test") is stream  # cached, not re-tokenized
 
 
+def _one_call(tokenizer, documents):
+    return torch.tensor(tokenizer(data.DOCUMENT_SEPARATOR.join(documents), verbose=False)["input_ids"])
+
+
+def test_tokenizing_in_pieces_equals_one_call_on_the_joined_text(tiny_tokenizer):
+    from lorap.io.default_model import default_model_dir
+    from transformers import AutoTokenizer
+
+    documents = data.wiki_documents("test")[:300]
+    for tokenizer in (tiny_tokenizer, AutoTokenizer.from_pretrained(default_model_dir())):
+        pieces = data.tokenize_joined(tokenizer, documents, piece_characters=2_000)  # about 30 cuts
+        assert torch.equal(pieces, _one_call(tokenizer, documents))
+
+
+def test_a_tokenizer_that_marks_every_call_is_tokenized_in_one_call(monkeypatch):
+    """SentencePiece-style prefix spaces would change the tokens at every cut: the check sees it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    documents = data.wiki_documents("test")[:100]
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    raw.train_from_iterator(documents, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    calls = []
+    real = data._cuts_are_safe
+    monkeypatch.setattr(data, "_cuts_are_safe", lambda *args: calls.append(real(*args)) or calls[-1])
+    assert torch.equal(data.tokenize_joined(tokenizer, documents, piece_characters=2_000), _one_call(tokenizer, documents))
+    assert calls == [False]
+
+
 def test_evaluation_windows_are_consecutive_and_drop_the_tail(tiny_tokenizer):
     stream = token_stream(tiny_tokenizer, "wiki", "test")
     windows = evaluation_windows(tiny_tokenizer, "wiki", seqlen=48, max_tokens=1000)

@@ -193,6 +193,7 @@ def test_memory_estimate_counts_gram_matrices_and_says_when_a_preset_cannot_stre
     assert paper["gram_bytes"] == 0 and whitened["gram_bytes"] == 2 * 3 * 8 * 64**2  # q and o inputs, float64
     assert best["gram_bytes"] == whitened["gram_bytes"] + 3 * 8 * 160**2  # and the FFN's down input
     assert whitened["streaming_peak_bytes"] > paper["streaming_peak_bytes"]
-    assert best["streaming_peak_bytes"] is None  # adaptive widths need the whole model
+    assert best["streaming_peak_bytes"] >= whitened["streaming_peak_bytes"]
+    assert best["whole_model_parts"] == "ffn allocation adaptive"
     assert main(["plan", str(tmp_path / "config.json"), "--ratio", "0.3", "--preset", "best"]) == 0
-    assert "not possible with these settings" in capsys.readouterr().out
+    assert "after a scoring pass over the shards for ffn allocation adaptive" in capsys.readouterr().out

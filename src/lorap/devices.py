@@ -81,3 +81,17 @@ def peak_memory(device) -> dict:
     if str(device).startswith("cuda"):
         memory["device_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return memory
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS. Without this, glibc keeps the fragments of every freed
+    layer and the resident set grows by a fraction of a layer per layer (measured: about 16 MiB per
+    layer of 54 MB), which defeats streaming."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass

@@ -65,7 +65,7 @@ def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, devi
     loss_head and a staging folder for the saved layer inputs.
     """
     from ..pipeline.activations import ActivationStore
-    from ..pipeline.sharded import release_freed_memory
+    from ..devices import release_freed_memory
 
     architecture, n_layers = source.architecture, source.n_layers
     scratch = source.staging / "taylor"

@@ -3,39 +3,57 @@ import torch
 
 from ..architectures import attention_shapes, ffn_shapes
 
-RUNTIME_BASELINE_BYTES = 450 * 2**20  # Python + torch + transformers, measured (docs/scaling.md)
+# Python, torch, transformers, lorap and the tokenizer: 502 MiB measured when a streamed run starts its
+# first pass (compression_report.json, peak_rss_mb_by_phase.before_passes)
+RUNTIME_BASELINE_BYTES = 500 * 2**20
+HALF_PRECISION_BYTES = 2  # float16 / bfloat16: a layer is computed in float32 while processed (pipeline/walk.py)
+TAYLOR_PART = "ffn score llm-pruner-taylor"  # CompressionConfig.whole_model_parts() names it so
 
 
 def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, batch_size: int = 8, dtype_bytes=None,
                     gram_sources=(), whole_model_parts=()) -> dict:
-    """Peak host memory of a compression run, in bytes, from shapes alone.
+    """Peak host memory of a compression run on a CPU, in bytes, from shapes alone.
 
     Streamed: the largest of (embeddings + captured activations), (LM head copied to the output),
-    (two decoder layers + activations + one batch's float32 working set + float32 copies of the
-    largest matrix for SVD / channel scores + the float64 Gram matrices some methods collect, with
-    room for their factorisation). In memory: the whole model instead of two layers.
+    (the layer being processed, in float32 when stored in half precision, + activations + one
+    batch's float32 working set + the largest per-layer step). The step is the larger of the
+    attention phase (every Gram matrix the layer's methods collect, held together, + the float32
+    copies of SVD, + SVD-LLM's float64 whitening of the widest attention input) and the FFN phase
+    of the least-squares refit (its Gram matrix is freed once the kept-kept block, its solver copy
+    and the kept-dropped block are formed). Taylor scores add their streamed backward pass (the
+    LM head in float32, a batch of logits, the gradient store). Whole-model passes streamed before
+    the walk (adaptive widths) hold less than the walk, so they do not raise the peak. In memory:
+    the whole model instead of one layer. Each term was checked against measured peaks at LLaMA-7B
+    width (docs/scaling.md).
     """
     if dtype_bytes is None:
         dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "float32"
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    compute_bytes = 4 if dtype_bytes == HALF_PRECISION_BYTES else dtype_bytes
     d, m, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
     heads = model_config.num_attention_heads
-    matrices = [(o, i) for o, i, _ in attention_shapes(model_config).values()] + [
-        (o, i) for o, i, _ in ffn_shapes(model_config).values()
-    ]
+    attention = attention_shapes(model_config)
+    matrices = [(o, i) for o, i, _ in attention.values()] + [(o, i) for o, i, _ in ffn_shapes(model_config).values()]
     layer = sum(o * i for o, i in matrices) + 2 * d
     embed = vocab * d
     head = 0 if getattr(model_config, "tie_word_embeddings", False) else vocab * d
     activations = samples * seqlen * d * dtype_bytes
-    working = 4 * min(batch_size, samples) * seqlen * (3 * m + heads * seqlen + 4 * d)
+    batch = min(batch_size, samples)
+    working = 4 * batch * seqlen * (3 * m + heads * seqlen + 4 * d)
     decompose = 3 * 4 * max(o * i for o, i in matrices)
-    gram_inputs = {"q_proj": d, "o_proj": attention_shapes(model_config)["o_proj"][1], "down_proj": m}
-    grams = sum(3 * 8 * gram_inputs[name] ** 2 for name in gram_sources)  # the sum, a copy, a factor (float64)
-    per_layer = activations + working + decompose + grams
-    streamed = RUNTIME_BASELINE_BYTES + max(
-        embed * dtype_bytes + 2 * activations, head * dtype_bytes, 2 * layer * dtype_bytes + per_layer
-    )
+    gram_inputs = {"q_proj": d, "o_proj": attention["o_proj"][1], "down_proj": m}
+    grams = sum(8 * gram_inputs[name] ** 2 for name in gram_sources)  # float64, held together
+    attention_grams = [gram_inputs[name] for name in gram_sources if name != "down_proj"]
+    whitening = 4 * 8 * max(attention_grams) ** 2 if attention_grams else 0  # factor, whitened weight, SVD
+    attention_phase = grams + decompose + whitening
+    kept = max(layer_plan.ffn_width for layer_plan in plan.layers)
+    ffn_phase = 8 * (2 * kept * kept + kept * (m - kept)) if "down_proj" in gram_sources else 0
+    per_layer = activations + working + max(attention_phase, ffn_phase)
+    candidates = [embed * dtype_bytes + 2 * activations, head * dtype_bytes, layer * compute_bytes + per_layer]
+    if TAYLOR_PART in whole_model_parts:
+        candidates.append((head or embed) * 4 + 3 * 4 * batch * seqlen * vocab + samples * seqlen * d * 4 + activations)
+    streamed = RUNTIME_BASELINE_BYTES + max(candidates)
     in_memory = RUNTIME_BASELINE_BYTES + plan.dense_parameters * dtype_bytes + per_layer
     return {
         "checkpoint_bytes": plan.dense_parameters * dtype_bytes,
@@ -44,8 +62,8 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
         "activation_bytes": activations,
         "gram_bytes": grams,
         "in_memory_peak_bytes": in_memory,
-        "streaming_peak_bytes": None if whole_model_parts else streamed,  # None: these settings cannot stream
-        "whole_model_parts": ", ".join(whole_model_parts),
+        "streaming_peak_bytes": streamed,
+        "whole_model_parts": ", ".join(whole_model_parts),  # streamed: a scoring pass over the shards first
     }
 
 
@@ -56,6 +74,7 @@ def format_memory_estimate(estimate: dict) -> str:
         f"memory estimate ({estimate['dtype_bytes']}-byte weights, calibration {calibration['samples']} x "
         f"{calibration['seqlen']}): checkpoint {estimate['checkpoint_bytes'] / gib:.1f} GiB; peak host memory "
         f"in memory {estimate['in_memory_peak_bytes'] / gib:.1f} GiB, streamed (--stream) "
-        + (f"{estimate['streaming_peak_bytes'] / gib:.1f} GiB" if estimate["streaming_peak_bytes"] is not None
-           else f"not possible with these settings ({estimate['whole_model_parts']}: a whole-model pass)")
+        f"{estimate['streaming_peak_bytes'] / gib:.1f} GiB"
+        + (f" (after a scoring pass over the shards for {estimate['whole_model_parts']})"
+           if estimate["whole_model_parts"] else "")
     )
