@@ -27,8 +27,8 @@ class MethodSpec:
     help: str
     statistics: tuple = ()  # what it reads at the inputs of `reads` (STATISTICS)
     reads: tuple = ()  # the logical projections whose inputs it reads
-    # A whole-model pass before the layer walk (it sees every layer, so the run cannot stream):
-    # called with the run (pipeline.run.PreparedRun), it may set run.plan or run.channel_scores.
+    # A whole-model pass before the layer walk (it sees every layer; a streamed run makes it over the
+    # shards first): called with the run (pipeline.run.PreparedRun), it may set run.plan or run.channel_scores.
     prepare: str | Callable | None = None
     prepare_phase: str | None = None  # the report's name for the time `prepare` took
     adds_down_bias: bool = False  # adds parameters: a bias on the FFN's down projection where it had none

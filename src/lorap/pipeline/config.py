@@ -58,7 +58,7 @@ class CompressionConfig:
 
     @property
     def needs_whole_model(self) -> bool:
-        """Settings that look at every layer before compressing any (so cannot be streamed)."""
+        """Settings that look at every layer before compressing any (a streamed run scores the shards first)."""
         return any(spec.needs_whole_model for spec in self.specs().values())
 
     def whole_model_parts(self) -> list:
