@@ -16,8 +16,8 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
 
     Streamed: the largest of (embeddings + captured activations), (LM head copied to the output),
     (the layer being processed, in float32 when stored in half precision, + activations + one
-    batch's float32 working set + the largest per-layer step). The step is the larger of the
-    attention phase (every Gram matrix the layer's methods collect, held together, + the float32
+    batch's float32 working set + the largest per-layer step). The step is the largest of the
+    statistics (the Gram matrices and one batch's float32 product), the attention phase (every Gram matrix the layer's methods collect, held together, + the float32
     copies of SVD, + SVD-LLM's float64 whitening of the widest attention input) and the FFN phase
     of the least-squares refit (its Gram matrix is freed once the kept-kept block, its solver copy
     and the kept-dropped block are formed). Taylor scores add their streamed backward pass (the
@@ -49,7 +49,9 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
     attention_phase = grams + decompose + whitening
     kept = max(layer_plan.ffn_width for layer_plan in plan.layers)
     ffn_phase = 8 * (2 * kept * kept + kept * (m - kept)) if "down_proj" in gram_sources else 0
-    per_layer = activations + working + max(attention_phase, ffn_phase)
+    widest = max((gram_inputs[name] for name in gram_sources), default=0)
+    collection = grams + 4 * widest**2  # while the calibration batches run: one batch's float32 product
+    per_layer = activations + working + max(collection, attention_phase, ffn_phase)
     candidates = [embed * dtype_bytes + 2 * activations, head * dtype_bytes, layer * compute_bytes + per_layer]
     if TAYLOR_PART in whole_model_parts:
         candidates.append((head or embed) * 4 + 3 * 4 * batch * seqlen * vocab + samples * seqlen * d * 4 + activations)
