@@ -217,8 +217,8 @@ def write_page(page: Path, rows: list) -> None:
         "preset and calibration (what `lorap plan` prints). Load is the 1-minute load average before and after the run.",
         "",
         "| preset | layers | checkpoint | parameters | peak RSS | checkpoint / peak | estimate (vs peak) | time per layer "
-        "| wall time | output | output parameters (plan) | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| wall time | output | output parameters (plan) | load | commit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["preset"] != "paper", r["preset"], r["layers"])):
         peak = r["peak_rss_mb"] * 2**20
@@ -232,7 +232,7 @@ def write_page(page: Path, rows: list) -> None:
             f"| {r['preset']} | {r['layers']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {r['parameters'] / 1e9:.2f} B | "
             f"{peak / GIB:.2f} GiB | {r['checkpoint_bytes'] / peak:.1f}x | {estimated} | {per_layer} | {r['wall_s'] / 60:.1f} min | "
             f"{r['output_bytes'] / GIB:.2f} GiB | {r['output_parameters'] / 1e9:.3f} B {match} "
-            f"({r['plan_parameters'] / 1e9:.3f} B) | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+            f"({r['plan_parameters'] / 1e9:.3f} B) | {r['load'][0]:.1f} / {r['load'][1]:.1f} | {r['commit']} |"
         )
     lines += ["", *findings(rows)]
     update_section(page, "scaling-7b", "\n".join(lines))

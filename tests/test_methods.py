@@ -179,7 +179,7 @@ def test_cli_presets_and_options_reach_the_plan(tmp_path, capsys):
         main(["plan", config, "--ratio", "0.3", "--preset", "nonesuch"])
 
 
-def test_memory_estimate_counts_gram_matrices_and_says_when_a_preset_cannot_stream(tmp_path, capsys):
+def test_memory_estimate_counts_gram_matrices_and_the_scoring_pass_of_a_streamed_preset(tmp_path, capsys):
     from conftest import tiny_config
     from lorap.cli import main
 
@@ -190,8 +190,8 @@ def test_memory_estimate_counts_gram_matrices_and_says_when_a_preset_cannot_stre
         return json.loads(capsys.readouterr().out)["memory_estimate"]
 
     paper, whitened, best = estimate(), estimate("--preset", "svd-llm"), estimate("--preset", "best")
-    assert paper["gram_bytes"] == 0 and whitened["gram_bytes"] == 2 * 3 * 8 * 64**2  # q and o inputs, float64
-    assert best["gram_bytes"] == whitened["gram_bytes"] + 3 * 8 * 160**2  # and the FFN's down input
+    assert paper["gram_bytes"] == 0 and whitened["gram_bytes"] == 2 * 8 * 64**2  # q and o inputs, float64
+    assert best["gram_bytes"] == whitened["gram_bytes"] + 8 * 160**2  # and the FFN's down input
     assert whitened["streaming_peak_bytes"] > paper["streaming_peak_bytes"]
     assert best["streaming_peak_bytes"] >= whitened["streaming_peak_bytes"]
     assert best["whole_model_parts"] == "ffn allocation adaptive"

@@ -202,3 +202,30 @@ def test_streamed_on_cuda_matches_cpu(sharded_model_dir, tmp_path):
     prefix = "model.layers.3.self_attn.q_proj."
     product = lambda w: w[prefix + "left.weight"] @ w[prefix + "right.weight"]  # noqa: E731
     assert torch.allclose(product(cpu), product(gpu), atol=1e-3)
+
+
+def test_missing_or_truncated_shard_is_refused_before_any_work(sharded_model_dir, tmp_path):
+    shards = sorted(sharded_model_dir.glob("model-*.safetensors"))
+    data = shards[3].read_bytes()
+    shards[3].write_bytes(data[: len(data) - 100])  # a download cut short
+    with pytest.raises(LorapError, match="truncated"):
+        api.compress(str(sharded_model_dir), tmp_path / "out", progress=False, stream=True, **SMALL)
+    shards[3].unlink()
+    with pytest.raises(LorapError, match="missing"):
+        api.compress(str(sharded_model_dir), tmp_path / "out", progress=False, stream=True, **SMALL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_without_room_for_the_output_is_refused_before_the_walk(sharded_model_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import lorap.pipeline.sharded
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    walked = []
+    monkeypatch.setattr(lorap.pipeline.sharded, "process_layer", lambda *args: walked.append(args))
+    with pytest.raises(LorapError, match="GiB free"):
+        api.compress(str(sharded_model_dir), tmp_path / "out", progress=False, stream=True, **SMALL)
+    assert walked == [] and not list(tmp_path.glob("*out*"))  # no output, no staging folder

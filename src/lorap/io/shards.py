@@ -78,6 +78,27 @@ class ShardReader:
         match = self._layer_key.match(name)
         return int(match.group(1)) if match else None
 
+    def check_complete(self) -> None:
+        """Every shard the index names is there, and no shard is shorter than its own header says
+        (a download cut short): refused now, before a long run fails in its middle."""
+        for path in self.files():
+            if not path.is_file():
+                raise LorapError(f"{path.name} is named by {self.folder / INDEX_FILE} but missing; download it again")
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                prefix = handle.read(8)
+                header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+                try:
+                    header = json.loads(handle.read(header_length)) if header_length else None
+                except ValueError:
+                    header = None
+            if not isinstance(header, dict):
+                raise LorapError(f"{path} is not a readable safetensors file (truncated or damaged); download it again")
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+            if size < 8 + header_length + end:
+                raise LorapError(f"{path} is truncated ({size} bytes, its header describes {8 + header_length + end}); "
+                                 "download it again")
+
     def fingerprint(self) -> dict:
         """What identifies this checkpoint for a resumed run: file names, sizes and times."""
         return {path.name: [path.stat().st_size, int(path.stat().st_mtime)] for path in self.files()}

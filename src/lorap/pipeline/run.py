@@ -94,6 +94,7 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
     dense = source.dense_parameters()
     if dense != plan.dense_parameters:
         raise RuntimeError(f"plan counts {plan.dense_parameters} dense parameters, the model has {dense}")
+    source.check_room(plan)
     device = resolve_device(config.device)
     timings = {}
     samples = timed_calibration_samples(tokenizer, config, timings)

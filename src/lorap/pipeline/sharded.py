@@ -84,6 +84,7 @@ class ShardedLayers:
         self.model_config = AutoConfig.from_pretrained(self.folder)
         self.architecture = Architecture(self.model_config)
         self.reader = ShardReader(self.folder, self.architecture.state_prefix)
+        self.reader.check_complete()
         self.n_layers = self.model_config.num_hidden_layers
         tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
         # What is copied as is: everything outside the layers (a tied LM head is not stored, as save_pretrained does).
@@ -202,6 +203,24 @@ class ShardedLayers:
             for module in loaded + rotary:
                 module.to("cpu" if module in rotary else "meta")
             release_freed_memory()
+
+    def check_room(self, plan) -> None:
+        """Refuse, before any pass, an output disk without room for the compressed shards (from the plan)."""
+        import shutil
+
+        bytes_per_parameter = self.reader.total_bytes() / plan.dense_parameters  # as stored now
+        needed = plan.compressed_parameters * bytes_per_parameter - self._written_bytes()
+        free = shutil.disk_usage(self.staging).free
+        if needed > free:
+            if self.finished == 0:  # nothing to resume: leave no staging folder behind
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise LorapError(
+                f"the compressed checkpoint needs about {needed / 2**30:.2f} GiB more at {self.out.parent}, which has "
+                f"{free / 2**30:.2f} GiB free; free some space or choose another --out"
+            )
+
+    def _written_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.staging.glob("*.safetensors"))
 
     def dense_walk(self, samples, visit, device, progress: bool, batch_size: int, desc: str) -> None:
         """One walk over the shards with the dense layers: statistics and visit(index, layer, stats), nothing written."""

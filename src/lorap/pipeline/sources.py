@@ -11,6 +11,7 @@ metadata, report, the atomic write) is the run's, once. A source has:
                                  changed: the scoring pass of whole-model decisions (run.py)
   dense_parameters()             counted from what is really there, checked against the plan
   describe(config, device)       one line for the log
+  check_room(plan)               refuse before any pass what cannot be written (a streamed output's disk)
   walk(samples, step, device, timings, progress)
                                  run `step` on every layer in order (walk.process_layer)
   compressed_parameters()        counted afterwards, checked against the plan
@@ -45,6 +46,9 @@ class InMemoryLayers:
 
     def compressed_parameters(self) -> int:
         return count_parameters(self.model)
+
+    def check_room(self, plan) -> None:
+        """Nothing to check before the passes: the output is written at the end, by save_pretrained."""
 
     def describe(self, config, device) -> str:
         return (
