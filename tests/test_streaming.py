@@ -229,3 +229,26 @@ def test_a_disk_without_room_for_the_output_is_refused_before_the_walk(sharded_m
     with pytest.raises(LorapError, match="GiB free"):
         api.compress(str(sharded_model_dir), tmp_path / "out", progress=False, stream=True, **SMALL)
     assert walked == [] and not list(tmp_path.glob("*out*"))  # no output, no staging folder
+
+
+def test_resuming_against_a_changed_checkpoint_is_refused(sharded_model_dir, tmp_path, monkeypatch):
+    import os
+
+    import lorap.pipeline.sharded
+
+    real_step = lorap.pipeline.sharded.process_layer
+
+    def interrupted_at_layer_2(index, *args):
+        if index == 2:
+            raise KeyboardInterrupt
+        real_step(index, *args)
+
+    monkeypatch.setattr(lorap.pipeline.sharded, "process_layer", interrupted_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        api.compress(str(sharded_model_dir), tmp_path / "out", progress=False, stream=True, **SMALL)
+    monkeypatch.setattr(lorap.pipeline.sharded, "process_layer", real_step)
+    shard = sorted(sharded_model_dir.glob("model-*.safetensors"))[2]
+    os.utime(shard, (shard.stat().st_atime, shard.stat().st_mtime + 60))  # the input was replaced meanwhile
+    with pytest.raises(LorapError, match="another checkpoint"):
+        api.compress(str(sharded_model_dir), tmp_path / "out", progress=False, resume=True, **SMALL)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.streaming").is_dir()  # kept, for the user to decide
