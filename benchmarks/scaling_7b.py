@@ -124,13 +124,9 @@ def generate(folder: Path, layers: int) -> dict:
 
 def counted_parameters(folder: Path) -> int:
     """Parameters in a checkpoint's shards, from their headers."""
-    from safetensors import safe_open
+    from lorap.io.shards import ShardReader
 
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as handle:
-            total += sum(math.prod(handle.get_slice(n).get_shape()) for n in handle.keys())
-    return total
+    return sum(math.prod(shape) for shape in ShardReader(folder).shapes().values())
 
 
 def compress_command(folder: Path, out: Path, preset: str, corpus: Path) -> list:

@@ -23,15 +23,19 @@ def _salience(weight) -> torch.Tensor:
     return (weight.detach().float() * weight.grad.float()).abs()
 
 
+def _ffn_weights(architecture, layers) -> dict:
+    """{id: weight} of the physical weights holding the layers' FFN projections (one fused weight may hold two)."""
+    holders = (architecture.holder(layer, name)[0] for layer in layers for name in FFN_PROJECTIONS)
+    return {id(module.weight): module.weight for module in holders}
+
+
 def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device, progress: bool = True) -> list:
     """[scores of layer 0's channels, ...] for the model as it is (dense)."""
     architecture = Architecture(model.config)
     layers = architecture.decoder_layers(model)
     home = next(model.parameters()).device
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    # The physical weights holding the FFN projections (one fused weight may hold two).
-    holders = (architecture.holder(layer, name)[0] for layer in layers for name in FFN_PROJECTIONS)
-    weights = {id(module.weight): module.weight for module in holders}
+    weights = _ffn_weights(architecture, layers)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for weight in weights.values():
@@ -96,9 +100,7 @@ def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, devi
                 layer.to(device, computed)
                 for parameter in layer.parameters():
                     parameter.requires_grad_(False)
-                holders = {id(architecture.holder(layer, name)[0].weight): architecture.holder(layer, name)[0].weight
-                           for name in FFN_PROJECTIONS}
-                for weight in holders.values():
+                for weight in _ffn_weights(architecture, [layer]).values():
                     weight.requires_grad_(True)
                 for batch in batches:
                     hidden = batch.hidden.detach().to(computed).requires_grad_(True)
