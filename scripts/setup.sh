@@ -32,5 +32,7 @@ echo "[setup] installing lorap and pinned dependencies" >&2
 import torch
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}"
 PY
+# The out-of-domain corpus 'pydocs' comes from Debian's registry; without it only that corpus is missing.
+bash scripts/get_pydocs.sh || echo "[setup] warning: the corpus 'pydocs' could not be fetched (see above)" >&2
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

@@ -77,6 +77,40 @@ def test_wiki_documents_do_not_depend_on_the_order_of_the_json(wiki_articles, tm
     assert wiki_documents("test") == expected
 
 
+def test_pydocs_split_by_path_is_deterministic_disjoint_and_complete(tmp_path, monkeypatch):
+    for number in range(40):
+        page = tmp_path / ("library" if number % 2 else "howto") / f"page{number}.rst.txt"
+        page.parent.mkdir(exist_ok=True)
+        page.write_text(f"Page {number}\n=======\n\nText of page {number}.\n", encoding="utf-8")
+    (tmp_path / "empty.rst.txt").write_text("  \n", encoding="utf-8")
+    (tmp_path / "notes.html").write_text("not a source", encoding="utf-8")
+    monkeypatch.setenv("LORAP_PYDOCS_DIR", str(tmp_path))
+    test, train = data.load_documents("pydocs", "test"), data.load_documents("pydocs", "train")
+    assert test and train and not set(test) & set(train) and len(test) + len(train) == 40
+    assert test == data.load_documents("pydocs", "test")
+    for text in test:
+        number = int(text.split()[1])
+        folder = "library" if number % 2 else "howto"
+        assert data.pydocs_split_of(f"{folder}/page{number}.rst.txt") == "test"
+
+
+def test_pydocs_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAP_PYDOCS_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("LORAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "PYDOCS_SOURCES", data.Path("nowhere/_sources"))
+    with pytest.raises(LorapError, match="get_pydocs.sh"):
+        data.load_documents("pydocs", "test")
+
+
+def test_the_real_pydocs_corpus_when_fetched():
+    try:
+        folder = data.pydocs_folder()
+    except LorapError:
+        pytest.skip("pydocs not fetched (bash scripts/get_pydocs.sh)")
+    assert len(list(folder.rglob("*.rst.txt"))) == 497  # python3.11-doc 3.11.2
+    assert (len(data.load_documents("pydocs", "train")), len(data.load_documents("pydocs", "test"))) == (251, 246)
+
+
 def test_bad_split_and_unknown_corpus():
     with pytest.raises(ValueError):
         load_documents("wiki", "validation")

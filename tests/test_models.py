@@ -13,7 +13,7 @@ from conftest import build_tiny_model
 from lorap.io import network
 from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
-from lorap.io.models import is_lorap_checkpoint, load_config, load_model, resolve_model
+from lorap.io.models import is_lorap_checkpoint, load_config, load_model, own_weights, resolve_model
 
 
 @pytest.fixture
@@ -145,6 +145,22 @@ def test_load_model_gives_the_same_logits(tiny_model_dir, tiny_arch, tiny_tokeni
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert count_parameters(model) == count_parameters(reference)
+
+
+def test_own_weights_keeps_every_value_and_leaves_the_file_mapping(tiny_model_dir, tiny_arch):
+    model, _, _ = load_model(str(tiny_model_dir))
+    before = {name: (tensor.detach().clone(), tensor.data_ptr()) for name, tensor in model.state_dict().items()}
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    own_weights(model, tiny_model_dir)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for name, (value, pointer) in before.items():
+        assert torch.equal(after[name], value), name
+        assert after[name].data_ptr() != pointer, f"{name} still points where it was loaded"
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the model's mapping of its file is closed once nothing points into it
+        assert str(tiny_model_dir) not in maps.read_text(), "the checkpoint file is still mapped"
 
 
 def test_load_model_dtype_and_broken_folders(tmp_path, tiny_tokenizer):

@@ -181,7 +181,7 @@ def test_recovery_lowers_the_loss_keeps_the_count_and_reloads(compressed_dir, tm
     result = recover(compressed_dir, out, data=corpus, max_steps=9, **FAST)
     report = result.report
     validation = report["history"]["validation"]
-    assert [step for step, _ in validation] == [0, 3, 6, 9]
+    assert [entry[0] for entry in validation] == [0, 3, 6, 9]
     assert report["best_validation_loss"] < report["validation_loss_before"] - 0.04
     train = [loss for _, loss in report["history"]["train"]]
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3

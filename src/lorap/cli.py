@@ -333,10 +333,11 @@ def _run_plan(args):
 def _add_recover(sub):
     p = sub.add_parser(
         "recover",
-        help="LoRA fine-tune a lorap checkpoint, merge, and save it as small as before",
+        help="fine-tune a lorap checkpoint (LoRA or every weight, optionally distilled), save it as small as before",
         description="Recovery after compression: LoRA on every linear layer of the decoder (dense projections and "
-        "both factors of each factorized one), the best adapter by held-out loss merged into the weights. "
-        "Defaults follow the paper: r 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, cutoff 256.",
+        "both factors of each factorized one), or every weight with --full; next-token loss, or distillation from "
+        "the dense model with --teacher base. The best state by held-out loss is saved. "
+        "LoRA defaults follow the paper: r 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, cutoff 256.",
     )
     p.add_argument("checkpoint", type=Path, help="lorap checkpoint folder (from `lorap compress`)")
     p.add_argument("--out", type=Path, required=True, help="recovered checkpoint folder to write")
@@ -363,6 +364,16 @@ def _add_recover(sub):
     p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--full", action="store_true",
+                   help="train every compressed weight (factors, kept FFN channels, norms) instead of LoRA")
+    p.add_argument("--train-embeddings", action="store_true", help="with --full: also train the embeddings and LM head")
+    p.add_argument("--teacher", help="distil from this model: 'base' (the model the checkpoint was compressed from), "
+                   "a folder or hub id, or 'none' (default: none)")
+    p.add_argument("--kd-weight", type=float, default=1.0,
+                   help="share of the distillation loss, the rest next-token loss (default 1: distillation only)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    p.add_argument("--kd-hidden-weight", type=float, default=0.0,
+                   help="weight of a loss matching each layer's output to the teacher's (default 0: off)")
     p.add_argument("--work-dir", type=Path, help="periodic checkpoints (default: .OUT.recovery beside --out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new one is complete)")
@@ -394,6 +405,12 @@ def _run_recover(args):
         save_every=args.save_every,
         seed=args.seed,
         device=args.device,
+        full=args.full,
+        train_embeddings=args.train_embeddings,
+        teacher=args.teacher,
+        kd_weight=args.kd_weight,
+        kd_temperature=args.kd_temperature,
+        kd_hidden_weight=args.kd_hidden_weight,
     )
     result = recover(
         args.checkpoint,

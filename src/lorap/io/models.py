@@ -167,3 +167,35 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, source
+
+
+
+def own_weights(model, folder=None) -> None:
+    """Give every parameter and buffer its own memory instead of pages of the checkpoint file.
+
+    from_pretrained maps a safetensors file and, where the dtype matches, keeps the tensors as
+    views of that mapping. A page of it counts in the process's memory once read and stays until
+    every tensor of the file is gone, so a compression that replaces the layers one by one would
+    never see the dense layers' memory come back: it would end holding the whole dense file and
+    the whole compressed model. With each tensor in its own memory, a dense layer is freed as soon
+    as it is replaced.
+
+    Tensors stored under the same name, dtype and shape in `folder`'s safetensors are read again
+    from the file one at a time (through a mapping closed after each read), so the model's own
+    mapping is never paged in whole; the rest are cloned. Either way the values are the same bits."""
+    import torch
+
+    from .shards import INDEX_FILE, SINGLE_FILE, ShardReader
+
+    reader = None
+    if folder is not None and any((Path(folder) / name).is_file() for name in (INDEX_FILE, SINGLE_FILE)):
+        reader = ShardReader(folder)
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    with torch.no_grad():
+        for name, tensor in named:
+            if tensor.device.type != "cpu":
+                continue
+            stored = reader.read([name])[name] if reader is not None and name in reader.weight_map else None
+            if stored is None or stored.dtype != tensor.dtype or stored.shape != tensor.shape:
+                stored = tensor.data.clone()
+            tensor.data = stored

@@ -16,7 +16,7 @@ from ..errors import LorapError
 from ..io.checkpoint import REPORT_FILE, check_output_folder, finish_checkpoint, new_staging_folder
 from ..io.data import calibration_samples
 from ..io.files import write_json_atomic
-from ..io.models import load_config, load_model, resolve_model
+from ..io.models import load_config, load_model, own_weights, resolve_model
 from ..log import info
 from ..plan.plan import Plan, make_plan
 from ..provenance import environment
@@ -199,6 +199,7 @@ def compress_checkpoint(
         if out is not None:  # fail before the long work, not after it
             check_output_folder(out, overwrite, protected=[spec.location] if spec.kind != "hub" else [])
         loaded, tokenizer, spec = load_model(model)
+        own_weights(loaded, spec.location if spec.kind in ("default", "folder", "lorap") else None)
         timings["load"] = time.perf_counter() - started
         source = InMemoryLayers(loaded)
     device = resolve_device(config.device)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import Architecture
+from ..devices import release_freed_memory
 from .statistics import InputStatistics
 
 
@@ -113,6 +114,7 @@ def walk_layers(model, batches: list, device, compress_layer, progress: bool = T
     layers = architecture.decoder_layers(model)
     for index in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
         process_layer(index, layers[index], batches, device, compress_layer, architecture)
+        release_freed_memory()  # the replaced dense layer's fragments, or the heap keeps growing
 
 
 @torch.no_grad()

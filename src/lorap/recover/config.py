@@ -27,6 +27,16 @@ class RecoveryConfig:
     save_every: int = 50
     seed: int = 0
     device: str | None = None
+    full: bool = False  # train every compressed weight (factors, kept FFN channels, norms) instead of LoRA
+    train_embeddings: bool = False  # with full: also the embeddings and LM head
+    teacher: str | None = None  # None / "none": no teacher; "base": the model it was compressed from; or a model
+    kd_weight: float = 1.0  # share of the distillation term in the loss (the rest: next-token loss)
+    kd_temperature: float = 1.0
+    kd_hidden_weight: float = 0.0  # weight of the layer-output matching term (0: off)
+
+    @property
+    def distills(self) -> bool:
+        return self.teacher not in (None, "none")
 
     def validate(self) -> None:
         positive = {
@@ -54,6 +64,17 @@ class RecoveryConfig:
             raise LorapError(f"LoRA alpha must be positive, got {self.lora_alpha}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise LorapError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if not 0 <= self.kd_weight <= 1:
+            raise LorapError(f"--kd-weight must lie in [0, 1] (the distillation share of the loss), got {self.kd_weight}")
+        if not self.kd_temperature > 0:
+            raise LorapError(f"--kd-temperature must be positive, got {self.kd_temperature}")
+        if not self.kd_hidden_weight >= 0:
+            raise LorapError(f"--kd-hidden-weight must be zero or positive, got {self.kd_hidden_weight}")
+        if not self.distills and (self.kd_hidden_weight > 0 or self.kd_weight != 1.0 or self.kd_temperature != 1.0):
+            raise LorapError("--kd-weight, --kd-temperature and --kd-hidden-weight need a teacher: add --teacher base "
+                             "(the model this checkpoint was compressed from) or --teacher MODEL")
+        if self.train_embeddings and not self.full:
+            raise LorapError("--train-embeddings needs --full (LoRA never targets the embeddings or the LM head)")
 
     def to_dict(self) -> dict:
         return asdict(self)

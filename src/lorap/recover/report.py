@@ -11,8 +11,31 @@ def format_recovery(report: dict) -> str:
         f"{data['validation_examples']} held-out examples, cutoff {data['cutoff']})",
         f"steps: {report['steps']} of {report['total_steps']} ({report['epochs_done']} epochs, "
         f"{report['tokens_seen']:,} tokens, stopped by {report['stopped_by']}), {minutes:.1f} min of training",
+        f"trained: {_trained(report)}; loss: {_loss(report['loss'])}",
         f"validation loss: {report['validation_loss_before']:.4f} before -> "
-        f"{report['best_validation_loss']:.4f} best (step {report['best_step']}, merged)",
+        f"{report['best_validation_loss']:.4f} best (step {report['best_step']}, "
+        f"{'merged' if report['method'] == 'lora' else 'kept'})",
         f"parameters: {report['parameters']:,} (unchanged)",
     ]
+    if "distillation" in report["loss"]:
+        lines.insert(-1, f"held-out next-token loss: {report['validation_nll_before']:.4f} before -> "
+                         f"{report['best_validation_nll']:.4f} at the best step")
     return "\n".join(lines)
+
+
+def _trained(report: dict) -> str:
+    if report["method"] == "lora":
+        lora = report["lora"]
+        return f"LoRA r {lora['r']} on {lora['target_modules']} linears"
+    return f"full ({report['trained']})"
+
+
+def _loss(loss: dict) -> str:
+    if "distillation" not in loss:
+        return "next-token"
+    parts = [f"{loss['distillation']:g} x distillation (T {loss['temperature']:g}) from {loss['teacher']}"]
+    if loss["next_token"]:
+        parts.append(f"{loss['next_token']:g} x next-token")
+    if loss.get("layer_outputs"):
+        parts.append(f"{loss['layer_outputs']:g} x layer outputs")
+    return " + ".join(parts)

@@ -1,15 +1,17 @@
-"""Recovery: LoRA fine-tuning of a compressed model that stays compressed.
+"""Recovery: fine-tuning of a compressed model that stays compressed.
 
-The factor pairs of a LowRankLinear are plain nn.Linear layers, so LoRA (PEFT) attaches to
-them like to any dense projection, and merging writes B @ A into each factor in place: the
-model never grows back, and the recovered checkpoint has exactly the parameters of its source.
+Either LoRA or every weight trains. The factor pairs of a LowRankLinear are plain nn.Linear
+layers, so LoRA (PEFT) attaches to them like to any dense projection, and merging writes B @ A
+into each factor in place; full fine-tuning trains the factors themselves. Either way the model
+never grows back, and the recovered checkpoint has exactly the parameters of its source.
 
-    checkpoint DIR -> LoRA on every linear layer of the decoder (dense and factors)
+    checkpoint DIR -> LoRA on every decoder linear (dense and factors), or every weight (--full)
+      -> loss: next-token, distillation from a teacher (--teacher), or a mix (objective.py)
       -> seeded training (AdamW, warmup + linear decay), periodic resumable checkpoints
-      -> best adapter by validation loss -> merge -> checkpoint DIR2 (same shapes, same count)
+      -> best state by held-out loss -> merge (LoRA) -> checkpoint DIR2 (same shapes, same count)
 
-Resumption is bit-exact: a work folder holds the adapter, optimizer and RNG state at the last
-periodic checkpoint; the data order is a pure function of (seed, epoch), so the step number
+Resumption is bit-exact: a work folder holds the trained weights, optimizer and RNG state at the
+last periodic checkpoint; the data order is a pure function of (seed, epoch), so the step number
 alone says where in the data a run stands.
 """
 import json
@@ -24,9 +26,12 @@ from ..errors import LorapError
 from ..log import info
 from .config import RecoveryConfig
 from .data import prepare_data, resolve_data
+from .full import check_memory, make_fully_trainable
 from .lora import attach_lora, load_trainable_state, lora_target_names
+from .objective import Objective
 from .report import format_recovery
 from .schedule import Schedule
+from .teacher import load_teacher
 from .training import train
 from .work_folder import WorkFolder
 
@@ -96,9 +101,16 @@ def recover(
     device = resolve_device(config.device)
     data_source = resolve_data(config.data)
 
+    if keep_adapter and config.full:
+        raise LorapError("--keep-adapter keeps a LoRA adapter, and --full trains the weights themselves: drop one of them")
+
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    teacher = teacher_described = None
+    if config.distills:  # loaded first: a teacher that cannot teach is refused before any other work
+        teacher, teacher_described = load_teacher(config.teacher, source, tokenizer, AutoConfig.from_pretrained(source),
+                                                  device)
     info(f"recovery data: {data_source} (cutoff {config.cutoff} tokens)")
     data = prepare_data(tokenizer, data_source, config)
     schedule = Schedule(len(data.train), config.batch_size, config.grad_accum, config.epochs, config.max_steps,
@@ -123,19 +135,27 @@ def recover(
     model = load_checkpoint_model(source, dtype=torch.float32).to(device)
     parameters_before = count_parameters(model)
     model.config.use_cache = False
-    peft_model = attach_lora(model, config)
+    if config.full:
+        make_fully_trainable(model, config.train_embeddings)
+        check_memory(model, teacher, device, config.batch_size, config.cutoff)
+        student = model
+    else:
+        student = attach_lora(model, config)
+    objective = Objective(student, teacher, config.kd_weight, config.kd_temperature, config.kd_hidden_weight)
     if resume_state is None:
         work.start(run)
-    state, best, stopped_by = train(peft_model, data, config, schedule, work, pad_id, device, resume_state,
+    state, best, stopped_by = train(objective, data, config, schedule, work, pad_id, device, resume_state,
                                     progress, on_step)
+    del objective, teacher  # the teacher's memory is not needed to save
 
-    load_trainable_state(peft_model, best)  # the best checkpoint by validation loss
-    peft_model.eval()
+    load_trainable_state(student, best)  # the best state by held-out loss
+    student.eval()
     adapter_staging = None
     if keep_adapter:
         adapter_staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
-        peft_model.save_pretrained(adapter_staging)
-    merged = peft_model.merge_and_unload()
+        student.save_pretrained(adapter_staging)
+    merged = student if config.full else student.merge_and_unload()
+    merged.requires_grad_(False)
     parameters_after = count_parameters(merged)
     if parameters_after != parameters_before:  # the promise of this module: never grows back
         raise LorapError(f"merging changed the parameter count ({parameters_before} -> {parameters_after})")
@@ -148,15 +168,21 @@ def recover(
         "source": str(source),
         "data": data.description,
         "settings": {**config.to_dict(), "data": data_source},
-        "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-                 "targets": "every nn.Linear in the decoder layers (dense projections and both factors)",
-                 "target_modules": len(lora_target_names(merged)), "merged": True},
+        "method": "full" if config.full else "lora",
+        **({"trained": "every weight but the embeddings and LM head" if not config.train_embeddings
+            else "every weight"} if config.full else
+           {"lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                     "targets": "every nn.Linear in the decoder layers (dense projections and both factors)",
+                     "target_modules": len(lora_target_names(merged)), "merged": True}}),
+        "loss": _loss_description(config, teacher_described),
         "steps": state.step,
         "total_steps": schedule.total_steps,
         "epochs_done": round(state.step / schedule.steps_per_epoch, 4),
         "tokens_seen": state.tokens_seen,
         "stopped_by": stopped_by,
         "validation_loss_before": state.validation_history[0][1],
+        "validation_nll_before": state.validation_history[0][2],
+        "best_validation_nll": next(entry[2] for entry in state.validation_history if entry[0] == state.best_step),
         "best_step": state.best_step,
         "best_validation_loss": state.best_loss,
         "train_seconds": round(state.elapsed_s, 1),
@@ -185,6 +211,17 @@ def recover(
         work.remove()
     info(f"recovered checkpoint written to {out} ({parameters_after:,} parameters, as before)")
     return Recovered(merged, tokenizer, report)
+
+
+def _loss_description(config: RecoveryConfig, teacher_described: str | None) -> dict:
+    if teacher_described is None:
+        return {"next_token": 1.0}
+    description = {"next_token": round(1 - config.kd_weight, 6), "distillation": config.kd_weight,
+                   "kind": "forward KL(teacher || student) at the temperature, times its square",
+                   "temperature": config.kd_temperature, "teacher": teacher_described}
+    if config.kd_hidden_weight > 0:
+        description["layer_outputs"] = config.kd_hidden_weight
+    return description
 
 
 def _check_resume(work: WorkFolder, run: dict, resume: bool):

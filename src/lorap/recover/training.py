@@ -15,42 +15,32 @@ from .work_folder import TrainingState, WorkFolder
 MAX_GRAD_NORM = 1.0  # as transformers.Trainer (and so LLM-Pruner's post-training) clips
 
 
-def batch_loss_sum(model, batch, device):
-    """Summed token NLL of a batch and the number of predicted tokens."""
+def validation_losses(objective, examples: list, batch_size: int, pad_id: int, device) -> tuple:
+    """(the training objective, the next-token loss) per predicted token of the held-out examples."""
     import torch
 
-    from ..io.instructions import IGNORE_INDEX
-
-    input_ids, mask, labels = (t.to(device) for t in batch)
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, int((targets != IGNORE_INDEX).sum())
-
-
-def validation_loss(model, examples: list, batch_size: int, pad_id: int, device) -> float:
-    import torch
-
+    model = objective.student
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, nll, tokens = 0.0, 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            nll, count = batch_loss_sum(model, collate(examples[start : start + batch_size], pad_id), device)
-            total += float(nll.double())
-            tokens += count
+            terms = objective(collate(examples[start : start + batch_size], pad_id), device)
+            total += float(terms.total.double())
+            nll += terms.nll
+            tokens += terms.tokens
     model.train(was_training)
-    return total / max(1, tokens)
+    return total / max(1, tokens), nll / max(1, tokens)
 
 
-def train(model, data: RecoveryData, config: RecoveryConfig, schedule: Schedule, work: WorkFolder, pad_id: int,
+def train(objective, data: RecoveryData, config: RecoveryConfig, schedule: Schedule, work: WorkFolder, pad_id: int,
           device, resume_state=None, progress=True, on_step=None):
-    """The training loop. Returns (state, best adapter weights, what stopped it)."""
+    """The training loop over the objective's student. Returns (state, best trainable weights, what
+    stopped it)."""
     import torch
     from tqdm.auto import tqdm
 
+    model = objective.student
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     if resume_state == "checkpoint":
@@ -67,8 +57,8 @@ def train(model, data: RecoveryData, config: RecoveryConfig, schedule: Schedule,
         return elapsed_before + time.perf_counter() - session_start
 
     def evaluate():
-        loss = validation_loss(model, data.validation, config.batch_size, pad_id, device)
-        state.validation_history.append([state.step, loss])
+        loss, nll = validation_losses(objective, data.validation, config.batch_size, pad_id, device)
+        state.validation_history.append([state.step, loss, nll])
         nonlocal best
         if state.best_loss is None or loss < state.best_loss:
             state.best_step, state.best_loss, best = state.step, loss, trainable_state(model)
@@ -85,11 +75,11 @@ def train(model, data: RecoveryData, config: RecoveryConfig, schedule: Schedule,
             micro = [collate([data.train[i] for i in indices], pad_id)
                      for indices in schedule.micro_batches(state.step, order_cache)]
             tokens = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in micro)
-            step_nll = 0.0
+            step_loss = 0.0
             for batch in micro:
-                nll, _ = batch_loss_sum(model, batch, device)
-                (nll / max(1, tokens)).backward()
-                step_nll += float(nll.detach())
+                terms = objective(batch, device)
+                (terms.total / max(1, tokens)).backward()
+                step_loss += float(terms.total.detach())
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             lr = schedule.lr_at(state.step)
             for group in optimizer.param_groups:
@@ -98,7 +88,7 @@ def train(model, data: RecoveryData, config: RecoveryConfig, schedule: Schedule,
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += tokens
-            loss = step_nll / max(1, tokens)
+            loss = step_loss / max(1, tokens)
             if not math.isfinite(loss):
                 raise LorapError(f"training diverged at step {state.step} (loss {loss}); try a lower --lr")
             state.train_history.append([state.step, loss])
