@@ -165,3 +165,16 @@ def test_cli_full_distillation(compressed_dir, tmp_path, corpus, capsys):
     assert main(["recover", str(compressed_dir), "--out", str(tmp_path / "x"), "--kd-weight", "2",
                  "--teacher", "base"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+
+
+def test_a_dense_model_is_fine_tuned_the_same_way_as_a_control(compressed_dir, tmp_path, corpus):
+    dense = compressed_dir.parent / "dense"
+    result = recover(dense, tmp_path / "control", data=corpus, max_steps=3, full=True, **{**FAST, "lr": 2e-3})
+    assert result.report["method"] == "full" and result.report["steps"] == 3
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "control")
+    assert count_parameters(plain) == count_parameters(AutoModelForCausalLM.from_pretrained(dense))
+    assert not hasattr(plain.config, "lorap")
+    with pytest.raises(LorapError, match="no base model"):
+        recover(dense, tmp_path / "x", data=corpus, max_steps=1, teacher="base", **FAST)

@@ -31,7 +31,7 @@ from .lora import attach_lora, load_trainable_state, lora_target_names
 from .objective import Objective
 from .report import format_recovery
 from .schedule import Schedule
-from .teacher import load_teacher
+from .teacher import BASE, load_teacher
 from .training import train
 from .work_folder import WorkFolder
 
@@ -73,7 +73,9 @@ def recover(
     on_step=None,
     **settings,
 ) -> Recovered:
-    """LoRA-fine-tune the lorap checkpoint `checkpoint`, merge, and save it to `out`.
+    """Fine-tune the lorap checkpoint `checkpoint` (LoRA, merged; or every weight with `full`) and
+    save it to `out`. A dense model folder is accepted too, and fine-tuned the same way: the control
+    that shows how much of a gain on the training domain is adaptation rather than recovery.
 
     `settings` are RecoveryConfig fields (data, epochs, max_steps, max_minutes, lr, lora_r, ...).
     Periodic checkpoints go to `work_dir` (default: a hidden folder beside `out`); with
@@ -92,8 +94,12 @@ def recover(
     config = config or RecoveryConfig(**settings)
     config.validate()
     source = Path(checkpoint).expanduser().resolve()
-    if not source.is_dir() or not is_lorap_checkpoint(source):
-        raise LorapError(f"{checkpoint} is not a lorap checkpoint folder (made by `lorap compress`)")
+    if not source.is_dir() or not (source / "config.json").is_file():
+        raise LorapError(f"{checkpoint} is not a lorap checkpoint folder (made by `lorap compress`) or a model folder")
+    compressed = is_lorap_checkpoint(source)
+    if not compressed and config.teacher == BASE:
+        raise LorapError(f"{checkpoint} is a dense model, not a lorap checkpoint, so it has no base model to distil "
+                         "from: name the teacher (--teacher MODEL) or train without one")
     out = check_output_folder(out, overwrite, protected=[source])
     work = WorkFolder(Path(work_dir).expanduser().resolve() if work_dir else default_work_dir(out))
     if work.path == out or out in work.path.parents or source in work.path.parents or work.path == source:
@@ -132,7 +138,12 @@ def recover(
     stored_dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None)
     if isinstance(stored_dtype, str):
         stored_dtype = getattr(torch, stored_dtype, None)
-    model = load_checkpoint_model(source, dtype=torch.float32).to(device)
+    if compressed:
+        model = load_checkpoint_model(source, dtype=torch.float32).to(device)
+    else:  # a dense model, fine-tuned the same way: the control that tells recovery from domain adaptation
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     parameters_before = count_parameters(model)
     model.config.use_cache = False
     if config.full:
@@ -188,8 +199,9 @@ def recover(
         "train_seconds": round(state.elapsed_s, 1),
         "parameters": parameters_after,
     }
-    previous = merged.config.lorap.get("recovery")
-    merged.config.lorap = {**merged.config.lorap, "recovery": {**recovery, **({"previous": previous} if previous else {})}}
+    if compressed:
+        previous = merged.config.lorap.get("recovery")
+        merged.config.lorap = {**merged.config.lorap, "recovery": {**recovery, **({"previous": previous} if previous else {})}}
     report = {
         **recovery,
         "output": str(out),
