@@ -1,5 +1,6 @@
 """Named methods (the paper, the best preset, baselines, ablations) and `lorap compare`."""
 import json
+import math
 
 import pytest
 import torch
@@ -126,8 +127,17 @@ def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, m
     from lorap.compare import run as compare_module
     from lorap.compare.run import ComparisonSettings, compare
 
+    # The out-of-domain corpus: here the docstrings of a few standard modules (the real one is pydocs).
+    import argparse, collections, json as json_module, pathlib as pathlib_module, textwrap
+
+    docs = tmp_path / "pydocs"
+    for module in (argparse, collections, json_module, pathlib_module, textwrap):
+        (docs / module.__name__).mkdir(parents=True)
+        (docs / module.__name__ / "index.rst.txt").write_text((module.__doc__ or "") * 20, encoding="utf-8")
+    monkeypatch.setenv("LORAP_PYDOCS_DIR", str(docs))
     settings = ComparisonSettings(methods=("paper", "svd-magnitude", "attention-only"), ratios=(0.3, 0.5), seqlens=(32,),
                                   max_tokens=2048, tasks=(), **SMALL)
+    assert settings.datasets == ("wiki", "pydocs")
     result = compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
     rows = {(r["method"], r["ratio"]): r for r in result["rows"]}
     for ratio in (0.3, 0.5):
@@ -141,8 +151,16 @@ def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, m
     assert "cannot reach this budget" in table and (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
     ranked = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(ranked) == 4  # paper and plain SVD + magnitude, at each ratio
-    ppl = sorted((r["perplexity"]["32"], r["method"]) for (m, q), r in rows.items() if q == 0.3 and "error" not in r)
-    assert f"| 1 | {METHODS[ppl[0][1]].label} |" in table
+    dense = result["dense"]["perplexity"]
+    assert set(dense) == {"wiki", "pydocs"} and all(set(by) == {"32"} for by in dense.values())
+
+    def relative(row):  # geometric mean over the two corpora of perplexity / dense perplexity
+        return math.sqrt(math.prod(row["perplexity"][d]["32"] / dense[d]["32"] for d in dense))
+
+    scored = sorted((relative(r), r["method"]) for (m, q), r in rows.items() if q == 0.3 and "error" not in r)
+    first = next(line for line in table.splitlines() if line.startswith(f"| 1 | {METHODS[scored[0][1]].label} |"))
+    assert first.rstrip(" |").split(" | ")[-2] == f"{scored[0][0]:.2f}x"  # the 'vs dense' column, before compress time
+    assert "| wiki @ 32 | pydocs @ 32 | vs dense @ 32 |" in table
 
     # A second run with the same settings reuses every row; a changed setting redoes them.
     def no_compression(*args, **kwargs):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .errors import LorapError
 from .plan.alignment import AUTO_ALIGN
-from .methods.registry import FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, REGISTRIES, Registry
+from .methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, RANK_ALLOCATIONS, REGISTRIES,
+                               Registry)
 
 
 def _csv(kind):
@@ -190,6 +191,7 @@ def _add_ratio_options(p, ratio_required: bool = True):
     _add_registry_option(p, FFN_SCORES, "FFN channel criterion")
     _add_registry_option(p, FFN_UPDATES, "what replaces removed FFN channels")
     _add_registry_option(p, FFN_ALLOCATIONS, "FFN widths across layers")
+    _add_registry_option(p, RANK_ALLOCATIONS, "ranks of a layer's factor pairs")
 
 
 def _calibration_settings(args) -> dict:
@@ -319,9 +321,15 @@ def _run_plan(args):
     memory = memory_estimate(load_config(args.model), planned, gram_sources=config.gram_sources(),
                              whole_model_parts=config.whole_model_parts())
     result["memory_estimate"] = memory
+    notes = []
     if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
-        result["note"] = ("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
-                          "the same total of channels, spread over layers by their scores")
+        notes.append("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
+                     "the same total of channels, spread over layers by their scores")
+    if RANK_ALLOCATIONS[config.rank_allocation].needs_whole_model:
+        notes.append("adaptive ranks depend on calibration data: the ranks shown are the a:1 rule's; a run shares each "
+                     "layer's pair budget between its projections by their spectra")
+    if notes:
+        result["note"] = "; ".join(notes)
     if not args.no_speed:
         from .bench.predict import predict_speedup
 
@@ -443,7 +451,9 @@ def _add_compare(sub):
     p.add_argument("--ratios", type=_csv(float), default=[0.2, 0.5], help="shares of the whole model to remove (default 0.2,0.5)")
     p.add_argument("--seqlen", type=_csv(int), default=[128, 2048], help="perplexity windows (default 128,2048)")
     p.add_argument("--max-tokens", type=int, help="only the first N test tokens for each window length")
-    p.add_argument("--ppl", default="wiki", help="perplexity corpus (default wiki)")
+    p.add_argument("--ppl", type=_csv(str), default=["wiki", "pydocs"],
+                   help="perplexity corpora, comma-separated; rows rank by perplexity relative to dense, geometric mean "
+                   "over them (default wiki,pydocs: the calibration domain and one never calibrated on)")
     p.add_argument("--tasks", type=_csv(str), default=["proxies"], help="zero-shot tasks (default: proxies; 'none')")
     p.add_argument("--limit", type=int, help="at most N zero-shot items per task")
     p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
@@ -465,7 +475,7 @@ def _run_compare(args):
         ratios=tuple(args.ratios),
         seqlens=tuple(args.seqlen),
         max_tokens=args.max_tokens,
-        dataset=args.ppl,
+        datasets=tuple(args.ppl),
         tasks=() if args.tasks == ["none"] else tuple(args.tasks),
         limit=args.limit,
         **_calibration_settings(args),

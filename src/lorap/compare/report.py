@@ -2,14 +2,26 @@
 from pathlib import Path
 
 
-def _ppl(row: dict, seqlen) -> float | None:
-    return row.get("perplexity", {}).get(str(seqlen))
+def _ppl(row: dict, dataset: str, seqlen) -> float | None:
+    return row.get("perplexity", {}).get(dataset, {}).get(str(seqlen))
 
 
-def ranked(rows: list, ratio: float, seqlen) -> list:
-    """The rows of one ratio, lowest perplexity first; rows that failed last."""
-    mine = [r for r in rows if r["ratio"] == ratio]
-    done = sorted((r for r in mine if "error" not in r), key=lambda r: _ppl(r, seqlen))
+def relative_perplexity(row: dict, dense: dict, datasets: list, seqlen) -> float:
+    """The geometric mean over the corpora of the row's perplexity divided by the dense model's:
+    1.0 is the dense model, and each corpus counts alike whatever its own scale."""
+    import math
+
+    logs = [math.log(_ppl(row, d, seqlen) / _ppl(dense, d, seqlen)) for d in datasets]
+    return math.exp(sum(logs) / len(logs))
+
+
+def ranked(result: dict, ratio: float) -> list:
+    """The rows of one ratio, best first by relative perplexity at the first window length; rows
+    that failed last."""
+    datasets, seqlen = result["evaluation"]["datasets"], result["evaluation"]["seqlens"][0]
+    mine = [r for r in result["rows"] if r["ratio"] == ratio]
+    done = sorted((r for r in mine if "error" not in r),
+                  key=lambda r: relative_perplexity(r, result["dense"], datasets, seqlen))
     return done + [r for r in mine if "error" in r]
 
 
@@ -19,17 +31,21 @@ def _number(value, digits=2) -> str:
 
 def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
     settings, evaluation = result["settings"], result["evaluation"]
-    seqlens = evaluation["seqlens"]
+    seqlens, datasets = evaluation["seqlens"], evaluation["datasets"]
     first = seqlens[0]
+    corpora = " and ".join(f"`{d}`" for d in datasets)
+    columns = [(d, s) for s in seqlens for d in datasets]
     tokens = f"the first {evaluation['max_tokens']:,} tokens" if evaluation["max_tokens"] else "all"
     zeroshot = bool(evaluation["tasks"])
     lines = [
         f"Model: {result['source']}. Calibration: {settings['calibration_samples']} x {settings['calibration_seqlen']} "
         f"tokens of `{settings['calibration_source']}` (train), seed {settings['seed']}, the same for every row. "
-        f"Perplexity: {tokens} of the `{evaluation['dataset']}` test split, non-overlapping windows. "
+        f"Perplexity: {tokens} of the test split of {corpora}, non-overlapping windows. "
         "Every method removes the stated share of the whole model's parameters (embeddings and LM head included in "
-        "the total, never compressed), counted by the one counting function; rows are ranked by perplexity at "
-        f"{first} tokens. Compress time is the in-memory compression alone (calibration, any scoring pass, layer walk).",
+        "the total, never compressed), counted by the one counting function; rows are ranked by their perplexity at "
+        f"{first} tokens relative to the dense model's"
+        + (", geometric mean over the corpora ('vs dense')" if len(datasets) > 1 else " ('vs dense')")
+        + ". Compress time is the in-memory compression alone (calibration, any scoring pass, layer walk).",
         "",
     ]
     if zeroshot:
@@ -38,23 +54,26 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
                   + (" (lorap's offline proxies, not comparable with published tables)" if any(
                       t.startswith("lorap_") for t in evaluation["tasks"]) else "") + ".", ""]
     dense = result["dense"]
-    header = ["rank", "method", "attention", "FFN", "parameters", "removed"] + [f"PPL @ {s}" for s in seqlens]
+    header = ["rank", "method", "attention", "FFN", "parameters", "removed"] + [f"{d} @ {s}" for d, s in columns]
+    header += [f"vs dense @ {first}"]
     header += ["zero-shot"] if zeroshot else []
     header += ["compress (s)"]
     for ratio in settings["ratios"]:
         lines += [f"### {ratio:.0%} of the parameters removed", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
-        dense_cells = ["", "dense", "-", "-", f"{dense['parameters']:,}", "0"] + [_number(_ppl(dense, s)) for s in seqlens]
+        dense_cells = ["", "dense", "-", "-", f"{dense['parameters']:,}", "0"] + [_number(_ppl(dense, d, s)) for d, s in columns]
+        dense_cells += ["1.00x"]
         dense_cells += [_number(dense.get("zeroshot_average"), 4)] if zeroshot else []
         lines.append("| " + " | ".join(dense_cells + ["-"]) + " |")
-        for rank, row in enumerate(ranked(result["rows"], ratio, first), 1):
+        for rank, row in enumerate(ranked(result, ratio), 1):
             if "error" in row:
                 cells = ["-", row["label"], row["attention"], row["ffn"], "cannot reach this budget", ""]
-                cells += [""] * len(seqlens) + ([""] if zeroshot else []) + [""]
+                cells += [""] * (len(columns) + 1) + ([""] if zeroshot else []) + [""]
             else:
                 cells = [str(rank), f"**{row['label']}**" if row["method"] == "best" else row["label"], row["attention"],
                          row["ffn"], f"{row['parameters']:,}", f"{row['removed_fraction']:.2%}"]
-                cells += [_number(_ppl(row, s)) for s in seqlens]
+                cells += [_number(_ppl(row, d, s)) for d, s in columns]
+                cells += [f"{relative_perplexity(row, dense, datasets, first):.2f}x"]
                 cells += [_number(row.get("zeroshot_average"), 4)] if zeroshot else []
                 cells += [f"{row['compress_seconds']:.0f}"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -66,25 +85,26 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
 
 
 def comparison_plot(result: dict, path: Path) -> Path:
-    """Perplexity at the first window length, one bar per method, one panel per ratio (log scale)."""
+    """Perplexity relative to the dense model at the first window length (geometric mean over the
+    corpora), one bar per method, one panel per ratio (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ratios = result["settings"]["ratios"]
-    seqlen = result["evaluation"]["seqlens"][0]
+    seqlen, datasets = result["evaluation"]["seqlens"][0], result["evaluation"]["datasets"]
     figure, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.5), squeeze=False)
     for axis, ratio in zip(axes[0], ratios):
-        rows = [r for r in ranked(result["rows"], ratio, seqlen) if "error" not in r]
+        rows = [r for r in ranked(result, ratio) if "error" not in r]
         labels = [r["label"] for r in rows]
-        values = [_ppl(r, seqlen) for r in rows]
+        values = [relative_perplexity(r, result["dense"], datasets, seqlen) for r in rows]
         colors = ["tab:green" if r["method"] == "best" else "tab:blue" if r["method"] == "paper" else "tab:gray" for r in rows]
         axis.barh(labels[::-1], values[::-1], color=colors[::-1])
-        axis.axvline(_ppl(result["dense"], seqlen), color="black", linestyle="--", label="dense")
+        axis.axvline(1.0, color="black", linestyle="--", label="dense")
         axis.set_xscale("log")
         axis.set_title(f"{ratio:.0%} of parameters removed")
-        axis.set_xlabel(f"perplexity @ {seqlen} ({result['evaluation']['dataset']} test, lower is better)")
+        axis.set_xlabel(f"perplexity @ {seqlen} / dense ({', '.join(datasets)} test; lower is better)")
         axis.legend(loc="lower right")
     figure.tight_layout()
     path = Path(path)

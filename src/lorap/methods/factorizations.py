@@ -80,6 +80,25 @@ def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[t
     return left.to(weight.dtype), right.to(weight.dtype)
 
 
+def truncated_matrix(weight: torch.Tensor, inputs: ProjectionInputs, method: str) -> torch.Tensor:
+    """The matrix whose singular values `method` truncates (W, W diag(scale), or W L): its i-th
+    singular value squared is what dropping rank i costs in the error the method minimises."""
+    if method == "svd":
+        return weight
+    if method == "svdllm":
+        if inputs.gram is None:
+            raise LorapError("svdllm needs the Gram matrix of the projection's inputs (collected by the layer walk)")
+        return weight.double() @ whitening_factor(inputs.gram.to(weight.device))
+    if method == "asvd":
+        if inputs.mean_abs is None:
+            raise LorapError("asvd needs the mean absolute input of each channel (collected by the layer walk)")
+        scale = inputs.mean_abs.to(weight).pow(ASVD_ALPHA)
+    else:
+        scale = inputs.norm.to(weight)
+    scale = torch.where(scale == 0, torch.full_like(scale, ZERO_STATISTIC_EPSILON), scale)
+    return weight * scale[None, :]
+
+
 def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:
     """A LowRankLinear replacing `linear`, in the linear's own dtype and device.
 

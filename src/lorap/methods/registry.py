@@ -141,9 +141,16 @@ FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
                prepare=".allocations:prepare_adaptive_widths", prepare_phase="adaptive_scoring"),
 ])
 
+RANK_ALLOCATIONS = Registry("rank allocation", "--rank-allocation", [
+    MethodSpec("rule", None, "the a:1 rule from shapes: one rank for q and k, one for v and o"),
+    MethodSpec("adaptive", None,
+               "each layer's pair budget shared by the projections' truncated singular values per parameter",
+               prepare=".rank_allocation:prepare_adaptive_ranks", prepare_phase="rank_scoring"),
+])
+
 # The parts of a run, in the order their whole-model passes run (scores before allocations).
 REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
-              "ffn_allocation": FFN_ALLOCATIONS}
+              "ffn_allocation": FFN_ALLOCATIONS, "rank_allocation": RANK_ALLOCATIONS}
 
 
 def options_table() -> str:

@@ -20,6 +20,9 @@ class CompressionConfig:
     # uniform: every layer keeps the plan's FFN width; adaptive: the same total is removed, the
     # channels chosen across layers by their scores standardised per layer (FLAP's AL rule)
     ffn_allocation: str = "uniform"
+    # rule: the plan's a:1 ranks from shapes; adaptive: each layer's pair budget shared by the
+    # projections' spectra (methods/rank_allocation.py)
+    rank_allocation: str = "rule"
     attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
     # Every rank and FFN width a multiple of this (1: the paper's integers; "auto": this device's
     # multiple, plan/alignment.py, which the run resolves and records)

@@ -112,6 +112,17 @@ class Plan:
         return Plan(self.settings, self.layer_ratio, layers, self.hidden_size, self.intermediate_size,
                     self.attention, self.ffn_bias, self.other_parameters)
 
+    def with_attention_ranks(self, ranks: list) -> "Plan":
+        """The same plan with other per-layer ranks (adaptive rank allocation), counted afresh."""
+        if len(ranks) != len(self.layers):
+            raise ValueError(f"{len(ranks)} rank sets for {len(self.layers)} layers")
+        layers = [
+            _layer_plan(layer.index, layer_ranks, layer.ffn_width, self.settings, self.intermediate_size, self.ffn_bias)
+            for layer, layer_ranks in zip(self.layers, ranks)
+        ]
+        return Plan(self.settings, self.layer_ratio, layers, self.hidden_size, self.intermediate_size,
+                    self.attention, self.ffn_bias, self.other_parameters)
+
     def to_dict(self) -> dict:
         return {
             "settings": {**asdict(self.settings), "sublayers": list(self.settings.sublayers)},
