@@ -17,6 +17,10 @@ def format_recovery(report: dict) -> str:
         f"{'merged' if report['method'] == 'lora' else 'kept'})",
         f"parameters: {report['parameters']:,} (unchanged)",
     ]
+    if "peak_memory" in report:
+        lines.append(f"peak memory: {report['peak_memory']['host_rss_mb']:.0f} MB host RSS"
+                     + (f", {report['peak_memory']['device_allocated_mb']:.0f} MB on the device"
+                        if "device_allocated_mb" in report["peak_memory"] else ""))
     if "distillation" in report["loss"]:
         lines.insert(-1, f"held-out next-token loss: {report['validation_nll_before']:.4f} before -> "
                          f"{report['best_validation_nll']:.4f} at the best step")

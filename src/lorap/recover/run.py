@@ -86,7 +86,7 @@ def recover(
     from transformers import AutoConfig, AutoTokenizer
 
     from ..io.checkpoint import REPORT_FILE, check_output_folder, load_checkpoint_model, save_checkpoint
-    from ..devices import resolve_device
+    from ..devices import peak_memory, resolve_device
     from ..plan.counting import count_parameters
     from ..io.models import is_lorap_checkpoint
     from ..provenance import environment
@@ -207,6 +207,7 @@ def recover(
         "output": str(out),
         "history": {"train": state.train_history, "validation": state.validation_history},
         "total_seconds": round(time.perf_counter() - started, 1),
+        "peak_memory": peak_memory(device),
         **environment(str(device)),
     }
     extra = {RECOVERY_REPORT_FILE: report}
