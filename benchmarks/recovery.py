@@ -91,7 +91,8 @@ def measure(args) -> dict:
         results[name] = evaluate([str(folder), "--alone"], args.seqlens, args.max_tokens, args.work / f"{name}-eval.json")
         rows[name] = {"report": json.loads((folder / "recovery_report.json").read_text()),
                       "load": json.loads((folder / "load.json").read_text())}
-    return {"results": results, "rows": rows}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"results": results, "rows": rows, "commit": commit}
 
 
 def page(args, measured: dict) -> str:
@@ -132,7 +133,8 @@ def page(args, measured: dict) -> str:
     return "\n".join([
         f"### `--preset {args.preset}` at {args.ratio:.0%} of the default model, recovered {args.minutes:g} minutes a recipe",
         "",
-        f"Measured {datetime.date.today().isoformat()} by:", "", "```", command, "```", "", machine_line(), "",
+        f"Measured {datetime.date.today().isoformat()} at commit {measured.get('commit', 'unknown')} by:", "", "```", command,
+        "```", "", machine_line() + " (the page written at that commit)", "",
         f"One checkpoint (`lorap compress --preset {args.preset} --mode exact --ratio {args.ratio}`) recovered by each "
         f"recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens, 4 a step, "
         "10 warmup steps, then the default linear decay over 2 epochs, of which the budget covers at most "
