@@ -169,7 +169,6 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
     return model, tokenizer, source
 
 
-
 def own_weights(model, folder=None) -> None:
     """Give every parameter and buffer its own memory instead of pages of the checkpoint file.
 

@@ -32,23 +32,35 @@ def _top_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.full_like(scale, ZERO_STATISTIC_EPSILON), scale)
+
+
 def _diagonal_scaled(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate W diag(scale), then undo diag(scale) on the right factor."""
-    scale = torch.where(scale == 0, torch.full_like(scale, ZERO_STATISTIC_EPSILON), scale)
+    scale = _nonzero(scale)
     left, right = _top_factors(weight * scale[None, :], rank)
     return left, right / scale[None, :]
 
 
+def _awsvd_scale(weight: torch.Tensor, inputs: ProjectionInputs) -> torch.Tensor:
+    return inputs.norm.to(weight)
+
+
+def _asvd_scale(weight: torch.Tensor, inputs: ProjectionInputs) -> torch.Tensor:
+    if inputs.mean_abs is None:
+        raise LorapError("asvd needs the mean absolute input of each channel (collected by the layer walk)")
+    return inputs.mean_abs.to(weight).pow(ASVD_ALPHA)
+
+
 def awsvd(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-weighted SVD: minimises the error on inputs whose channel norms are ||x_j||."""
-    return _diagonal_scaled(weight, inputs.norm.to(weight), rank)
+    return _diagonal_scaled(weight, _awsvd_scale(weight, inputs), rank)
 
 
 def asvd(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ASVD: the scale is the mean absolute activation per channel, raised to ASVD_ALPHA."""
-    if inputs.mean_abs is None:
-        raise LorapError("asvd needs the mean absolute input of each channel (collected by the layer walk)")
-    return _diagonal_scaled(weight, inputs.mean_abs.to(weight).pow(ASVD_ALPHA), rank)
+    return _diagonal_scaled(weight, _asvd_scale(weight, inputs), rank)
 
 
 def plain_svd(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +82,15 @@ def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
     raise LorapError("the input Gram matrix is not positive definite even with damping; calibrate on more tokens")
 
 
-def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-LLM's truncation-aware whitening: SVD of W L, then right = sqrt(S_k) V_k^T L^-1."""
+def _input_whitening(weight: torch.Tensor, inputs: ProjectionInputs) -> torch.Tensor:
     if inputs.gram is None:
         raise LorapError("svdllm needs the Gram matrix of the projection's inputs (collected by the layer walk)")
-    factor = whitening_factor(inputs.gram.to(weight.device))
+    return whitening_factor(inputs.gram.to(weight.device))
+
+
+def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM's truncation-aware whitening: SVD of W L, then right = sqrt(S_k) V_k^T L^-1."""
+    factor = _input_whitening(weight, inputs)
     left, whitened_right = _top_factors(weight.double() @ factor, rank)
     right = torch.linalg.solve_triangular(factor, whitened_right, upper=False, left=False)
     return left.to(weight.dtype), right.to(weight.dtype)
@@ -86,17 +102,9 @@ def truncated_matrix(weight: torch.Tensor, inputs: ProjectionInputs, method: str
     if method == "svd":
         return weight
     if method == "svdllm":
-        if inputs.gram is None:
-            raise LorapError("svdllm needs the Gram matrix of the projection's inputs (collected by the layer walk)")
-        return weight.double() @ whitening_factor(inputs.gram.to(weight.device))
-    if method == "asvd":
-        if inputs.mean_abs is None:
-            raise LorapError("asvd needs the mean absolute input of each channel (collected by the layer walk)")
-        scale = inputs.mean_abs.to(weight).pow(ASVD_ALPHA)
-    else:
-        scale = inputs.norm.to(weight)
-    scale = torch.where(scale == 0, torch.full_like(scale, ZERO_STATISTIC_EPSILON), scale)
-    return weight * scale[None, :]
+        return weight.double() @ _input_whitening(weight, inputs)
+    scale = _asvd_scale(weight, inputs) if method == "asvd" else _awsvd_scale(weight, inputs)
+    return weight * _nonzero(scale)[None, :]
 
 
 def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:

@@ -64,10 +64,9 @@ class RankScorer:
     def __call__(self, index, layer, stats) -> None:
         planned = self.plan.layers[index].ranks
         factorized = [name for name in ATTENTION_PROJECTIONS if planned[name] is not None]
-        architecture = self.architecture
         spectra, shapes = {}, {}
         for name in factorized:
-            weight = architecture.projection(layer, name).weight.detach().float()
+            weight = self.architecture.projection(layer, name).weight.detach().float()
             spectra[name] = torch.linalg.svdvals(truncated_matrix(weight, stats.inputs(name), self.factorization))
             shapes[name] = tuple(weight.shape)
         budget = sum(planned[name] * sum(shapes[name]) for name in factorized)
