@@ -6,8 +6,11 @@ Every model is loaded with `AutoModelForCausalLM.from_pretrained` (lorap checkpo
 own modeling file, `trust_remote_code=True`, then `model.fuse_factor_pairs()`, the one call the
 README tells users to make for inference); `lorap` itself cannot be imported here. The models are
 timed interleaved (round-robin, the order reversed every other round): prefill of 1 x N tokens
-without a cache, and decode of 128 greedy tokens with the KV cache after a 128-token prompt.
-Reports medians with min and max, and the speedup of each compressed model over the dense one.
+without a cache, and decode of 128 greedy tokens with the KV cache after a 128-token prompt, the
+models generating in lockstep (one token each in turn). Reports medians with min and max, and the
+speedup of each compressed model over the dense one, paired: the median over rounds (decode: over
+tokens) of the dense time over the compressed time measured back to back, with its quartiles.
+(lorap's own timing code, bench/timing.py, does the same; this harness may not import it.)
 """
 import argparse
 import json
@@ -41,14 +44,22 @@ def prefill(model, tokens) -> float:
 
 
 @torch.no_grad()
-def decode(model, prompt, new_tokens: int) -> float:
-    out = model(input_ids=prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    begin = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - begin
+def lockstep_decode(models: dict, prompt, new_tokens: int) -> dict:
+    """{label: [seconds of each new token]}, the models taking turns a token at a time."""
+    state = {}
+    for label, model in models.items():
+        out = model(input_ids=prompt, use_cache=True)
+        state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    steps = {label: [] for label in models}
+    labels = list(models)
+    for number in range(new_tokens):
+        for label in labels if number % 2 == 0 else reversed(labels):
+            cache, token = state[label]
+            begin = time.perf_counter()
+            out = models[label](input_ids=token, past_key_values=cache, use_cache=True)
+            state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            steps[label].append(time.perf_counter() - begin)
+    return steps
 
 
 def interleaved(models: dict, call, repeats: int) -> dict:
@@ -66,6 +77,12 @@ def summary(values: list) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
 
 
+def paired(dense: list, mine: list) -> dict:
+    ratios = sorted(d / m for d, m in zip(dense, mine))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "low_quartile": quartiles[0], "high_quartile": quartiles[2]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dense")
@@ -78,14 +95,21 @@ def main() -> None:
     torch.manual_seed(0)
     models = {"dense": load(args.dense), **{folder: load(folder) for folder in args.compressed}}
     vocab = models["dense"].config.vocab_size
-    report = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "prefill": {}, "decode": {}}
+    report = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "prefill": {}, "decode": {},
+              "speedup": {label: {"prefill": {}} for label in args.compressed}}
     for length in map(int, args.prefill.split(",")):
         tokens = ids(vocab, length)
         times = interleaved(models, lambda model: prefill(model, tokens), args.repeats)
         report["prefill"][length] = {label: summary([t * 1000 for t in values]) for label, values in times.items()}
+        for label in args.compressed:
+            report["speedup"][label]["prefill"][length] = paired(times["dense"], times[label])
     prompt = ids(vocab, 128)
-    times = interleaved(models, lambda model: decode(model, prompt, args.new_tokens), args.repeats)
-    report["decode"] = {label: summary([args.new_tokens / t for t in values]) for label, values in times.items()}
+    lockstep_decode(models, prompt, 8)  # warm-up
+    runs = [lockstep_decode(models, prompt, args.new_tokens) for _ in range(args.repeats)]
+    report["decode"] = {label: summary([args.new_tokens / sum(run[label]) for run in runs]) for label in models}
+    for label in args.compressed:
+        report["speedup"][label]["decode"] = paired([t for run in runs for t in run["dense"]],
+                                                    [t for run in runs for t in run[label]])
     report["new_tokens"] = args.new_tokens
     report["load_after"] = os.getloadavg()[0]
     report["parameters"] = {label: sum(p.numel() for p in model.parameters()) for label, model in models.items()}

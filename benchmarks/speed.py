@@ -68,11 +68,16 @@ def _predicted(model, plan_args: list, work: Path, index: int) -> dict:
     return json.loads(done.stdout)["predicted_speed"]
 
 
-def _cell(speedup: float, layers: float | None = None, whole: float | None = None) -> str:
-    extra = [f"layers {layers:.2f}x" if layers is not None else None,
-             f"whole model extrapolated {whole:.2f}x" if whole is not None else None]
-    extra = [e for e in extra if e]
-    return f"**{speedup:.2f}x**" + (f" ({'; '.join(extra)})" if extra else "")
+def _cell(row: dict) -> str:
+    """'**1.20x** [1.17-1.24] (layers 1.25x [1.21-1.28]; whole model extrapolated 1.24x)' from a bench row."""
+    def paired(key):
+        low, high = row[f"{key}_quartiles"]
+        return f"{row[key]:.2f}x [{low:.2f}-{high:.2f}]"
+
+    whole = row.get("whole_model_speedup_extrapolated")
+    extra = [f"layers {paired('layers_speedup')}"] + ([f"whole model extrapolated {whole:.2f}x"] if whole else [])
+    return f"**{row['speedup']:.2f}x** [{row['speedup_quartiles'][0]:.2f}-{row['speedup_quartiles'][1]:.2f}] " \
+           f"({'; '.join(extra)})"
 
 
 def speed_section(work: Path, timing: list, rows: list) -> str:
@@ -81,9 +86,11 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
         "## Dense vs compressed, timed side by side",
         "",
         "Written by `benchmarks/speed.py --only speed` (`lorap bench`, random weights in the plan's shapes: speed "
-        "depends on shapes, not values). Dense and compressed are timed interleaved in one process; medians of "
-        f"{repeats} repeats after one warm-up, batch 1, fp32 unless said; speedup = dense time / compressed time, "
-        "with q/k/v's right factors fused into one GEMM (the runtime checkpoints load with) unless a row says "
+        "depends on shapes, not values). Dense and compressed are timed interleaved in one process, "
+        f"{repeats} rounds after one warm-up, batch 1, fp32 unless said. A speedup is paired: the median over rounds "
+        "of dense time / compressed time measured back to back (decode: over the 128 x "
+        f"{repeats} tokens, the two models generating in lockstep, a token each in turn), with the quartiles of "
+        "those ratios in brackets; q/k/v's right factors fused into one GEMM (the runtime checkpoints load with) unless a row says "
         "unfused. LLaMA rows time the first decoder layer plus embeddings and LM head (`--layers 1`, the whole "
         "model does not fit in memory here): the bold figure is that model's, diluted by the LM head that "
         "compression never touches; `layers` is the decoder layer alone (timed by forward hooks in the same "
@@ -110,8 +117,7 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
         cells = []
         for tokens in (128, 512):
             row = prefill.get(tokens)
-            cells.append(_cell(row["speedup"], row["layers_speedup"], row.get("whole_model_speedup_extrapolated"))
-                         if row else "-")
+            cells.append(_cell(row) if row else "-")
         decode = report["decode"]
         load = report["load_average"]
         guess = (f"{predicted['prefill']['speedup']:.2f}x / {predicted['decode']['speedup']:.2f}x"
@@ -119,7 +125,7 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
         lines.append(
             f"| {label} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
             f"({params['dense'] / params['compressed']:.2f}x fewer) | {cells[0]} | {cells[1]} | "
-            f"{_cell(decode['speedup'], decode['layers_speedup'], decode.get('whole_model_speedup_extrapolated'))} "
+            f"{_cell(decode)} "
             f"| {guess} | {load['before']:.1f} / {load['after']:.1f} |"
         )
     return "\n".join(lines)
@@ -144,7 +150,9 @@ def real_section(work: Path, repeats: int) -> str:
         "it times): `benchmarks/plain_transformers_speed.py` loads each with `from_pretrained(..., "
         "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.fuse_factor_pairs()`, "
         f"and times the dense model and every checkpoint interleaved (medians of {repeats} repeats after a warm-up, "
-        "batch 1, fp32, min-max in brackets).",
+        "batch 1, fp32, min-max in round brackets; decode with the models generating in lockstep, a token each in "
+        "turn). Speedups are paired: the median over rounds (decode: over tokens) of the dense time over the "
+        "checkpoint's, measured back to back, with the quartiles of those ratios in square brackets.",
         "",
         machine_line(),
         "",
@@ -152,15 +160,21 @@ def real_section(work: Path, repeats: int) -> str:
         "|---|---:|---|---|---|",
     ]
     dense_label = next(iter(report["parameters"]))
+    def speedup(key, *where) -> str:
+        if key == dense_label:
+            return ""
+        ratio = report["speedup"][key]
+        for step in where:
+            ratio = ratio[step]
+        return f", **{ratio['median']:.2f}x** [{ratio['low_quartile']:.2f}-{ratio['high_quartile']:.2f}]"
+
     for label, key in [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]]:
         cells = []
         for length in ("128", "512"):
-            mine, dense = report["prefill"][length][key], report["prefill"][length][dense_label]
-            cells.append(f"{mine['median']:.0f} ms ({mine['min']:.0f}-{mine['max']:.0f})"
-                         + ("" if key == dense_label else f", **{dense['median'] / mine['median']:.2f}x**"))
-        rate, dense_rate = report["decode"][key], report["decode"][dense_label]
-        cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})"
-                     + ("" if key == dense_label else f", **{rate['median'] / dense_rate['median']:.2f}x**"))
+            mine = report["prefill"][length][key]
+            cells.append(f"{mine['median']:.0f} ms ({mine['min']:.0f}-{mine['max']:.0f})" + speedup(key, "prefill", length))
+        rate = report["decode"][key]
+        cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})" + speedup(key, "decode"))
         lines.append(f"| {label} | {report['parameters'][key]:,} | {' | '.join(cells)} |")
     lines += ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after."]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 report's numbers are consistent, and bad input is refused. Speed itself is measured by benchmark
 scripts, never asserted here."""
 import json
+import statistics
 
 import pytest
 import torch
@@ -49,22 +50,33 @@ def test_bench_from_a_config_reports_interleaved_medians_and_speedups(config_fil
     assert report["layers_timed"] == 2 and report["weights"].startswith("random")
     assert report["parameters"] == {"dense": other + 2 * per_layer_dense, "compressed": other + 2 * per_layer_kept}
     assert set(report["prefill"]) == {"1x16", "2x16"}
+    # Speedups are paired: the median over rounds of dense / compressed, each round's two times
+    # measured back to back (decode: each token's two steps, generated in lockstep).
     for row in report["prefill"].values():
         assert row["dense"]["repeats"] == row["compressed"]["repeats"] == 2
-        assert row["speedup"] == pytest.approx(row["dense"]["median_ms"] / row["compressed"]["median_ms"])
+        rounds = row["dense"]["rounds_ms"], row["compressed"]["rounds_ms"]
+        assert len(rounds[0]) == len(rounds[1]) == 2
+        assert row["speedup"] == pytest.approx(statistics.median(d / c for d, c in zip(*rounds)))
+        assert row["dense"]["median_ms"] == pytest.approx(statistics.median(rounds[0]))
     decode = report["decode"]
-    assert decode["speedup"] == pytest.approx(decode["compressed"]["median_tokens_per_s"] / decode["dense"]["median_tokens_per_s"])
+    steps = decode["dense"]["steps_ms"], decode["compressed"]["steps_ms"]
+    assert len(steps[0]) == len(steps[1]) == 2 * 4  # repeats x new tokens
+    assert decode["speedup"] == pytest.approx(statistics.median(d / c for d, c in zip(*steps)))
+    assert decode["dense"]["median_tokens_per_s"] == pytest.approx(
+        statistics.median(4 / (sum(steps[0][i:i + 4]) / 1000) for i in (0, 4)))
     assert report["protocol"]["interleaved"] and report["load_average"]["before"] is not None
     # The decoder layers' share, timed by hooks in the same runs, and the whole model extrapolated from it.
     assert report["layers_in_model"] == 3
     for row in [*report["prefill"].values(), decode]:
         inside, whole = row["layers_ms"], row["whole_model_ms_extrapolated"]
         assert 0 < inside["dense"] and 0 < inside["compressed"]
-        assert row["layers_speedup"] == pytest.approx(inside["dense"] / inside["compressed"])
-        assert row["whole_model_speedup_extrapolated"] == pytest.approx(whole["dense"] / whole["compressed"])
-        for label in ("dense", "compressed"):  # one more layer's time than was timed
-            total = row[label]["median_ms"] if "median_ms" in row[label] else 1000 / row[label]["median_tokens_per_s"]
-            assert whole[label] == pytest.approx(total + inside[label] / 2)
+        for key in ("speedup", "layers_speedup"):
+            low, high = row[f"{key}_quartiles"]
+            assert low <= row[key] <= high
+        assert 0 < row["whole_model_speedup_extrapolated"]
+        for label in ("dense", "compressed"):  # one more layer's time than was timed, in every round
+            total = row[label]["median_ms"] if "median_ms" in row[label] else statistics.median(row[label]["steps_ms"])
+            assert whole[label] > total
     printed = capsys.readouterr().out
     assert "weights are random" in printed and f"{report['parameters']['compressed']:,}" in printed
     assert "| 2x16 |" in (tmp_path / "bench.md").read_text()
@@ -88,6 +100,36 @@ def test_interleaving_alternates_the_order_of_the_models():
     calls = []
     timing.interleaved({"a": "A", "b": "B"}, lambda model: calls.append(model) or 0.0, warmup=1, repeats=3)
     assert calls == ["A", "B", "A", "B", "B", "A", "A", "B"]
+
+
+def test_lockstep_decode_alternates_tokens_and_generates_what_each_model_alone_would():
+    config = tiny_config("llama_gqa", num_hidden_layers=2)
+    models = {"a": random_model(config, torch.float32, torch.device("cpu"), seed=1),
+              "b": random_model(config, torch.float32, torch.device("cpu"), seed=2)}
+    seen = []  # (model, the token ids it was given), in call order
+    for label, model in models.items():
+        model.register_forward_pre_hook(lambda module, args, kwargs, label=label:
+                                        seen.append((label, kwargs["input_ids"].tolist())), with_kwargs=True)
+    prompt = timing.prompt_ids(config.vocab_size, 6, torch.device("cpu"))
+    steps = timing.lockstep_decode(models, prompt, 4)
+    assert [len(seconds) for seconds in steps.values()] == [4, 4]
+    in_lockstep, seen[:] = list(seen), []
+    assert [label for label, _ in in_lockstep[2:]] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after the prompts
+    for model in models.values():  # each model on its own is fed the same tokens
+        generation = timing.Generation(model, prompt)
+        for _ in range(4):
+            generation.step()
+    alone = sorted(seen, key=lambda call: call[0])
+    assert sorted(in_lockstep, key=lambda call: call[0]) == alone
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # Each round's own ratio (1, 3, 2), not the ratio of the two medians (2 / 2).
+    ratio = timing.paired_ratio([2.0, 6.0, 2.0], [2.0, 2.0, 1.0])
+    assert ratio["median"] == pytest.approx(2.0) and ratio["pairs"] == 3
+    assert ratio["low_quartile"] <= ratio["median"] <= ratio["high_quartile"]
+    with pytest.raises(ValueError, match="equally long"):
+        timing.paired_ratio([1.0], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("arguments,message", [

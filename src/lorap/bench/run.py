@@ -11,6 +11,7 @@ with dense and compressed interleaved (timing.py); the report gives medians, the
 speedups (dense time / compressed time) and the machine's load.
 """
 import os
+import statistics
 
 import torch
 
@@ -21,7 +22,7 @@ from ..plan.counting import count_parameters
 from ..provenance import environment
 from .models import first_layers, random_model
 from ..architectures import Architecture
-from .timing import LayerClock, decode_throughputs, prefill_latencies
+from .timing import LayerClock, decode_throughputs, paired_ratio, prefill_latencies
 
 DTYPES = ("float32", "bfloat16", "float16")
 PREFILL_SEQLENS = (128, 512, 2048)
@@ -93,6 +94,8 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         "runtime": "q/k/v right factors fused into one GEMM" if fuse else "every factor pair runs its own two GEMMs",
         "protocol": {"warmup": warmup, "repeats": repeats, "interleaved": True, "prompt_tokens": prompt_tokens,
                      "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                     "speedup": "median of dense / compressed over rounds timed back to back; decode: over tokens "
+                                "generated in lockstep, one token each in turn",
                      "timer": "CUDA events" if device.type == "cuda" else "wall clock"},
     }
     limit = getattr(dense.config, "max_position_embeddings", None) or max(prefill_seqlens)
@@ -105,19 +108,18 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
                     continue
                 info(f"prefill: batch {batch} x {seqlen} tokens")
                 timed = prefill_latencies(models, seqlen, batch, warmup, repeats)
-                timed["speedup"] = timed["dense"]["median_ms"] / timed["compressed"]["median_ms"]
-                inside = {label: clock.median_ms(seqlen, skip=warmup) for label, clock in clocks.items()}
-                totals = {label: timed[label]["median_ms"] for label in models}
+                rounds = {label: timed[label]["rounds_ms"] for label in models}
+                inside = {label: [s * 1000 for s in clock.seconds(seqlen, skip=warmup)] for label, clock in clocks.items()}
                 report["prefill"][f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed,
-                                                          **_layer_split(inside, totals, scale)}
+                                                          **_paired_speedups(rounds, inside, scale)}
                 for clock in clocks.values():
                     clock.clear()
-        info(f"decode: {new_tokens} tokens after a {prompt_tokens}-token prompt")
+        info(f"decode: {new_tokens} tokens after a {prompt_tokens}-token prompt, the models in lockstep")
         decode = decode_throughputs(models, prompt_tokens, new_tokens, warmup, max(1, repeats))
-        decode["speedup"] = decode["compressed"]["median_tokens_per_s"] / decode["dense"]["median_tokens_per_s"]
-        inside = {label: clock.median_ms(1) for label, clock in clocks.items()}
-        totals = {label: 1000 / decode[label]["median_tokens_per_s"] for label in models}  # ms per token
-        decode.update(_layer_split(inside, totals, scale))
+        steps = {label: decode[label]["steps_ms"] for label in models}
+        # The clocks saw the warm-up tokens too, as many for each model: the timed ones are the last.
+        inside = {label: [s * 1000 for s in clock.seconds(1)][-len(steps[label]):] for label, clock in clocks.items()}
+        decode.update(_paired_speedups(steps, inside, scale))
         report["decode"] = decode
     finally:
         for clock in clocks.values():
@@ -127,15 +129,23 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
     return report
 
 
-def _layer_split(inside: dict, totals: dict, scale: float) -> dict:
-    """The decoder layers' share of a measurement, and (when only some layers were timed) the whole
-    model extrapolated: the time outside the layers (embeddings, LM head, bookkeeping) once, plus
-    the timed layers' median time scaled to every layer of the model."""
-    split = {"layers_ms": inside, "layers_speedup": inside["dense"] / inside["compressed"]}
+def _paired_speedups(totals: dict, inside: dict, scale: float) -> dict:
+    """Speedups (dense / compressed) of one measurement, each the median of per-round ratios
+    (timing.paired_ratio) with its quartiles: of the whole forward (`totals`, ms per round or per
+    token), of the decoder layers alone (`inside`, the same rounds by hooks), and (when only some
+    layers were timed) of the whole model extrapolated: each round's time outside the layers once,
+    plus its layers' time scaled to every layer of the model."""
+    whole = paired_ratio(totals["dense"], totals["compressed"])
+    layers = paired_ratio(inside["dense"], inside["compressed"])
+    split = {"speedup": whole["median"], "speedup_quartiles": [whole["low_quartile"], whole["high_quartile"]],
+             "layers_ms": {label: statistics.median(values) for label, values in inside.items()},
+             "layers_speedup": layers["median"], "layers_speedup_quartiles": [layers["low_quartile"], layers["high_quartile"]]}
     if scale != 1:
-        whole = {label: totals[label] - inside[label] + scale * inside[label] for label in totals}
-        split["whole_model_ms_extrapolated"] = whole
-        split["whole_model_speedup_extrapolated"] = whole["dense"] / whole["compressed"]
+        extrapolated = {label: [total - layer + scale * layer for total, layer in zip(totals[label], inside[label])]
+                        for label in totals}
+        ratio = paired_ratio(extrapolated["dense"], extrapolated["compressed"])
+        split["whole_model_ms_extrapolated"] = {label: statistics.median(values) for label, values in extrapolated.items()}
+        split["whole_model_speedup_extrapolated"] = ratio["median"]
     return split
 
 
@@ -147,19 +157,21 @@ def format_bench(report: dict) -> str:
         f"{report['layers_timed']} layers timed ({report['layers_note']}); compressed runtime: {report['runtime']}",
         f"parameters timed: dense {params['dense']:,}, compressed {params['compressed']:,} "
         f"({params['dense'] / params['compressed']:.2f}x fewer)",
-        f"{'prefill':<18}{'dense ms':>18}{'compressed ms':>18}{'speedup':>10}{'layers only':>13}{_whole_header(report):>18}",
+        f"{'prefill':<18}{'dense ms':>18}{'compressed ms':>18}{'speedup':>20}{'layers only':>20}{_whole_header(report):>18}",
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ±{row[m]['iqr_ms'] / 2:.1f}" for m in ("dense", "compressed")]
-        lines.append(f"{'batch ' + key:<18}{cells[0]:>18}{cells[1]:>18}{row['speedup']:>9.2f}x"
-                     f"{row['layers_speedup']:>12.2f}x{_whole_cell(row):>18}")
+        lines.append(f"{'batch ' + key:<18}{cells[0]:>18}{cells[1]:>18}{_speedup(row):>20}"
+                     f"{_speedup(row, 'layers_speedup'):>20}{_whole_cell(row):>18}")
     decode = report["decode"]
     lines.append(
         f"decode tokens/s: dense {decode['dense']['median_tokens_per_s']:.1f}, compressed "
-        f"{decode['compressed']['median_tokens_per_s']:.1f} ({decode['speedup']:.2f}x; decoder layers only "
-        f"{decode['layers_speedup']:.2f}x" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
-                                                "whole_model_speedup_extrapolated" in decode else "") + ")"
+        f"{decode['compressed']['median_tokens_per_s']:.1f} ({_speedup(decode)}; decoder layers only "
+        f"{_speedup(decode, 'layers_speedup')}" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
+                                                   "whole_model_speedup_extrapolated" in decode else "") + ")"
     )
+    lines.append("speedups: the median of dense / compressed over rounds timed back to back (decode: over tokens "
+                 "generated in lockstep), [quartiles of those ratios]")
     if "whole_model_speedup_extrapolated" in decode:
         lines.append(f"extrapolated: time outside the layers as measured, plus the timed layers' median scaled to all "
                      f"{report['layers_in_model']} layers")
@@ -169,6 +181,12 @@ def format_bench(report: dict) -> str:
     if report["weights"] != "real":
         lines.append("weights are random: speed depends on shapes alone, not on the values")
     return "\n".join(lines)
+
+
+def _speedup(row: dict, key: str = "speedup") -> str:
+    """'1.23x [1.19-1.26]': a paired speedup and the quartiles of its ratios."""
+    low, high = row[f"{key}_quartiles"]
+    return f"{row[key]:.2f}x [{low:.2f}-{high:.2f}]"
 
 
 def _whole_header(report: dict) -> str:
@@ -187,20 +205,21 @@ def bench_markdown(report: dict) -> str:
         f"{report['source']}; weights {report['weights']}; {report['dtype']}; {report['device']['type']} "
         f"({report['device']['name']}, {report['device']['threads']} threads); {report['layers_timed']} layers timed "
         f"({report['layers_note']}); compressed runtime: {report['runtime']}; parameters timed {params['dense']:,} dense, {params['compressed']:,} compressed "
-        f"({params['dense'] / params['compressed']:.2f}x fewer).",
+        f"({params['dense'] / params['compressed']:.2f}x fewer). Speedups: the median of dense / compressed over "
+        "rounds timed back to back (decode: over tokens generated in lockstep), with the quartiles of those ratios.",
         "",
-        "| prefill (batch x tokens) | dense ms (median, IQR) | compressed ms | speedup | decoder layers only | "
-        f"whole model, extrapolated to {report['layers_in_model']} layers |",
+        "| prefill (batch x tokens) | dense ms (median, IQR) | compressed ms | speedup [quartiles] | "
+        f"decoder layers only | whole model, extrapolated to {report['layers_in_model']} layers |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ({row[m]['iqr_ms']:.1f})" for m in ("dense", "compressed")]
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {row['speedup']:.2f}x | {row['layers_speedup']:.2f}x | "
+        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {_speedup(row)} | {_speedup(row, 'layers_speedup')} | "
                      f"{_whole_cell(row) or 'timed whole'} |")
     decode = report["decode"]
     rates = [f"{decode[m]['median_tokens_per_s']:.1f} ({decode[m]['min_tokens_per_s']:.1f}-{decode[m]['max_tokens_per_s']:.1f})"
              for m in ("dense", "compressed")]
     lines.append(f"| decode tokens/s (min-max), {decode['dense']['new_tokens']} after {decode['dense']['prompt_tokens']} "
-                 f"| {rates[0]} | {rates[1]} | {decode['speedup']:.2f}x | {decode['layers_speedup']:.2f}x | "
+                 f"| {rates[0]} | {rates[1]} | {_speedup(decode)} | {_speedup(decode, 'layers_speedup')} | "
                  f"{_whole_cell(decode) or 'timed whole'} |")
     return "\n".join(lines)

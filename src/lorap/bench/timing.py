@@ -2,7 +2,11 @@
 --speed`) or for several interleaved (`lorap bench`), so machine noise hits every model alike.
 
 Timings are medians with their spread over repeats; on CUDA the device is synchronised around each
-call, so wall time is what the GPU spent.
+call, so wall time is what the GPU spent. Speedups are paired: the median, over rounds, of one
+model's time over another's in the same round (`paired_ratio`). On a shared machine slow spells
+last seconds; a ratio of two medians takes each from different moments, a paired ratio compares
+measurements taken back to back. Decode goes further: the models generate in lockstep, one token
+each in turn, so each pair of steps is milliseconds apart.
 """
 import statistics
 import time
@@ -26,6 +30,18 @@ def spread(seconds: list[float]) -> dict:
         "iqr_ms": quartiles[2] - quartiles[0],
         "repeats": len(ms),
     }
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> dict:
+    """The median of numerators[i] / denominators[i] (times measured in the same round), with the
+    quartiles of those ratios: how steady the speedup was, which the spread of each model's own
+    times does not tell on a machine whose speed drifts."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"paired ratios need two equally long, non-empty lists ({len(numerators)}, {len(denominators)})")
+    ratios = sorted(n / d for n, d in zip(numerators, denominators))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "low_quartile": quartiles[0], "high_quartile": quartiles[2],
+            "pairs": len(ratios)}
 
 
 def rate_spread(new_tokens: int, seconds: list[float]) -> dict:
@@ -71,18 +87,37 @@ def prefill_seconds(model, tokens: torch.Tensor) -> float:
     return elapsed_seconds(tokens.device, lambda: model(input_ids=tokens, use_cache=False))
 
 
-@torch.no_grad()
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Greedy generation with the KV cache; returns the seconds spent after the prefill."""
-    output = model(input_ids=prompt, use_cache=True)
-    state = {"cache": output.past_key_values, "token": output.logits[:, -1:].argmax(-1)}
+class Generation:
+    """One model's greedy generation with the KV cache, a token per `step()`."""
 
-    def generate():
-        for _ in range(new_tokens):
-            step = model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True)
-            state["cache"], state["token"] = step.past_key_values, step.logits[:, -1:].argmax(-1)
+    def __init__(self, model, prompt: torch.Tensor):
+        self.model = model
+        with torch.no_grad():
+            output = model(input_ids=prompt, use_cache=True)
+        self.cache, self.token = output.past_key_values, output.logits[:, -1:].argmax(-1)
 
-    return elapsed_seconds(prompt.device, generate)
+    @torch.no_grad()
+    def _next(self) -> None:
+        output = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+        self.cache, self.token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+
+    def step(self) -> float:
+        """Generate one token; returns the seconds it took."""
+        return elapsed_seconds(self.token.device, self._next)
+
+
+def lockstep_decode(models: dict, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """{label: [seconds of each new token]}: every model generates `new_tokens` after `prompt`, one
+    token each in turn (the order reversed every other token), so a slow spell of a shared machine
+    falls on both sides of each pair of steps."""
+    generations = {label: Generation(model, prompt) for label, model in models.items()}
+    steps = {label: [] for label in models}
+    labels = list(models)
+    for number in range(new_tokens):
+        for label in labels if number % 2 == 0 else reversed(labels):
+            steps[label].append(generations[label].step())
+    return steps
+
 
 
 class LayerClock:
@@ -120,10 +155,14 @@ class LayerClock:
     def clear(self) -> None:
         self.forwards, self.per_layer = [], [[] for _ in self.layers]
 
+    def seconds(self, tokens: int, skip: int = 0) -> list[float]:
+        """Seconds inside the layers of each forward that carried `tokens` tokens, in order, after
+        the first `skip` of them (warm-up runs)."""
+        return [s for n, s in self.forwards if n == tokens][skip:]
+
     def median_ms(self, tokens: int, skip: int = 0) -> float | None:
-        """Median milliseconds inside the layers of the forwards that carried `tokens` tokens,
-        after the first `skip` of them (warm-up runs)."""
-        seconds = [s for n, s in self.forwards if n == tokens][skip:]
+        """Median milliseconds inside the layers of the forwards that carried `tokens` tokens."""
+        seconds = self.seconds(tokens, skip)
         return statistics.median(seconds) * 1000 if seconds else None
 
     def remove(self) -> None:
@@ -146,7 +185,8 @@ def interleaved(models: dict, call, warmup: int, repeats: int) -> dict:
 
 
 def prefill_latencies(models: dict, seqlen: int, batch: int = 1, warmup: int = 1, repeats: int = 5) -> dict:
-    """{label: spread of the prefill time of `batch` x `seqlen` tokens}, timed interleaved."""
+    """{label: spread of the prefill time of `batch` x `seqlen` tokens, and `rounds_ms`, the time of
+    each round in order (for paired ratios)}, timed interleaved."""
     first = next(iter(models.values()))
     tokens = prompt_ids(first.config.vocab_size, seqlen, _device_of(first), batch)
     times = interleaved(models, lambda model: prefill_seconds(model, tokens), warmup, repeats)
@@ -154,30 +194,36 @@ def prefill_latencies(models: dict, seqlen: int, batch: int = 1, warmup: int = 1
     for label, seconds in times.items():
         result = spread(seconds)
         result["tokens_per_s"] = batch * seqlen / (result["median_ms"] / 1000)
+        result["rounds_ms"] = [s * 1000 for s in seconds]
         results[label] = result
     return results
 
 
 def decode_throughputs(models: dict, prompt_len: int = 128, new_tokens: int = 128, warmup: int = 1,
                        repeats: int = 3, batch: int = 1) -> dict:
-    """{label: tokens/s generated one at a time with the KV cache after a `prompt_len` prefill}."""
+    """{label: tokens/s generated one at a time with the KV cache after a `prompt_len` prefill, and
+    `steps_ms`, every timed token's milliseconds in order (for paired ratios)}: the models generate
+    in lockstep (lockstep_decode), `repeats` times; a rate's spread is over the repeats."""
     first = next(iter(models.values()))
     prompt = prompt_ids(first.config.vocab_size, prompt_len, _device_of(first), batch)
     for _ in range(warmup):
-        for model in models.values():
-            decode_seconds(model, prompt, min(new_tokens, 8))
-    times = interleaved(models, lambda model: decode_seconds(model, prompt, new_tokens), 0, repeats)
+        lockstep_decode(models, prompt, min(new_tokens, 8))
+    runs = [lockstep_decode(models, prompt, new_tokens) for _ in range(repeats)]
     return {label: {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "batch": batch,
-                    **rate_spread(new_tokens, seconds)} for label, seconds in times.items()}
+                    **rate_spread(new_tokens, [sum(run[label]) for run in runs]),
+                    "steps_ms": [s * 1000 for run in runs for s in run[label]]} for label in models}
 
 
 def prefill_latency(model, seqlen: int, warmup: int = 2, repeats: int = 5) -> dict:
     """Batch-1 prefill of one model (the same code as the interleaved one, with one model)."""
-    return prefill_latencies({"model": model}, seqlen, 1, warmup, repeats)["model"]
+    result = prefill_latencies({"model": model}, seqlen, 1, warmup, repeats)["model"]
+    result.pop("rounds_ms")
+    return result
 
 
 def decode_throughput(model, prompt_len: int = 128, new_tokens: int = 64, warmup: int = 1, repeats: int = 3) -> dict:
     """Decode rate of one model (the same code as the interleaved one, with one model)."""
     result = decode_throughputs({"model": model}, prompt_len, new_tokens, warmup, repeats)["model"]
     result.pop("batch")
+    result.pop("steps_ms")
     return result
