@@ -41,6 +41,15 @@ def test_report_has_both_models_and_every_section(full_run):
         assert entry["efficiency"]["macs_agree"] is True
         assert set(entry["efficiency"]["prefill"]) == {"128", "512"}
     assert report["comparison"]["parameters_removed"] == 0
+    # The speedups come from the two models timed side by side (lorap bench's code), not from the
+    # ratio of each one's own medians, measured minutes apart.
+    comparison = report["comparison"]
+    assert comparison["speed_timing"].startswith("side by side")
+    assert set(comparison["prefill_speedup"]) == {"128", "512"}
+    for low_high, speedup in [*((comparison["prefill_speedup_quartiles"][s], comparison["prefill_speedup"][s])
+                                for s in ("128", "512")),
+                              (comparison["decode_speedup_quartiles"], comparison["decode_speedup"])]:
+        assert low_high[0] <= speedup <= low_high[1]
     assert report["versions"]["lm_eval"] and report["versions"]["transformers"] and report["date"]
     assert report["protocol"]["zeroshot"]["num_fewshot"] == 0
     assert report["data"]["perplexity"]["wiki"]["sha256"]
@@ -124,6 +133,23 @@ def test_a_real_checkpoint_is_compared_with_its_base(two_dirs, tmp_path, capsys)
     assert 0 < report["comparison"]["parameters_removed"] < 0.3
     model, _, _ = load_model(str(checkpoint))
     assert counted_macs_per_token(model, 48) == macs_per_token(model, 48)["total"]  # factorized shapes too
+
+
+def test_models_too_big_to_time_together_are_timed_apart_and_the_report_says_so(two_dirs, tmp_path, monkeypatch):
+    from lorap.evaluate import speed_comparison
+
+    monkeypatch.setattr(speed_comparison, "available_memory_bytes", lambda: 1000)
+    assert speed_comparison.fits_together([400, 400], "cpu") == (False, "0.0 GiB needed for both, 0.0 GiB available")
+    out = tmp_path / "apart.json"
+    assert main(["eval", str(two_dirs[0]), "--against", str(two_dirs[1]), "--seqlen", "32", "--max-tokens", "500",
+                 "--tasks", "none", "--speed", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    comparison = report["comparison"]
+    assert comparison["speed_timing"].startswith("separately")
+    mine, theirs = report["efficiency"], report["against"]["efficiency"]
+    assert comparison["decode_speedup"] == pytest.approx(
+        mine["decode"]["median_tokens_per_s"] / theirs["decode"]["median_tokens_per_s"])
+    assert any("timed minutes apart" in note for note in report["notes"])
 
 
 def test_speed_verdict_says_plainly_when_not_faster():

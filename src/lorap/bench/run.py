@@ -89,8 +89,6 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         "settings": config.to_dict() if built["weights"] != "real" else compressed.config.lorap["compression"],
         "dtype": dtype,
         "parameters": {label: count_parameters(m) for label, m in models.items()},
-        "prefill": {},
-        "decode": None,
         "runtime": "q/k/v right factors fused into one GEMM" if fuse else "every factor pair runs its own two GEMMs",
         "protocol": {"warmup": warmup, "repeats": repeats, "interleaved": True, "prompt_tokens": prompt_tokens,
                      "new_tokens": new_tokens, "threads": torch.get_num_threads(),
@@ -98,9 +96,22 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
                                 "generated in lockstep, one token each in turn",
                      "timer": "CUDA events" if device.type == "cuda" else "wall clock"},
     }
-    limit = getattr(dense.config, "max_position_embeddings", None) or max(prefill_seqlens)
-    clocks = {label: LayerClock(Architecture(m.config).decoder_layers(m), device) for label, m in models.items()}
     scale = built["layers_in_model"] / report["layers_timed"]
+    report["prefill"], report["decode"] = time_side_by_side(models, device, prefill_seqlens, batches, prompt_tokens,
+                                                            new_tokens, warmup, repeats, scale)
+    report["load_average"] = {"before": load_before, "after": _load_average()}
+    report.update(environment(str(device)))
+    return report
+
+
+def time_side_by_side(models: dict, device, prefill_seqlens=PREFILL_SEQLENS, batches=BATCHES, prompt_tokens: int = 128,
+                      new_tokens: int = 128, warmup: int = 1, repeats: int = 5, scale: float = 1.0) -> tuple[dict, dict]:
+    """(prefill rows by "BATCHxTOKENS", decode row) of {"dense": model, "compressed": model} timed
+    interleaved, with paired speedups for the whole forward and for the decoder layers alone (by
+    hooks); `scale` (model layers / timed layers) > 1 adds the whole model extrapolated."""
+    limit = getattr(models["dense"].config, "max_position_embeddings", None) or max(prefill_seqlens)
+    clocks = {label: LayerClock(Architecture(m.config).decoder_layers(m), device) for label, m in models.items()}
+    prefill = {}
     try:
         for batch in batches:
             for seqlen in prefill_seqlens:
@@ -110,8 +121,8 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
                 timed = prefill_latencies(models, seqlen, batch, warmup, repeats)
                 rounds = {label: timed[label]["rounds_ms"] for label in models}
                 inside = {label: [s * 1000 for s in clock.seconds(seqlen, skip=warmup)] for label, clock in clocks.items()}
-                report["prefill"][f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed,
-                                                          **_paired_speedups(rounds, inside, scale)}
+                prefill[f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed,
+                                                **_paired_speedups(rounds, inside, scale)}
                 for clock in clocks.values():
                     clock.clear()
         info(f"decode: {new_tokens} tokens after a {prompt_tokens}-token prompt, the models in lockstep")
@@ -120,13 +131,10 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         # The clocks saw the warm-up tokens too, as many for each model: the timed ones are the last.
         inside = {label: [s * 1000 for s in clock.seconds(1)][-len(steps[label]):] for label, clock in clocks.items()}
         decode.update(_paired_speedups(steps, inside, scale))
-        report["decode"] = decode
     finally:
         for clock in clocks.values():
             clock.remove()
-    report["load_average"] = {"before": load_before, "after": _load_average()}
-    report.update(environment(str(device)))
-    return report
+    return prefill, decode
 
 
 def _paired_speedups(totals: dict, inside: dict, scale: float) -> dict:

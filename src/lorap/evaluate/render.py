@@ -43,12 +43,14 @@ def speed_verdict(report: dict) -> list[str]:
     if "decode_speedup" not in comparison:
         return []
     name, other = report["model"], report["against"]["model"]
+    how = ("paired medians, timed side by side" if comparison.get("speed_timing", "").startswith("side by side")
+           else "ratio of separately timed medians")
 
     def sentence(what, speedup):
         if speedup is None:
             return f"{what}: not measured for both models"
         verdict = "faster" if speedup > 1 else "NOT faster (slower)" if speedup < 1 else "exactly as fast"
-        return f"{what}: {name} is {verdict} than {other} ({speedup:.2f}x the speed, medians)"
+        return f"{what}: {name} is {verdict} than {other} ({speedup:.2f}x the speed, {how})"
 
     lines = [sentence(f"prefill {seqlen} tokens", speedup) for seqlen, speedup in comparison["prefill_speedup"].items()]
     lines.append(sentence("decode", comparison["decode_speedup"]))

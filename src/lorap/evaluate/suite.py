@@ -105,6 +105,23 @@ def comparison(entry: dict, other: dict) -> dict:
     return result
 
 
+def _speedups(model, other_spec, report: dict, device, device_map, settings, notes: list) -> dict:
+    """The comparison's speedups timed side by side (speed_comparison.py); where the two models cannot
+    run together (spread over devices, or too big for memory together), the ratio of each one's own
+    medians, with a note saying so."""
+    from .speed_comparison import side_by_side
+
+    paired = None
+    if not device_map:
+        weights = [report["efficiency"]["weight_bytes"], report["against"]["efficiency"]["weight_bytes"]]
+        paired = side_by_side(model, other_spec, device, settings or {}, weights)
+    if paired is None:
+        notes.append("speedups are ratios of each model's own medians, timed minutes apart (the two models could "
+                     "not be timed side by side here): on a shared machine they carry its drift")
+        return {"speed_timing": "separately: ratio of each model's own medians"}
+    return paired
+
+
 def _resolve_against(model, against, alone, notes) -> str | None | bool:
     """The spec to compare with; False for no comparison. Says why when the default is skipped."""
     from ..io.models import resolve_model
@@ -165,6 +182,8 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
     if other_spec is not False:
         report["against"] = evaluate_one(other_spec, **run)
         report["comparison"] = comparison(report, report["against"])
+        if speed:
+            report["comparison"].update(_speedups(model, other_spec, report, device, device_map, speed_settings, notes))
     if any(row["proxy"] for row in report.get("zeroshot", {}).values()):
         notes.append("lorap_wiki_* tasks are offline PROXIES built from the wiki test split; "
                      "their accuracies are not comparable with published zero-shot tables")
