@@ -489,8 +489,9 @@ def _add_bench(sub):
     p = sub.add_parser(
         "bench",
         help="time the dense and the compressed model side by side (prefill and decode)",
-        description="Time prefill and decode of the dense model and its compressed form, interleaved, and report "
-        "medians, their spread and the speedups. MODEL given by shapes (config.json, folder, hub id, nothing for the "
+        description="Time prefill and decode of the dense model and its compressed form, interleaved (decode in "
+        "lockstep, a token each in turn), and report medians, their spread and paired speedups: the median of "
+        "dense / compressed over timings taken back to back, with its quartiles. MODEL given by shapes (config.json, folder, hub id, nothing for the "
         "built-in model) builds both with random weights by the plan of --ratio/--preset; a lorap checkpoint is "
         "timed with its real weights against the base model it names.",
     )

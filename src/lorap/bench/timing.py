@@ -119,7 +119,6 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, new_tokens: int) -> dict
     return steps
 
 
-
 class LayerClock:
     """Seconds spent inside each decoder layer, by forward hooks (synchronised on CUDA).
 
