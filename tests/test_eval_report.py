@@ -138,7 +138,7 @@ def test_a_real_checkpoint_is_compared_with_its_base(two_dirs, tmp_path, capsys)
 def test_models_too_big_to_time_together_are_timed_apart_and_the_report_says_so(two_dirs, tmp_path, monkeypatch):
     from lorap.evaluate import speed_comparison
 
-    monkeypatch.setattr(speed_comparison, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(speed_comparison, "free_memory_bytes", lambda device: 1000)
     assert speed_comparison.fits_together([400, 400], "cpu") == (False, "0.0 GiB needed for both, 0.0 GiB available")
     out = tmp_path / "apart.json"
     assert main(["eval", str(two_dirs[0]), "--against", str(two_dirs[1]), "--seqlen", "32", "--max-tokens", "500",

@@ -29,6 +29,15 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def free_memory_bytes(device) -> int | None:
+    """Memory free where `device` computes: the GPU's free memory, or the host's MemAvailable
+    (None where it cannot be read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory_bytes()
+
+
 # The largest resident set seen before the last reset of the kernel's high-water mark (see phase_peak_rss_mb)
 _PEAK_BEFORE_RESET_MB = 0.0
 

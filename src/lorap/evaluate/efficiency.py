@@ -16,6 +16,14 @@ from ..plan.counting import count_parameters
 
 PREFILL_SEQLENS = (128, 512)
 MACS_SEQLEN = 128
+# What `--speed` times unless told otherwise (measure's and speed_comparison's settings).
+TIMING_DEFAULTS = {"prefill_seqlens": PREFILL_SEQLENS, "warmup": 2, "repeats": 5, "decode_tokens": 64,
+                   "decode_prompt": 128}
+
+
+def decode_prompt_length(context: int, decode_prompt: int, decode_tokens: int) -> int:
+    """The prompt before the timed decode, shortened so that prompt and new tokens fit the context."""
+    return max(1, min(decode_prompt, context - decode_tokens))
 
 
 # ---------------------------------------------------------------- MACs
@@ -133,8 +141,10 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure(model, prefill_seqlens=PREFILL_SEQLENS, macs_seqlen: int = MACS_SEQLEN, warmup: int = 2,
-            repeats: int = 5, decode_tokens: int = 64, decode_prompt: int = 128) -> dict:
+def measure(model, prefill_seqlens=PREFILL_SEQLENS, macs_seqlen: int = MACS_SEQLEN,
+            warmup: int = TIMING_DEFAULTS["warmup"], repeats: int = TIMING_DEFAULTS["repeats"],
+            decode_tokens: int = TIMING_DEFAULTS["decode_tokens"],
+            decode_prompt: int = TIMING_DEFAULTS["decode_prompt"]) -> dict:
     """Every efficiency number for one model, as the report stores them."""
     device = next(model.parameters()).device
     limit = getattr(model.config, "max_position_embeddings", None) or max(prefill_seqlens)
@@ -142,7 +152,7 @@ def measure(model, prefill_seqlens=PREFILL_SEQLENS, macs_seqlen: int = MACS_SEQL
     memory: dict = {}
     with peak_memory(device, memory):
         prefill = {str(s): prefill_latency(model, s, warmup, repeats) for s in seqlens}
-        prompt = max(1, min(decode_prompt, limit - decode_tokens))
+        prompt = decode_prompt_length(limit, decode_prompt, decode_tokens)
         decode = decode_throughput(model, prompt, decode_tokens, 1, max(1, repeats // 2))
     shapes = macs_per_token(model, macs_seqlen)
     counted = counted_macs_per_token(model, macs_seqlen)

@@ -9,7 +9,7 @@ comparison falls back to that ratio and says so.
 """
 import torch
 
-from ..devices import available_memory_bytes
+from ..devices import free_memory_bytes
 from ..log import info
 
 # Both models' weights, times this, must fit in the memory available (activations, KV caches and
@@ -20,12 +20,9 @@ MEMORY_HEADROOM = 1.5
 def fits_together(weight_bytes: list[int], device: str) -> tuple[bool, str]:
     """(whether models of these weight sizes fit on `device` together, and the figures why)."""
     needed = MEMORY_HEADROOM * sum(weight_bytes)
-    if str(device).startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-    else:
-        free = available_memory_bytes()
-        if free is None:
-            return True, "available memory unknown"
+    free = free_memory_bytes(device)
+    if free is None:
+        return True, "available memory unknown"
     reason = f"{needed / 2**30:.1f} GiB needed for both, {free / 2**30:.1f} GiB available"
     return needed <= free, reason
 
@@ -36,8 +33,9 @@ def side_by_side(spec, other_spec, device: str, settings: dict, weight_bytes: li
     `settings` are efficiency.measure's (prefill_seqlens, warmup, repeats, decode_tokens, decode_prompt)."""
     from ..bench.run import time_side_by_side
     from ..io.models import load_model
-    from .efficiency import PREFILL_SEQLENS
+    from .efficiency import TIMING_DEFAULTS, decode_prompt_length
 
+    settings = {**TIMING_DEFAULTS, **settings}
     fits, reason = fits_together(weight_bytes, device)
     if not fits:
         info(f"speedup from separate timings: the two models do not fit in memory together ({reason})")
@@ -45,12 +43,10 @@ def side_by_side(spec, other_spec, device: str, settings: dict, weight_bytes: li
     models = {"dense": load_model(other_spec, device=device)[0], "compressed": load_model(spec, device=device)[0]}
     info("timing both models side by side for the speedup")
     limit = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in models.values())
-    seqlens = [s for s in settings.get("prefill_seqlens", PREFILL_SEQLENS) if s <= limit]
-    prompt = max(1, min(settings.get("decode_prompt", 128), limit - settings.get("decode_tokens", 64)))
-    prefill, decode = time_side_by_side(models, torch.device(device), seqlens, (1,), prompt,
-                                        settings.get("decode_tokens", 64), settings.get("warmup", 2),
-                                        settings.get("repeats", 5))
-    del models
+    seqlens = [s for s in settings["prefill_seqlens"] if s <= limit]
+    prompt = decode_prompt_length(limit, settings["decode_prompt"], settings["decode_tokens"])
+    prefill, decode = time_side_by_side(models, torch.device(device), seqlens, (1,), prompt, settings["decode_tokens"],
+                                        settings["warmup"], settings["repeats"])
     return {
         "prefill_speedup": {str(row["tokens"]): row["speedup"] for row in prefill.values()},
         "prefill_speedup_quartiles": {str(row["tokens"]): row["speedup_quartiles"] for row in prefill.values()},

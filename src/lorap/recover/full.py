@@ -47,18 +47,12 @@ def check_memory(model, teacher, device, batch_size: int, cutoff: int) -> int:
     """Refuse before training a full fine-tune that cannot fit; returns the estimate in bytes.
 
     The models are loaded by now, so what must still fit is the estimate less their weights."""
-    import torch
-
-    from ..devices import available_memory_bytes
+    from ..devices import free_memory_bytes
 
     needed = training_bytes(model, teacher, batch_size, cutoff)
     still_needed = needed - _bytes(model) - _bytes(teacher) - (RUNTIME_BYTES if device.type == "cpu" else 0)
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-        where = f"free on {device}"
-    else:
-        available = available_memory_bytes()
-        where = "available on this machine"
+    available = free_memory_bytes(device)
+    where = f"free on {device}" if device.type == "cuda" else "available on this machine"
     gib = 2**30
     info(f"full fine-tuning needs about {needed / gib:.1f} GiB (weights, gradients, Adam state, best copy"
          f"{', teacher' if teacher is not None else ''}, activations)")
