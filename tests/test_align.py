@@ -139,7 +139,8 @@ def test_align_auto_is_recorded_as_the_multiple_used(tiny_model_dir, tmp_path, c
 def test_best_and_the_baselines_align_by_default_and_the_paper_and_its_ablations_do_not():
     from lorap.methods.presets import METHODS
 
-    deployed = {"best", "svd-magnitude", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor"}
+    deployed = {"best", "svd-magnitude", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor", "wanda-sp-ffn", "flap-ffn",
+                "llm-pruner-l2-ffn", "llm-pruner-taylor-ffn"}
     for name in METHODS:
         expected = "auto" if name in deployed else 256 if name == "serving" else 1  # serving: the engines' multiple
         assert config_for(name).align == expected, name

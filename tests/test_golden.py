@@ -24,7 +24,10 @@ PERPLEXITY = dict(dataset="wiki", seqlen=32, max_tokens=2048)
 PRESETS_ON_EVERY_ARCHITECTURE = ("paper", "best")
 EVERY_PRESET_ON = "llama_gqa"
 # The serving preset's FFN widths are multiples of 256: the tiny FFN (160) would keep every channel.
-MODEL_OVERRIDES = {"serving": dict(intermediate_size=1024)}
+# The head-pruning baselines: with 2 KV groups, 20% rounds to keeping both; with 4, one goes.
+FOUR_GROUPS = dict(num_attention_heads=8, num_key_value_heads=4)
+MODEL_OVERRIDES = {"serving": dict(intermediate_size=1024), "wanda-sp": FOUR_GROUPS, "flap": FOUR_GROUPS,
+                   "llm-pruner-l2": FOUR_GROUPS, "llm-pruner-taylor": FOUR_GROUPS}
 
 
 def golden_cases() -> list:

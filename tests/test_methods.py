@@ -97,20 +97,29 @@ def test_the_plan_counts_the_added_biases():
 
 
 def test_taylor_scores_are_the_group_sum_of_weight_times_gradient(tiny_tokenizer):
+    from lorap.methods.head_pruning import HeadLayout
     from lorap.methods.taylor import taylor_channel_scores
 
     model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
     samples = torch.randint(0, len(tiny_tokenizer), (4, 16))
-    scores = taylor_channel_scores(model, samples, batch_size=2, device="cpu", progress=False)
+    layout = HeadLayout(kv_heads=2, heads_per_group=2, head_dim=16)
+    scores = taylor_channel_scores(model, samples, batch_size=2, device="cpu", progress=False, scored=("ffn", "heads"),
+                                   layout=layout)
     # By hand: one loss per batch of 2, gradients summed over the batches.
     model.zero_grad()
     for start in (0, 2):
         model(input_ids=samples[start : start + 2], labels=samples[start : start + 2]).loss.backward()
-    mlp = model.model.layers[1].mlp
-    expected = ((mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
-                + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
-                + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0))
-    assert torch.allclose(scores[1], expected.detach(), rtol=1e-4, atol=1e-8)
+
+    def salience(linear, dim):
+        return (linear.weight * linear.weight.grad).abs().sum(dim).detach()
+
+    mlp, attention = model.model.layers[1].mlp, model.model.layers[1].self_attn
+    expected = salience(mlp.gate_proj, 1) + salience(mlp.up_proj, 1) + salience(mlp.down_proj, 0)
+    assert torch.allclose(scores[1]["ffn"], expected, rtol=1e-4, atol=1e-8)
+    # a query channel: its q row and o column, and half (2 query heads per KV head) of the k and v rows it reads
+    shared = (salience(attention.k_proj, 1) + salience(attention.v_proj, 1)).reshape(2, 1, 16).expand(2, 2, 16)
+    expected = salience(attention.q_proj, 1) + salience(attention.o_proj, 0) + shared.flatten() / 2
+    assert torch.allclose(scores[1]["heads"], expected, rtol=1e-4, atol=1e-8)
 
 
 def test_taylor_leaves_no_gradients_and_restores_requires_grad(tiny_tokenizer):
@@ -159,7 +168,10 @@ def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, m
 
     scored = sorted((relative(r), r["method"]) for (m, q), r in rows.items() if q == 0.3 and "error" not in r)
     first = next(line for line in table.splitlines() if line.startswith(f"| 1 | {METHODS[scored[0][1]].label} |"))
-    assert first.rstrip(" |").split(" | ")[-2] == f"{scored[0][0]:.2f}x"  # the 'vs dense' column, before compress time
+    cells = first.rstrip(" |").split(" | ")
+    assert cells[-3] == f"{scored[0][0]:.2f}x"  # the 'vs dense' column, before the KV cache and compress time
+    # low-rank attention keeps the KV cache: 2 layers x (k + v) x 2 KV heads x 16 dims x 4 bytes
+    assert cells[-2] == "512" and rows[(scored[0][1], 0.3)]["kv_cache_bytes_per_token"] == 512
     assert "| wiki @ 32 | pydocs @ 32 | vs dense @ 32 |" in table
 
     # A second run with the same settings reuses every row; a changed setting redoes them.

@@ -18,13 +18,15 @@ from lorap.plan.counting import count_parameters
 
 SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
 EVERY_PART = [(part, spec.name) for part, registry in REGISTRIES.items() for spec in registry]
+HEAD_PARTS = ("head_score", "head_update")  # used with --attention heads
 
 
 @pytest.mark.parametrize("part,name", EVERY_PART, ids=[f"{p}={n}" for p, n in EVERY_PART])
 def test_every_registered_part_compresses_a_model_to_its_plan(part, name, tiny_tokenizer):
     model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
     dense = count_parameters(model)
-    config = config_for("paper", ratio=0.3, **{part: name}, **SMALL)
+    settings = {part: name, **({"attention": "heads"} if part in HEAD_PARTS else {})}
+    config = config_for("paper", ratio=0.3, **settings, **SMALL)
     result = compress_model(model, tiny_tokenizer, config, progress=False)
     assert count_parameters(model) == result.plan.compressed_parameters < dense
     with torch.no_grad():
@@ -32,7 +34,11 @@ def test_every_registered_part_compresses_a_model_to_its_plan(part, name, tiny_t
     spec = REGISTRIES[part][name]
     if spec.needs_whole_model:
         assert spec.prepare_phase in result.timings
-    assert any(layer.down_bias_added for layer in result.plan.layers) == spec.adds_down_bias
+    if part in HEAD_PARTS:  # one of the two KV groups removed, its output compensated in o_proj
+        assert [layer.kv_heads for layer in result.plan.layers] == [1, 1]
+        assert any(layer.o_bias_added for layer in result.plan.layers) == spec.adds_bias
+    else:
+        assert any(layer.down_bias_added for layer in result.plan.layers) == spec.adds_bias
 
 
 @pytest.mark.parametrize("part,name", EVERY_PART, ids=[f"{p}={n}" for p, n in EVERY_PART])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from .errors import LorapError
 from .plan.alignment import AUTO_ALIGN
-from .methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, RANK_ALLOCATIONS, REGISTRIES,
-                               Registry)
+from .methods.registry import (ATTENTION_METHODS, FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, HEAD_SCORES,
+                               HEAD_UPDATES, RANK_ALLOCATIONS, REGISTRIES, Registry)
 
 
 def _csv(kind):
@@ -155,9 +155,9 @@ def _write_json(path: Path | None, data: dict) -> None:
 
 def _add_registry_option(p, registry: Registry, what: str) -> None:
     """An option whose choices and help are the registered parts (methods/registry.py)."""
-    paper = registry.names()[0]
+    paper = f"paper: {registry.paper}" if registry.paper else f"default: {registry.names()[0]}"
     p.add_argument(registry.option, choices=list(registry.names()), metavar="{" + ",".join(registry.names()) + "}",
-                   help=f"{what} (paper: {paper}): {registry.help()}".replace("%", "%%"))
+                   help=f"{what} ({paper}): {registry.help()}".replace("%", "%%"))
 
 
 def _add_ratio_options(p, ratio_required: bool = True):
@@ -187,11 +187,16 @@ def _add_ratio_options(p, ratio_required: bool = True):
                    "Default: 'auto' for best and the baselines, 1 (exact integers) for paper and its ablations")
     p.add_argument("--attention-scale", type=float,
                    help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
+    p.add_argument("--attention", choices=list(ATTENTION_METHODS),
+                   help="lowrank: factor pairs (the paper); heads: remove whole KV groups with their query heads "
+                   "(each head is its own group without GQA), which also shrinks the KV cache")
     _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
     _add_registry_option(p, FFN_SCORES, "FFN channel criterion")
     _add_registry_option(p, FFN_UPDATES, "what replaces removed FFN channels")
     _add_registry_option(p, FFN_ALLOCATIONS, "FFN widths across layers")
     _add_registry_option(p, RANK_ALLOCATIONS, "ranks of a layer's factor pairs")
+    _add_registry_option(p, HEAD_SCORES, "head criterion, with --attention heads")
+    _add_registry_option(p, HEAD_UPDATES, "what replaces removed heads, with --attention heads")
 
 
 def _calibration_settings(args) -> dict:
@@ -216,6 +221,7 @@ def _method_settings(args) -> dict:
         sublayers=tuple(args.sublayers) if args.sublayers else None,
         attention_scale=args.attention_scale,
         align=args.align,
+        attention=args.attention,
     )
     for part in REGISTRIES:
         settings[part] = getattr(args, part)

@@ -6,7 +6,10 @@ works where lorap is not installed. It must therefore import nothing from lorap.
 
 The compressed shapes are recorded in `config.lorap["layers"]`: for each decoder layer, the
 rank of each attention projection (null when it stayed dense), the FFN width kept, and
-`down_proj_bias: true` where the down projection gained a bias (compensated channels).
+`down_proj_bias: true` where the down projection gained a bias (compensated channels), and where
+heads were removed, the layer's `num_attention_heads` and `num_key_value_heads` (with
+`o_proj_bias: true` where o_proj gained a bias). The attention code of these families reads a
+layer's head count from its projections' widths, so narrowing the projections is all it takes.
 `config.lorap["architecture"]` says where the projections live (written by lorap's
 architectures.py; checkpoints without it have LLaMA's names): the decoder layer list, the
 module of each logical projection, and the fused modules with [part, rows] in row order.
@@ -141,10 +144,21 @@ def _linear(in_features, out_features, bias, like):
     return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
 
 
+def _kept_head_rows(layer, layout: dict, architecture: dict) -> dict:
+    """{projection: its narrowed rows (q, k, v) or input columns (o)} where heads were removed."""
+    if layout.get("num_key_value_heads") is None:
+        return {}
+    attention = module_at(layer, architecture["projections"]["q_proj"].rpartition(".")[0])
+    queries, kv = layout["num_attention_heads"] * attention.head_dim, layout["num_key_value_heads"] * attention.head_dim
+    return {"q_proj": queries, "k_proj": kv, "v_proj": kv, "o_proj": queries}
+
+
 def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
     """{module path: new module} giving one decoder layer the recorded compressed shapes."""
     width = layout.get("intermediate_size")
-    down_bias = bool(layout.get("down_proj_bias"))  # gained by compensating removed channels
+    # biases gained by compensating removed channels or heads
+    gained_bias = {"down_proj": bool(layout.get("down_proj_bias")), "o_proj": bool(layout.get("o_proj_bias"))}
+    head_rows = _kept_head_rows(layer, layout, architecture)
     by_path: dict = {}
     for name, path in architecture["projections"].items():
         by_path.setdefault(path, []).append(name)
@@ -163,7 +177,13 @@ def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
                     in_features = width
                 else:
                     out_features = width
-            part_bias = bias or (name == "down_proj" and down_bias)
+            if name in head_rows:
+                changed |= head_rows[name] != (in_features if name == "o_proj" else out_features)
+                if name == "o_proj":
+                    in_features = head_rows[name]
+                else:
+                    out_features = head_rows[name]
+            part_bias = bias or gained_bias.get(name, False)
             changed |= rank is not None or part_bias != bias
             if rank is not None:
                 built[name] = LowRankLinear(in_features, out_features, rank, bias=bias,

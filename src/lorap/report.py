@@ -34,7 +34,9 @@ def format_plan(plan_dict: dict) -> str:
     header = (
         f"LoRAP plan: {settings['mode']} mode, ratio {settings['ratio']:g}"
         + (f" of the whole model (per-layer ratio {plan_dict['layer_ratio']:.4f})" if settings["mode"] == "exact" else " per layer")
-        + f"; a = {settings['allocation_a']:g}, bottom-keep {settings['bottom_keep']:g}, sublayers {'+'.join(settings['sublayers'])}"
+        + (f"; attention: whole KV groups removed with their query heads" if settings.get("attention") == "heads"
+           else f"; a = {settings['allocation_a']:g}")
+        + f", bottom-keep {settings['bottom_keep']:g}, sublayers {'+'.join(settings['sublayers'])}"
         + (f"; ranks and widths multiples of {settings['align']}" if settings.get("align", 1) > 1 else "")
         + (f"; factor pairs too large to run faster on {settings['pair_limit']} kept dense"
            if settings.get("pair_limit", "none") != "none" else "")
@@ -46,6 +48,8 @@ def format_plan(plan_dict: dict) -> str:
         for row in rows:
             if "width" in row:
                 size = f"width {row['width']}"
+            elif "heads" in row:
+                size = f"{row['heads']} {'kv heads' if row['module'] in ('k_proj', 'v_proj') else 'heads'}"
             else:
                 size = "dense" if row["rank"] is None else f"rank {row['rank']}"
             removed = 1 - row["parameters"] / row["dense_parameters"]
@@ -62,6 +66,10 @@ def format_plan(plan_dict: dict) -> str:
         f"{'whole model':<53}{totals['dense_parameters']:>16,}{totals['compressed_parameters']:>16,}"
         f"{totals['removed_fraction']:>9.2%}"
     )
+    if "kv_cache_values_per_token" in totals:
+        cache = totals["kv_cache_values_per_token"]
+        lines.append(f"{'KV cache: keys and values per token':<53}{cache['dense']:>16,}{cache['compressed']:>16,}"
+                     f"{1 - cache['compressed'] / cache['dense']:>9.1%}")
     if "predicted_speed" in plan_dict:
         lines.append(format_prediction(plan_dict["predicted_speed"]))
     return "\n".join(lines)

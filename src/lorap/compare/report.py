@@ -29,6 +29,11 @@ def _number(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _bytes(row: dict) -> str:
+    value = row.get("kv_cache_bytes_per_token")  # absent from rows saved before it was recorded
+    return "-" if value is None else f"{value:,}"
+
+
 def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
     settings, evaluation = result["settings"], result["evaluation"]
     seqlens, datasets = evaluation["seqlens"], evaluation["datasets"]
@@ -57,25 +62,25 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
     header = ["rank", "method", "attention", "FFN", "parameters", "removed"] + [f"{d} @ {s}" for d, s in columns]
     header += [f"vs dense @ {first}"]
     header += ["zero-shot"] if zeroshot else []
-    header += ["compress (s)"]
+    header += ["KV cache (bytes/token)", "compress (s)"]
     for ratio in settings["ratios"]:
         lines += [f"### {ratio:.0%} of the parameters removed", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         dense_cells = ["", "dense", "-", "-", f"{dense['parameters']:,}", "0"] + [_number(_ppl(dense, d, s)) for d, s in columns]
         dense_cells += ["1.00x"]
         dense_cells += [_number(dense.get("zeroshot_average"), 4)] if zeroshot else []
-        lines.append("| " + " | ".join(dense_cells + ["-"]) + " |")
+        lines.append("| " + " | ".join(dense_cells + [_bytes(dense), "-"]) + " |")
         for rank, row in enumerate(ranked(result, ratio), 1):
             if "error" in row:
                 cells = ["-", row["label"], row["attention"], row["ffn"], "cannot reach this budget", ""]
-                cells += [""] * (len(columns) + 1) + ([""] if zeroshot else []) + [""]
+                cells += [""] * (len(columns) + 1) + ([""] if zeroshot else []) + ["", ""]
             else:
                 cells = [str(rank), f"**{row['label']}**" if row["method"] == "best" else row["label"], row["attention"],
                          row["ffn"], f"{row['parameters']:,}", f"{row['removed_fraction']:.2%}"]
                 cells += [_number(_ppl(row, d, s)) for d, s in columns]
                 cells += [f"{relative_perplexity(row, dense, datasets, first):.2f}x"]
                 cells += [_number(row.get("zeroshot_average"), 4)] if zeroshot else []
-                cells += [f"{row['compress_seconds']:.0f}"]
+                cells += [_bytes(row), f"{row['compress_seconds']:.0f}"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         failed = [r for r in result["rows"] if r["ratio"] == ratio and "error" in r]
         lines += [""] + [f"- {r['label']}: {r['error']}" for r in failed] + ([""] if failed else [])

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import LorapError
+from ..evaluate.efficiency import kv_cache_bytes_per_token
 from ..evaluate.suite import release_model
 from ..log import info
 from ..methods.presets import DEFAULT_COMPARISON, config_for, method
@@ -76,7 +77,7 @@ def _dense_row(spec, settings, tasks, manager, device) -> dict:
 
     model, tokenizer, source = load_model(spec, device=device)
     row = {"method": "dense", "label": "dense", "parameters": count_parameters(model), "removed_fraction": 0.0,
-           **_evaluate(model, tokenizer, settings, tasks, manager)}
+           "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model), **_evaluate(model, tokenizer, settings, tasks, manager)}
     release_model(model)
     return row
 
@@ -107,6 +108,7 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
     row["removed_fraction"] = result.plan.removed_fraction
     row["plan_totals"] = result.plan.to_dict()["totals"]
     row["ffn_widths"] = [layer.ffn_width for layer in result.plan.layers]
+    row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
     model.to(device)
     row.update(_evaluate(model, tokenizer, settings, tasks, manager))
     release_model(model)

@@ -26,6 +26,18 @@ def decode_prompt_length(context: int, decode_prompt: int, decode_tokens: int) -
     return max(1, min(decode_prompt, context - decode_tokens))
 
 
+def kv_cache_bytes_per_token(model) -> int:
+    """Bytes the KV cache grows by per token of context: every layer's key and value widths (what its
+    k and v projections output, fewer where heads were removed; factor pairs output full width)
+    times the model's element size."""
+    from ..architectures import Architecture
+
+    architecture = Architecture(model.config)
+    size = next(model.parameters()).element_size()
+    return sum((architecture.projection(layer, "k_proj").out_features + architecture.projection(layer, "v_proj").out_features)
+               * size for layer in architecture.decoder_layers(model))
+
+
 # ---------------------------------------------------------------- MACs
 
 

@@ -45,7 +45,7 @@ def kept_channels(scores: torch.Tensor, kept_width: int, bottom_keep: float) -> 
     return keep.nonzero().flatten()
 
 
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int, bias: bool = False) -> nn.Linear:
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int, bias: bool = False) -> nn.Linear:
     weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
     out_features, in_features = weight.shape
     with_bias = bias or linear.bias is not None
@@ -116,24 +116,29 @@ def prune_ffn(mlp, keep: torch.Tensor, update: str = "none", down_inputs=None) -
     """
     from .registry import FFN_UPDATES
 
-    spec = FFN_UPDATES[update]
-    compensate = spec.implementation is not None and keep.numel() < mlp.down_proj.in_features
+    return PrunedFfn(
+        slice_linear(mlp.gate_proj, keep, 0),
+        slice_linear(mlp.up_proj, keep, 0),
+        keep_input_columns(mlp.down_proj, keep, FFN_UPDATES[update], down_inputs),
+    )
+
+
+def keep_input_columns(linear: nn.Linear, keep: torch.Tensor, update, inputs=None) -> nn.Linear:
+    """A new linear reading only the input columns `keep` of `linear`, the dropped columns'
+    contribution compensated by `update` (a registered update's MethodSpec) from `inputs`, the
+    statistics of `linear`'s input; it gains a bias where compensation needs one. FFN pruning uses
+    it on down_proj, head pruning on o_proj."""
+    compensate = update.implementation is not None and keep.numel() < linear.in_features
     if compensate:
-        width = mlp.down_proj.in_features
-        dropped = torch.ones(width, dtype=torch.bool)
+        dropped = torch.ones(linear.in_features, dtype=torch.bool)
         dropped[keep.cpu()] = False
         # float32 (the updates take float64 copies of the dropped columns only: a copy of the whole
         # matrix in float64 is 360 MB at LLaMA-7B's width)
-        delta, bias_change = spec.function()(mlp.down_proj.weight.detach().float().cpu(), dropped, down_inputs)
-    pruned = PrunedFfn(
-        _slice_linear(mlp.gate_proj, keep, 0),
-        _slice_linear(mlp.up_proj, keep, 0),
-        _slice_linear(mlp.down_proj, keep, 1, bias=compensate),
-    )
+        delta, bias_change = update.function()(linear.weight.detach().float().cpu(), dropped, inputs)
+    sliced = slice_linear(linear, keep, 1, bias=compensate)
     if compensate:
-        down = pruned.down_proj
         with torch.no_grad():
             if delta is not None:
-                down.weight.add_(delta.to(down.weight.device, down.weight.dtype))
-            down.bias.add_(bias_change.to(down.bias.device, down.bias.dtype))
-    return pruned
+                sliced.weight.add_(delta.to(sliced.weight.device, sliced.weight.dtype))
+            sliced.bias.add_(bias_change.to(sliced.bias.device, sliced.bias.dtype))
+    return sliced

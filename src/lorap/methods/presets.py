@@ -1,10 +1,13 @@
 """Named methods: the paper's LoRAP, lorap's best preset, and the baselines and ablations it is
 compared with. Each is a set of CompressionConfig settings; all share the one layer walk.
 
-The FFN baselines (Wanda-sp, FLAP, LLM-Pruner) are their channel criteria (and, for FLAP, its
-adaptive structure and bias compensation) applied to the FFN; their attention is compressed as
-the paper does (AWSVD ranks, a = 3). The original methods prune attention heads instead; lorap
-does not implement head pruning.
+The baselines as published (Wanda-sp, FLAP, LLM-Pruner) remove attention heads (whole KV groups
+with their query heads, methods/head_pruning.py) and FFN channels, each by its own criterion:
+Wanda-sp and LLM-Pruner with one ratio for every layer, FLAP with heads and channels allocated
+together across layers and the removed ones' mean output folded into biases. LLM-Pruner as
+published also leaves its first and last layers whole; here every layer is pruned alike. The
+hybrids `*-ffn` apply only their FFN criterion (and FLAP's adaptive widths and compensation) and
+compress attention as the paper does (AWSVD ranks, a = 3).
 
 Shapes: `best` and the baselines, the methods one deploys, round ranks and FFN widths to this
 device's multiple (`align="auto"`, plan/alignment.py), which runs faster at the same budget. The
@@ -49,13 +52,29 @@ METHODS = {
                                            ffn_update="lstsq", bottom_keep=0.0, align=SERVING_ALIGN)),
         Method("svd-magnitude", "plain SVD + magnitude", "plain SVD, a = 3", "weight magnitude",
                dict(factorization="svd", ffn_score="magnitude", bottom_keep=0.0, **DEPLOYED)),
-        Method("wanda-sp", "Wanda-sp", "AWSVD, a = 3", "Wanda-sp score", dict(ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
-        Method("flap", "FLAP", "AWSVD, a = 3", "fluctuation score, adaptive widths, bias compensation",
+        Method("wanda-sp", "Wanda-sp", "heads: Wanda-sp score", "Wanda-sp score",
+               dict(attention="heads", head_score="wanda-sp", ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
+        Method("flap", "FLAP", "heads: fluctuation score, bias compensation",
+               "fluctuation score, bias compensation; heads and channels allocated together across layers",
+               dict(attention="heads", head_score="flap", head_update="bias", ffn_score="flap",
+                    ffn_allocation="adaptive", ffn_update="bias", bottom_keep=0.0, **DEPLOYED)),
+        Method("llm-pruner-l2", "LLM-Pruner (L2)", "heads: group L2 of the weights", "group L2 of the weights",
+               dict(attention="heads", head_score="llm-pruner-l2", ffn_score="llm-pruner-l2", bottom_keep=0.0,
+                    **DEPLOYED)),
+        Method("llm-pruner-taylor", "LLM-Pruner (Taylor)", "heads: first-order Taylor, abs(w * grad)",
+               "first-order Taylor, abs(w * grad)",
+               dict(attention="heads", head_score="llm-pruner-taylor", ffn_score="llm-pruner-taylor", bottom_keep=0.0,
+                    **DEPLOYED)),
+        # The same FFN criteria with the paper's attention (what lorap compared before it removed heads).
+        Method("wanda-sp-ffn", "Wanda-sp FFN, LoRAP attention", "AWSVD, a = 3", "Wanda-sp score",
+               dict(ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
+        Method("flap-ffn", "FLAP FFN, LoRAP attention", "AWSVD, a = 3",
+               "fluctuation score, adaptive widths, bias compensation",
                dict(ffn_score="flap", ffn_allocation="adaptive", ffn_update="bias", bottom_keep=0.0, **DEPLOYED)),
-        Method("llm-pruner-l2", "LLM-Pruner (L2)", "AWSVD, a = 3", "group L2 of the weights",
+        Method("llm-pruner-l2-ffn", "LLM-Pruner (L2) FFN, LoRAP attention", "AWSVD, a = 3", "group L2 of the weights",
                dict(ffn_score="llm-pruner-l2", bottom_keep=0.0, **DEPLOYED)),
-        Method("llm-pruner-taylor", "LLM-Pruner (Taylor)", "AWSVD, a = 3", "first-order Taylor, abs(w * grad)",
-               dict(ffn_score="llm-pruner-taylor", bottom_keep=0.0, **DEPLOYED)),
+        Method("llm-pruner-taylor-ffn", "LLM-Pruner (Taylor) FFN, LoRAP attention", "AWSVD, a = 3",
+               "first-order Taylor, abs(w * grad)", dict(ffn_score="llm-pruner-taylor", bottom_keep=0.0, **DEPLOYED)),
         Method("plain-svd", "ablation: plain SVD", "plain SVD, a = 3", "LoRAP score, 1% rule", dict(factorization="svd")),
         Method("asvd", "ablation: ASVD", "ASVD (mean |x|^0.5), a = 3", "LoRAP score, 1% rule", dict(factorization="asvd")),
         Method("svd-llm", "ablation: SVD-LLM whitening", "SVD-LLM whitening, a = 3", "LoRAP score, 1% rule",

@@ -1,5 +1,5 @@
 """The one registry of method parts: every factorization, FFN criterion, FFN update and FFN
-allocation, with what it needs and what it adds.
+allocation, rank allocation, and head criterion and update, with what it needs and what it adds.
 
 This module imports no torch: the CLI builds its choices and help from it before any heavy import.
 An implementation is named as "module:function" (imported on first use) or given as the function
@@ -28,10 +28,12 @@ class MethodSpec:
     statistics: tuple = ()  # what it reads at the inputs of `reads` (STATISTICS)
     reads: tuple = ()  # the logical projections whose inputs it reads
     # A whole-model pass before the layer walk (it sees every layer; a streamed run makes it over the
-    # shards first): called with the run (pipeline.run.PreparedRun), it may set run.plan or run.channel_scores.
+    # shards first): called with the run (pipeline.run.PreparedRun), it may set run.plan, run.channel_scores
+    # or run.head_scores.
     prepare: str | Callable | None = None
     prepare_phase: str | None = None  # the report's name for the time `prepare` took
-    adds_down_bias: bool = False  # adds parameters: a bias on the FFN's down projection where it had none
+    # adds parameters: a bias on the output projection it compensates (FFN down, attention o) where it had none
+    adds_bias: bool = False
 
     def __post_init__(self):
         unknown = set(self.statistics) - set(STATISTICS)
@@ -63,11 +65,17 @@ def _resolve(target, name: str) -> Callable:
 
 
 class Registry:
-    """The registered parts of one kind, in order (the first is the paper's)."""
+    """The registered parts of one kind, in order (the first is the paper's, where the paper has one)."""
 
-    def __init__(self, kind: str, option: str, specs: list):
+    def __init__(self, kind: str, option: str, specs: list, paper: bool = True):
         self.kind, self.option = kind, option
         self._specs = {spec.name: spec for spec in specs}
+        self.has_paper = paper  # False: the paper has no such part (it factorizes attention, never removes heads)
+
+    @property
+    def paper(self) -> str | None:
+        """The paper's choice (the first), or None where the paper has none."""
+        return next(iter(self._specs)) if self.has_paper else None
 
     def names(self) -> tuple:
         return tuple(self._specs)
@@ -128,16 +136,17 @@ FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
 FFN_UPDATES = Registry("FFN update", "--ffn-update", [
     MethodSpec("none", None, "removed channels are dropped"),
     MethodSpec("bias", ".ffn_pruning:bias_compensation", "removed channels' mean output folded into a bias",
-               statistics=("mean",), reads=("down_proj",), adds_down_bias=True),
+               statistics=("mean",), reads=("down_proj",), adds_bias=True),
     MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
                "kept channels of down refitted by ridge least squares to the dense output",
-               statistics=("mean", "gram"), reads=("down_proj",), adds_down_bias=True),
+               statistics=("mean", "gram"), reads=("down_proj",), adds_bias=True),
 ])
 
 FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
     MethodSpec("uniform", None, "every layer keeps the same FFN width"),
     MethodSpec("adaptive", None,
-               "the same total removed, spread over layers by channel scores standardised per layer, as FLAP",
+               "the same total removed, spread over layers by channel scores standardised per layer, as FLAP; "
+               "with --attention heads, heads and channels in one pool across layers (FLAP's AL-AM)",
                prepare=".allocations:prepare_adaptive_widths", prepare_phase="adaptive_scoring"),
 ])
 
@@ -148,15 +157,49 @@ RANK_ALLOCATIONS = Registry("rank allocation", "--rank-allocation", [
                prepare=".rank_allocation:prepare_adaptive_ranks", prepare_phase="rank_scoring"),
 ])
 
+# What happens to attention (--attention): "lowrank" factor pairs (the paper), or "heads": whole KV
+# groups removed with their query heads (every query head is its own group without GQA).
+ATTENTION_METHODS = ("lowrank", "heads")
+
+# Head pruning (--attention heads) removes whole KV groups with their query heads
+# (methods/head_pruning.py). The criteria score a group from its weights and the statistics of the
+# output projection's input, where the heads' outputs meet.
+HEAD_SCORES = Registry("head criterion", "--head-score", [
+    MethodSpec("flap", ".head_pruning:flap_head_scores",
+               "FLAP's fluctuation at o_proj's input: variance times squared column norm, summed over a group's channels",
+               statistics=("variance",), reads=("o_proj",)),
+    MethodSpec("wanda-sp", ".head_pruning:wanda_sp_head_scores",
+               "structured Wanda: abs(W_o) times o_proj's input norm, summed over a group's channels",
+               statistics=("norm",), reads=("o_proj",)),
+    MethodSpec("llm-pruner-l2", ".head_pruning:l2_head_scores",
+               "LLM-Pruner's group L2: the squared weights of a group's q, k, v rows and o columns"),
+    MethodSpec("magnitude", ".head_pruning:magnitude_head_scores",
+               "the norms of a group's q, k, v rows and o columns, summed"),
+    MethodSpec("llm-pruner-taylor", None,
+               "LLM-Pruner's first-order Taylor abs(w * dL/dw) over a group's weights, from calibration gradients",
+               prepare=".taylor:prepare_taylor_scores", prepare_phase="gradients"),
+], paper=False)
+
+# What replaces removed heads' output: the FFN updates' functions, applied to o_proj's kept columns.
+HEAD_UPDATES = Registry("head update", "--head-update", [
+    MethodSpec("none", None, "removed heads are dropped"),
+    MethodSpec("bias", ".ffn_pruning:bias_compensation", "removed heads' mean output folded into o_proj's bias (FLAP)",
+               statistics=("mean",), reads=("o_proj",), adds_bias=True),
+    MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
+               "kept columns of o_proj refitted by ridge least squares to the dense output",
+               statistics=("mean", "gram"), reads=("o_proj",), adds_bias=True),
+], paper=False)
+
 # The parts of a run, in the order their whole-model passes run (scores before allocations).
 REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
-              "ffn_allocation": FFN_ALLOCATIONS, "rank_allocation": RANK_ALLOCATIONS}
+              "ffn_allocation": FFN_ALLOCATIONS, "rank_allocation": RANK_ALLOCATIONS,
+              "head_score": HEAD_SCORES, "head_update": HEAD_UPDATES}
 
 
 def options_table() -> str:
     """The README's options table for these registries (tests keep the README equal to it)."""
     lines = ["| option | values (the paper's first) |", "|---|---|"]
     for registry in REGISTRIES.values():
-        values = [f"`{spec.name}`" + (" (paper)" if spec is next(iter(registry)) else "") + f": {spec.help}" for spec in registry]
+        values = [f"`{spec.name}`" + (" (paper)" if spec.name == registry.paper else "") + f": {spec.help}" for spec in registry]
         lines.append(f"| `{registry.option}` | {'; '.join(values)} |")
     return "\n".join(lines)

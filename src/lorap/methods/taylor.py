@@ -1,8 +1,10 @@
-"""LLM-Pruner's first-order Taylor importance of FFN channels, from calibration gradients.
+"""LLM-Pruner's first-order Taylor importance of FFN channels and attention heads, from calibration gradients.
 
 Channel c of layer l scores sum |w * dL/dw| over row c of gate and up and column c of down, with
-dL/dw accumulated over all calibration batches (the language-modelling loss); only the FFN
-weights get gradients.
+dL/dw accumulated over all calibration batches (the language-modelling loss). With head pruning, a
+query channel scores the same sum over its row of q and column of o, plus an even share of the k
+and v rows it reads (head_pruning.py), and a KV group the sum over its channels. Only the weights
+scored get gradients.
 
 In memory, one backward pass per batch through the whole model (what LLM-Pruner does, and why it
 needs 80 GB for LLaMA-7B). Streamed, the same gradients layer by layer, one layer in memory at a
@@ -14,8 +16,12 @@ weight gradients and the gradient of its input for the layer below.
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import FFN_PROJECTIONS, Architecture
+from ..architectures import ATTENTION_PROJECTIONS, FFN_PROJECTIONS, Architecture
 from ..pipeline.walk import compute_dtype, layer_forward, layer_output
+from .head_pruning import HeadLayout, per_query_channel
+
+# What is scored -> the logical projections whose weights need gradients
+SCORED = {"ffn": FFN_PROJECTIONS, "heads": ATTENTION_PROJECTIONS}
 
 
 def _salience(weight) -> torch.Tensor:
@@ -23,19 +29,21 @@ def _salience(weight) -> torch.Tensor:
     return (weight.detach().float() * weight.grad.float()).abs()
 
 
-def _ffn_weights(architecture, layers) -> dict:
-    """{id: weight} of the physical weights holding the layers' FFN projections (one fused weight may hold two)."""
-    holders = (architecture.holder(layer, name)[0] for layer in layers for name in FFN_PROJECTIONS)
+def _scored_weights(architecture, layers, scored: tuple) -> dict:
+    """{id: weight} of the physical weights holding the scored projections (one fused weight may hold several)."""
+    holders = (architecture.holder(layer, name)[0] for layer in layers for part in scored for name in SCORED[part])
     return {id(module.weight): module.weight for module in holders}
 
 
-def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device, progress: bool = True) -> list:
-    """[scores of layer 0's channels, ...] for the model as it is (dense)."""
+def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device, progress: bool = True,
+                          scored: tuple = ("ffn",), layout: HeadLayout | None = None) -> list:
+    """[{part: scores of layer 0's FFN channels ("ffn") or query channels ("heads")}, ...] for the model
+    as it is (dense); `layout` describes the heads where they are scored."""
     architecture = Architecture(model.config)
     layers = architecture.decoder_layers(model)
     home = next(model.parameters()).device
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    weights = _ffn_weights(architecture, layers)
+    weights = _scored_weights(architecture, layers, scored)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for weight in weights.values():
@@ -48,7 +56,7 @@ def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device,
                               disable=not progress):
                 batch = samples[start : start + batch_size].to(device)
                 model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        return [_layer_salience(architecture, layer) for layer in layers]
+        return [_layer_salience(architecture, layer, scored, layout) for layer in layers]
     finally:
         for weight in weights.values():
             weight.grad = None
@@ -57,12 +65,19 @@ def taylor_channel_scores(model, samples: torch.Tensor, batch_size: int, device,
         model.to(home)
 
 
-def _layer_salience(architecture, layer) -> torch.Tensor:
-    gate, up, down = (architecture.projection_weight(layer, name, _salience) for name in FFN_PROJECTIONS)
-    return (gate.sum(1) + up.sum(1) + down.sum(0)).cpu()
+def _layer_salience(architecture, layer, scored: tuple, layout: HeadLayout | None) -> dict:
+    salience = {}
+    if "ffn" in scored:
+        gate, up, down = (architecture.projection_weight(layer, name, _salience) for name in FFN_PROJECTIONS)
+        salience["ffn"] = (gate.sum(1) + up.sum(1) + down.sum(0)).cpu()
+    if "heads" in scored:
+        q, k, v, o = (architecture.projection_weight(layer, name, _salience) for name in ATTENTION_PROJECTIONS)
+        salience["heads"] = per_query_channel(q.sum(1), k.sum(1), v.sum(1), o.sum(0), layout).cpu()
+    return salience
 
 
-def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, device, progress: bool = True) -> list:
+def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, device, progress: bool = True,
+                            scored: tuple = ("ffn",), layout: HeadLayout | None = None) -> list:
     """The same scores as taylor_channel_scores, with one decoder layer in memory at a time.
 
     `source` is a streamed layer source (pipeline/sharded.py): first_layer_inputs, dense_layer,
@@ -100,7 +115,7 @@ def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, devi
                 layer.to(device, computed)
                 for parameter in layer.parameters():
                     parameter.requires_grad_(False)
-                for weight in _ffn_weights(architecture, [layer]).values():
+                for weight in _scored_weights(architecture, [layer], scored).values():
                     weight.requires_grad_(True)
                 for batch in batches:
                     hidden = batch.hidden.detach().to(computed).requires_grad_(True)
@@ -108,7 +123,7 @@ def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, devi
                         output = layer_forward(layer, hidden, batch.kwargs, computed)
                     output.backward(gradients.data[batch.rows].to(device, output.dtype))
                     gradients.data[batch.rows] = hidden.grad.float().cpu()
-                scores[index] = _layer_salience(architecture, layer)
+                scores[index] = _layer_salience(architecture, layer, scored, layout)
             (scratch / f"input-{index}").unlink()
         return scores
     finally:
@@ -119,12 +134,26 @@ def layerwise_taylor_scores(source, samples: torch.Tensor, batch_size: int, devi
 
 
 def prepare_taylor_scores(run) -> None:
-    """The registered whole-model pass of the Taylor criterion: per-layer scores before the walk
-    (in memory through the whole model, streamed layer by layer)."""
-    if "ffn" not in run.config.sublayers:
-        return
+    """The registered whole-model pass of the Taylor criterion, for FFN channels, heads, or both in one
+    pass: per-layer scores before the walk (in memory through the whole model, streamed layer by layer)."""
+    config, plan = run.config, run.plan
+    scored = tuple(part for part, wanted in (
+        ("ffn", config.ffn_score == TAYLOR and "ffn" in config.sublayers and run.channel_scores is None),
+        ("heads", config.head_score == TAYLOR and config.attention == "heads" and "attention" in config.sublayers
+         and run.head_scores is None),
+    ) if wanted)
+    if not scored:
+        return  # nothing to score, or scored already by the other part's pass
+    layout = HeadLayout(plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim)
     if run.model is not None:
-        run.channel_scores = taylor_channel_scores(run.model, run.samples, run.config.batch_size, run.device, run.progress)
+        scores = taylor_channel_scores(run.model, run.samples, config.batch_size, run.device, run.progress, scored, layout)
     else:
-        run.channel_scores = layerwise_taylor_scores(run.source, run.samples, run.config.batch_size, run.device,
-                                                     run.progress)
+        scores = layerwise_taylor_scores(run.source, run.samples, config.batch_size, run.device, run.progress, scored,
+                                         layout)
+    if "ffn" in scored:
+        run.channel_scores = [layer["ffn"] for layer in scores]
+    if "heads" in scored:
+        run.head_scores = [layer["heads"] for layer in scores]
+
+
+TAYLOR = "llm-pruner-taylor"

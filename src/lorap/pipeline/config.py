@@ -23,6 +23,11 @@ class CompressionConfig:
     # rule: the plan's a:1 ranks from shapes; adaptive: each layer's pair budget shared by the
     # projections' spectra (methods/rank_allocation.py)
     rank_allocation: str = "rule"
+    # "lowrank": attention projections become factor pairs (the paper); "heads": whole KV groups
+    # are removed with their query heads, chosen by `head_score`, compensated by `head_update`
+    attention: str = "lowrank"
+    head_score: str = "flap"  # HEAD_SCORES
+    head_update: str = "none"  # HEAD_UPDATES
     attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
     # Every rank and FFN width a multiple of this (1: the paper's integers; "auto": this device's
     # multiple, plan/alignment.py, which the run resolves and records)
@@ -43,11 +48,15 @@ class CompressionConfig:
 
     def plan_settings(self) -> PlanSettings:
         return PlanSettings(self.ratio, self.mode, self.allocation_a, self.bottom_keep, tuple(self.sublayers),
-                            self.ffn_update, self.attention_scale, self.align, self.pair_limit)
+                            self.ffn_update, self.attention_scale, self.align, self.pair_limit, self.attention,
+                            self.head_update)
 
     def validate(self) -> None:
         self.plan_settings().validate()
         self.specs()  # every part is a registered name
+        if self.attention == "heads" and REGISTRIES["rank_allocation"][self.rank_allocation].needs_whole_model:
+            raise LorapError(f"--rank-allocation {self.rank_allocation} shares ranks between factor pairs; "
+                             "with --attention heads there are none (use --rank-allocation rule)")
         if self.svd_dtype not in ("float32", "float64"):
             raise LorapError(f"svd dtype must be float32 or float64, got {self.svd_dtype!r}")
         for name in ("calibration_samples", "calibration_seqlen", "batch_size"):
@@ -58,6 +67,14 @@ class CompressionConfig:
     def specs(self) -> dict:
         """{part: its registered MethodSpec}, in the order their whole-model passes run."""
         return {part: registry[getattr(self, part)] for part, registry in REGISTRIES.items()}
+
+    def active_parts(self) -> dict:
+        """{part: the sublayer it compresses}, for the parts this run uses: the attention parts of the
+        chosen attention method (factor pairs or heads), the FFN parts where the FFN is compressed."""
+        attention = ("head_score", "head_update") if self.attention == "heads" else ("factorization", "rank_allocation")
+        parts = {part: "attention" for part in attention}
+        parts.update({part: "ffn" for part in ("ffn_score", "ffn_update", "ffn_allocation")})
+        return {part: sublayer for part, sublayer in parts.items() if sublayer in self.sublayers}
 
     @property
     def needs_whole_model(self) -> bool:
@@ -71,11 +88,10 @@ class CompressionConfig:
         """The input sources whose Gram matrices the chosen parts read (pipeline/statistics.py)."""
         from ..architectures import SHARED_INPUTS
 
-        compressed = {"factorization": "attention", "ffn_score": "ffn", "ffn_update": "ffn"}
         sources = set()
-        for part, sublayer in compressed.items():
+        for part in self.active_parts():
             spec: MethodSpec = self.specs()[part]
-            if spec.needs_gram and sublayer in self.sublayers:
+            if spec.needs_gram:
                 sources |= {source for source, served in SHARED_INPUTS.items() if set(served) & set(spec.reads)}
         return tuple(sorted(sources))
 

@@ -1,4 +1,4 @@
-"""The per-layer step of the walk: factorize attention projections, remove FFN channels.
+"""The per-layer step of the walk: factorize attention projections (or remove heads), remove FFN channels.
 
 With the paper's settings this is LoRAP (AWSVD, the paper's channel score, nothing compensated);
 the config chooses the registered alternatives. Projections are read and replaced through the
@@ -11,33 +11,54 @@ from ..errors import LorapError
 from ..methods.factorizations import factorized_linear
 from ..methods.ffn_pruning import kept_channels, prune_ffn
 from ..methods.ffn_scores import channel_scores
-from ..methods.registry import FFN_SCORES
+from ..methods.head_pruning import HeadLayout, head_scores, kept_groups, prune_heads
+from ..methods.registry import FFN_SCORES, HEAD_SCORES
 from ..plan.plan import Plan
 from .config import CompressionConfig
 
 
-class FfnView:
-    """The FFN's three logical projections as linears (row views where the family fuses them)."""
+class ProjectionsView:
+    """Logical projections of a layer as attributes, linears (row views where the family fuses them)."""
+
+    names = ATTENTION_PROJECTIONS + FFN_PROJECTIONS
 
     def __init__(self, architecture: Architecture, layer):
-        for name in FFN_PROJECTIONS:
+        for name in self.names:
             setattr(self, name, architecture.projection(layer, name))
+
+
+class FfnView(ProjectionsView):
+    """The FFN's three logical projections."""
+
+    names = FFN_PROJECTIONS
+
+
+class AttentionView(ProjectionsView):
+    """Attention's four logical projections."""
+
+    names = ATTENTION_PROJECTIONS
 
 
 class LayerCompressor:
     """Compress one decoder layer in place, given its input statistics.
 
-    `channel_scores` are per-layer FFN scores computed by a whole-model pass before the walk (a
-    registered criterion with no per-layer function, such as LLM-Pruner's Taylor scores).
+    `channel_scores` are per-layer FFN scores, and `head_scores` per-layer query-channel scores,
+    computed by a whole-model pass before the walk (a registered criterion with no per-layer
+    function, such as LLM-Pruner's Taylor scores).
     `gram_sources` tells the walk which input Gram matrices to collect (only the methods that
     read them pay for them).
     """
 
-    def __init__(self, config: CompressionConfig, plan: Plan, architecture: Architecture, channel_scores: list | None = None):
+    def __init__(self, config: CompressionConfig, plan: Plan, architecture: Architecture, channel_scores: list | None = None,
+                 head_scores: list | None = None):
         self.config, self.plan, self.architecture, self.channel_scores = config, plan, architecture, channel_scores
+        self.head_scores = head_scores
         self.svd_dtype = getattr(torch, config.svd_dtype)
         if FFN_SCORES[config.ffn_score].implementation is None and channel_scores is None and "ffn" in config.sublayers:
             raise LorapError(f"the {config.ffn_score} criterion needs scores computed before the layer walk")
+        if (HEAD_SCORES[config.head_score].implementation is None and head_scores is None
+                and config.attention == "heads" and "attention" in config.sublayers):
+            raise LorapError(f"the {config.head_score} head criterion needs scores computed before the layer walk")
         self.gram_sources = config.gram_sources()
 
     def __call__(self, index, layer, stats) -> None:
@@ -45,6 +66,9 @@ class LayerCompressor:
         self.compress_ffn(index, layer, stats)
 
     def compress_attention(self, index, layer, stats) -> None:
+        if self.plan.layers[index].kv_heads is not None:
+            self.prune_heads(index, layer, stats)
+            return
         factorized = {}
         for name in ATTENTION_PROJECTIONS:
             rank = self.plan.layers[index].ranks[name]
@@ -53,6 +77,21 @@ class LayerCompressor:
                 factorized[name] = factorized_linear(dense, stats.inputs(name), rank, self.config.factorization, self.svd_dtype)
         if factorized:
             self.architecture.replace(layer, factorized)
+
+    def prune_heads(self, index, layer, stats) -> None:
+        plan = self.plan
+        kept = plan.layers[index].kv_heads
+        if kept == plan.kv_heads:
+            return
+        layout = HeadLayout(plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim)
+        attention = AttentionView(self.architecture, layer)
+        o_inputs = stats.inputs("o_proj")
+        if self.head_scores is not None:
+            scores = layout.per_group(self.head_scores[index])
+        else:
+            scores = head_scores(attention, o_inputs, layout, self.config.head_score)
+        keep = kept_groups(scores, kept)
+        self.architecture.replace(layer, prune_heads(attention, keep, layout, self.config.head_update, o_inputs))
 
     def compress_ffn(self, index, layer, stats) -> None:
         ffn = FfnView(self.architecture, layer)

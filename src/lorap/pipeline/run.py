@@ -55,6 +55,7 @@ class PreparedRun:
     device: object
     progress: bool
     channel_scores: list | None = None  # per-layer FFN scores, for a criterion scored before the walk
+    head_scores: list | None = None  # per-layer query-channel scores, for a head criterion scored before the walk
 
     @property
     def model(self):
@@ -107,10 +108,11 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
         if spec.needs_whole_model:
             started = time.perf_counter()
             spec.prepare_function()(run)
-            timings[spec.prepare_phase] = time.perf_counter() - started
+            # one phase may serve two parts (Taylor gradients for FFN channels and heads, in one pass)
+            timings[spec.prepare_phase] = timings.get(spec.prepare_phase, 0.0) + time.perf_counter() - started
             peaks[spec.prepare_phase] = phase_peak_rss_mb()
 
-    step = LayerCompressor(config, run.plan, source.architecture, run.channel_scores)
+    step = LayerCompressor(config, run.plan, source.architecture, run.channel_scores, run.head_scores)
     source.walk(samples, step, device, timings, progress, config.batch_size)
     peaks["layer_walk"] = phase_peak_rss_mb()
     counted = source.compressed_parameters()

@@ -7,7 +7,8 @@ from ..architectures import attention_shapes, ffn_shapes
 # first pass (compression_report.json, peak_rss_mb_by_phase.before_passes)
 RUNTIME_BASELINE_BYTES = 500 * 2**20
 HALF_PRECISION_BYTES = 2  # float16 / bfloat16: a layer is computed in float32 while processed (pipeline/walk.py)
-TAYLOR_PART = "ffn score llm-pruner-taylor"  # CompressionConfig.whole_model_parts() names it so
+# CompressionConfig.whole_model_parts() names them so
+TAYLOR_PARTS = ("ffn score llm-pruner-taylor", "head score llm-pruner-taylor")
 
 
 def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, batch_size: int = 8, dtype_bytes=None,
@@ -53,7 +54,7 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
     collection = grams + 4 * widest**2  # while the calibration batches run: one batch's float32 product
     per_layer = activations + working + max(collection, attention_phase, ffn_phase)
     candidates = [embed * dtype_bytes + 2 * activations, head * dtype_bytes, layer * compute_bytes + per_layer]
-    if TAYLOR_PART in whole_model_parts:
+    if set(TAYLOR_PARTS) & set(whole_model_parts):
         candidates.append((head or embed) * 4 + 3 * 4 * batch * seqlen * vocab + samples * seqlen * d * 4 + activations)
     streamed = RUNTIME_BASELINE_BYTES + max(candidates)
     in_memory = RUNTIME_BASELINE_BYTES + plan.dense_parameters * dtype_bytes + per_layer

@@ -1,14 +1,16 @@
-"""The plan: ranks of attention factors and widths of FFNs, a pure function of shapes and the ratio.
+"""The plan: ranks of attention factors (or kept attention heads) and widths of FFNs, a pure
+function of shapes and the ratio.
 
 Nothing here touches weights, so `lorap plan` can print it from a config.json alone, and the
 reference figures of the paper (LLaMA-7B) are unit-tested without a model.
 """
+import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
-from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, ffn_shapes, other_parameters
+from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, family_of, ffn_shapes, head_dim, other_parameters
 from ..errors import LorapError
-from ..methods.registry import FFN_UPDATES
+from ..methods.registry import ATTENTION_METHODS, FFN_UPDATES, HEAD_UPDATES
 from . import alignment
 from .alignment import AUTO_ALIGN, PAIR_LIMITS, default_alignments, pair_max_fraction
 from .counting import linear_parameters
@@ -34,6 +36,8 @@ class PlanSettings:
     # Whose measured limits keep dense a factor pair too large to run faster than its matrix
     # ("none": only a pair that is not smaller, the paper's rule; "auto" alignment sets the device's)
     pair_limit: str = "none"
+    attention: str = "lowrank"  # ATTENTION_METHODS
+    head_update: str = "none"  # what replaces removed heads (registry.HEAD_UPDATES): adds a bias to o_proj?
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
@@ -54,6 +58,9 @@ class PlanSettings:
         if self.pair_limit not in PAIR_LIMITS:
             raise LorapError(f"pair limit must be one of {', '.join(PAIR_LIMITS)}, got {self.pair_limit!r}")
         FFN_UPDATES[self.ffn_update]  # a registered name
+        if self.attention not in ATTENTION_METHODS:
+            raise LorapError(f"--attention must be one of {', '.join(ATTENTION_METHODS)}, got {self.attention!r}")
+        HEAD_UPDATES[self.head_update]
 
 
 @dataclass
@@ -62,12 +69,21 @@ class LayerPlan:
     ranks: dict  # projection -> rank, or None for a dense projection
     ffn_width: int  # intermediate channels kept
     down_bias_added: bool = False  # the down projection gains a bias (compensation of removed channels)
+    # Head pruning (None: attention keeps its heads): KV heads and query heads kept, and whether o_proj
+    # gains a bias (compensation of removed heads)
+    kv_heads: int | None = None
+    heads: int | None = None
+    o_bias_added: bool = False
 
     def layout(self) -> dict:
         """What a checkpoint records to rebuild this layer's shapes."""
         layout = {**self.ranks, "intermediate_size": self.ffn_width}
         if self.down_bias_added:
             layout["down_proj_bias"] = True
+        if self.kv_heads is not None:
+            layout.update(num_attention_heads=self.heads, num_key_value_heads=self.kv_heads)
+        if self.o_bias_added:
+            layout["o_proj_bias"] = True
         return layout
 
 
@@ -82,6 +98,16 @@ class Plan:
     ffn_bias: bool
     other_parameters: int  # embeddings, norms, LM head: never compressed
     rows: list = field(default_factory=list)
+    head_dim: int = 0  # of every attention head (0: not known, a plan built without heads)
+
+    @property
+    def kv_heads(self) -> int:
+        """The dense model's KV heads per layer."""
+        return self.attention["k_proj"][0] // self.head_dim
+
+    @property
+    def heads(self) -> int:
+        return self.attention["q_proj"][0] // self.head_dim
 
     def __post_init__(self):
         self.rows = module_rows(self)
@@ -105,23 +131,42 @@ class Plan:
         """The same plan with other per-layer FFN widths (adaptive allocation), counted afresh."""
         if len(widths) != len(self.layers):
             raise ValueError(f"{len(widths)} widths for {len(self.layers)} layers")
-        layers = [
-            _layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias)
+        return replace(self, layers=[
+            _layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias,
+                        layer.kv_heads, self._group_size, layer.o_bias_added)
             for layer, width in zip(self.layers, widths)
-        ]
-        return Plan(self.settings, self.layer_ratio, layers, self.hidden_size, self.intermediate_size,
-                    self.attention, self.ffn_bias, self.other_parameters)
+        ])
 
     def with_attention_ranks(self, ranks: list) -> "Plan":
         """The same plan with other per-layer ranks (adaptive rank allocation), counted afresh."""
         if len(ranks) != len(self.layers):
             raise ValueError(f"{len(ranks)} rank sets for {len(self.layers)} layers")
-        layers = [
-            _layer_plan(layer.index, layer_ranks, layer.ffn_width, self.settings, self.intermediate_size, self.ffn_bias)
+        return replace(self, layers=[
+            _layer_plan(layer.index, layer_ranks, layer.ffn_width, self.settings, self.intermediate_size, self.ffn_bias,
+                        layer.kv_heads, self._group_size, layer.o_bias_added)
             for layer, layer_ranks in zip(self.layers, ranks)
-        ]
-        return Plan(self.settings, self.layer_ratio, layers, self.hidden_size, self.intermediate_size,
-                    self.attention, self.ffn_bias, self.other_parameters)
+        ])
+
+    def with_heads_and_widths(self, kv_heads: list, widths: list) -> "Plan":
+        """The same plan with other per-layer KV heads kept and FFN widths (adaptive heads), counted afresh."""
+        if not len(kv_heads) == len(widths) == len(self.layers):
+            raise ValueError(f"{len(kv_heads)} head counts and {len(widths)} widths for {len(self.layers)} layers")
+        gains_bias = HEAD_UPDATES[self.settings.head_update].adds_bias and not self.attention["o_proj"][2]
+        return replace(self, layers=[
+            _layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias,
+                        kv, self._group_size, gains_bias and kv < self.kv_heads)
+            for layer, kv, width in zip(self.layers, kv_heads, widths)
+        ])
+
+    @property
+    def _group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads if self.head_dim else 1
+
+    def kv_cache_values_per_token(self, dense: bool = False) -> int:
+        """Keys and values cached per token, over all layers (times the dtype's bytes: the KV cache)."""
+        return sum(2 * (self.kv_heads if dense or layer.kv_heads is None else layer.kv_heads) * self.head_dim
+                   for layer in self.layers)
 
     def to_dict(self) -> dict:
         return {
@@ -139,18 +184,21 @@ def module_rows(plan: Plan) -> list:
     """One row per compressible module: the single source of every parameter figure."""
     rows = []
     for layer in plan.layers:
+        kept = kept_attention_shapes(plan, layer)
         for name, (out_f, in_f, bias) in plan.attention.items():
             rank = layer.ranks[name]
-            rows.append(
-                {
-                    "layer": layer.index,
-                    "module": name,
-                    "shape": [out_f, in_f],
-                    "rank": rank,
-                    "dense_parameters": linear_parameters(in_f, out_f, bias),
-                    "parameters": linear_parameters(in_f, out_f, bias, rank),
-                }
-            )
+            out_k, in_k, kept_bias = kept[name]
+            row = {
+                "layer": layer.index,
+                "module": name,
+                "shape": [out_k, in_k],
+                "rank": rank,
+                "dense_parameters": linear_parameters(in_f, out_f, bias),
+                "parameters": linear_parameters(in_k, out_k, kept_bias, rank),
+            }
+            if layer.kv_heads is not None:
+                row["heads"] = layer.kv_heads if name in ("k_proj", "v_proj") else layer.heads
+            rows.append(row)
         dense_ffn = ffn_shapes_from(plan, plan.intermediate_size)
         kept_ffn = ffn_shapes_from(plan, layer.ffn_width, layer.down_bias_added)
         for name in dense_ffn:
@@ -166,6 +214,16 @@ def module_rows(plan: Plan) -> list:
                 }
             )
     return rows
+
+
+def kept_attention_shapes(plan: Plan, layer: LayerPlan) -> dict:
+    """{projection: (out, in, bias)} of a layer's attention after head pruning (the dense shapes without)."""
+    if layer.kv_heads is None:
+        return plan.attention
+    q_rows, kv_rows = layer.heads * plan.head_dim, layer.kv_heads * plan.head_dim
+    (_, d, qkv_bias), o_bias = plan.attention["q_proj"], plan.attention["o_proj"][2]
+    return {"q_proj": (q_rows, d, qkv_bias), "k_proj": (kv_rows, d, qkv_bias), "v_proj": (kv_rows, d, qkv_bias),
+            "o_proj": (d, q_rows, o_bias or layer.o_bias_added)}
 
 
 def ffn_shapes_from(plan: Plan, width: int, down_bias_added: bool = False) -> dict:
@@ -186,6 +244,9 @@ def totals(plan: Plan) -> dict:
         "untouched_parameters": plan.other_parameters,
         "attention": _group_totals(attention_rows),
         "ffn": _group_totals(ffn_rows),
+        **({"kv_cache_values_per_token": {"dense": plan.kv_cache_values_per_token(dense=True),
+                                          "compressed": plan.kv_cache_values_per_token()}}
+           if plan.settings.attention == "heads" else {}),
     }
 
 
@@ -204,16 +265,22 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     compress_attention = "attention" in settings.sublayers
     compress_ffn = "ffn" in settings.sublayers
     attention_ratio = min(layer_ratio * settings.attention_scale, MAX_RATIO)
-    if compress_attention:
+    ranks, kv_heads, o_bias_added = dense_ranks, None, False
+    heads_per_group = shapes["q_proj"][0] // shapes["k_proj"][0]
+    if compress_attention and settings.attention == "heads":
+        kv_heads = kept_kv_heads(config, attention_ratio)
+        # compensating removed heads needs a bias on o_proj; a model without attention biases gains one
+        removes = kv_heads < shapes["k_proj"][0] // head_dim(config)
+        o_bias_added = HEAD_UPDATES[settings.head_update].adds_bias and removes and not shapes["o_proj"][2]
+    elif compress_attention:
         limit = no_limit if settings.pair_limit == "none" else partial(pair_max_fraction, settings.pair_limit)
         ranks = attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a, limit)
         ranks = aligned_ranks(ranks, shapes, settings.align, limit)
-    else:
-        ranks = dense_ranks
     m = config.intermediate_size
     width = ffn_kept_width(m, layer_ratio, settings.bottom_keep, settings.align) if compress_ffn else m
     ffn_bias = ffn_shapes(config)["gate_proj"][2]
-    layers = [_layer_plan(i, ranks, width, settings, m, ffn_bias) for i in range(config.num_hidden_layers)]
+    layers = [_layer_plan(i, ranks, width, settings, m, ffn_bias, kv_heads, heads_per_group, o_bias_added)
+              for i in range(config.num_hidden_layers)]
     return Plan(
         settings=settings,
         layer_ratio=layer_ratio,
@@ -223,13 +290,41 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
         attention=shapes,
         ffn_bias=ffn_bias,
         other_parameters=other_parameters(config),
+        head_dim=head_dim(config),
     )
 
 
-def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, ffn_bias: bool) -> LayerPlan:
+def kept_kv_heads(config, attention_ratio: float) -> int:
+    """KV heads (each with its group of query heads) kept when `attention_ratio` of a layer's attention
+    goes: the nearest whole number of groups. Refuses a ratio that would leave a layer no head."""
+    family = family_of(config)
+    if any(set(parts) & set(ATTENTION_PROJECTIONS) for parts in family.fused.values()):
+        raise LorapError(
+            f"head pruning needs attention that takes per-layer head counts; {config.model_type}'s fused q/k/v "
+            "projection is split by the config's head count in every layer. Use --attention lowrank for this model"
+        )
+    groups = attention_shapes(config)["k_proj"][0] // head_dim(config)
+    kept = math.floor((1 - attention_ratio) * groups + 0.5)
+    if kept < 1:
+        raise LorapError(
+            f"removing {attention_ratio:.0%} of each layer's attention would remove every head of a layer (it has "
+            f"{groups} KV group(s)); use a smaller --ratio, --mode exact, or --attention lowrank"
+        )
+    return kept
+
+
+def most_removable_head_ratio(config) -> float:
+    """The largest attention ratio that still keeps one KV group in every layer."""
+    groups = attention_shapes(config)["k_proj"][0] // head_dim(config)
+    return 1 - 0.5 / groups - 1e-6
+
+
+def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, ffn_bias: bool,
+                kv_heads: int | None = None, heads_per_group: int = 1, o_bias_added: bool = False) -> LayerPlan:
     # Compensating removed channels needs a bias on down; a model without FFN biases gains one.
-    added = FFN_UPDATES[settings.ffn_update].adds_down_bias and width < dense_width and not ffn_bias
-    return LayerPlan(index, dict(ranks), width, added)
+    added = FFN_UPDATES[settings.ffn_update].adds_bias and width < dense_width and not ffn_bias
+    heads = None if kv_heads is None else kv_heads * heads_per_group
+    return LayerPlan(index, dict(ranks), width, added, kv_heads, heads, o_bias_added)
 
 
 def make_plan(config, settings: PlanSettings) -> Plan:
@@ -265,6 +360,8 @@ def _plan_with_default_alignment(config, settings: PlanSettings) -> Plan:
 def _exact_plan(config, settings: PlanSettings) -> Plan:
     target = settings.ratio
     limit = 1 - settings.bottom_keep - 1e-9
+    if settings.attention == "heads" and "attention" in settings.sublayers:  # every layer keeps a KV group
+        limit = min(limit, most_removable_head_ratio(config) / settings.attention_scale)
 
     def plan_at(r):
         return plan_with_layer_ratio(config, settings, r)
