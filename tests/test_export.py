@@ -23,7 +23,7 @@ pytest.importorskip("gguf")
 def compressed_dirs(tmp_path_factory, tiny_tokenizer):
     """{name: lorap checkpoint folder} of tiny LLaMA-layout models: factor pairs and uneven FFN widths
     (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, even
-    widths with a down-projection bias, and Qwen2 (q/k/v biases) compressed by best."""
+    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, and heads removed."""
     root = tmp_path_factory.mktemp("export")
     for arch in ("llama_gqa", "qwen2"):
         build_tiny_model(arch).save_pretrained(root / arch)
@@ -36,6 +36,8 @@ def compressed_dirs(tmp_path_factory, tiny_tokenizer):
         "ffn-only": ("llama_gqa", dict(preset="ffn-only", ratio=0.3)),
         "lstsq": ("llama_gqa", dict(preset="lstsq", ratio=0.3)),  # uniform widths with a down bias: `llama` + bias
         "qwen2-best": ("qwen2", dict(preset="best", ratio=0.3, mode="exact", align=1)),  # q/k/v biases too
+        "heads": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1)),  # one of two KV groups removed
+        "heads-bias": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1, head_update="bias")),  # o_proj bias
     }.items():
         api.compress(str(root / arch), root / name, **common, **settings)
         folders[name] = root / name
@@ -223,6 +225,13 @@ def test_decilm_intermediate_size_keeps_the_widths(compressed_dirs, tmp_path, na
     layout = json.loads((compressed_dirs[name] / "config.json").read_text())["lorap"]["layers"]
     assert widths == [layer["intermediate_size"] for layer in layout]
     assert torch.allclose(logits, lorap_logits(compressed_dirs[name], IDS), atol=2e-4, rtol=1e-4)
+
+
+def test_decilm_refuses_a_head_pruned_model_and_points_to_gguf(compressed_dirs, tmp_path, capsys):
+    out = tmp_path / "deci"
+    assert main(["export", str(compressed_dirs["heads"]), "--format", "decilm", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "one query-head count" in error and "--format gguf" in error and not out.exists()
 
 
 def test_bad_input_is_refused_and_nothing_is_written(compressed_dirs, tmp_path, tiny_tokenizer, capsys):

@@ -88,8 +88,12 @@ def write_decilm(dense: DenseModel, tokenizer, folder: Path, dtype: str, choice:
          "ffn": ffn_section(width, hidden, choice)}
         for heads, kv_heads, width in zip(dense.head_counts, dense.kv_head_counts, widths)
     ]
-    if len(set(dense.head_counts)) > 1:
-        raise LorapError("the DeciLM layout has one query head count for the whole model")
+    if set(dense.head_counts) != {config.num_attention_heads}:
+        raise LorapError(
+            f"this model has {sorted(set(dense.head_counts))} query heads per layer where its config states "
+            f"{config.num_attention_heads}: the DeciLM layout has one query-head count for the whole model, the "
+            "config's. Export a head-pruned model with --format gguf (llama.cpp reads per-layer head counts)"
+        )
     settings = {key: value for key, value in config.to_dict().items() if key not in DROPPED_KEYS}
     settings.update(
         architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks, mlp_bias=mlp_bias,

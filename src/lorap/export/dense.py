@@ -14,7 +14,8 @@ from ..errors import LorapError
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # The weight dtypes an export can write (`--dtype`); norms and biases stay float32 in GGUF
 WEIGHT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-ALLOWED_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "mlp.down_proj.bias")
+ALLOWED_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
+                  "mlp.down_proj.bias")
 
 
 @dataclass
