@@ -14,6 +14,7 @@ class _TwoFactors(torch.nn.Module):
         super().__init__()
         self.right = torch.nn.Linear(linear.in_features, rank, bias=False)
         self.left = torch.nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+        self.out_features = linear.out_features  # as lorap's LowRankLinear says it
 
     def forward(self, x):
         return self.left(self.right(x))

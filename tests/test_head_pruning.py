@@ -12,6 +12,7 @@ from conftest import build_tiny_model, tiny_config
 from lorap import api
 from lorap.cli import main
 from lorap.errors import LorapError
+from lorap.evaluate.efficiency import counted_macs_per_token, kv_cache_bytes_per_token, macs_per_token
 from lorap.methods.head_pruning import HeadLayout, head_scores, kept_groups, prune_heads
 from lorap.methods.presets import config_for
 from lorap.methods.registry import HEAD_SCORES
@@ -74,6 +75,9 @@ def test_every_head_update_compresses_to_its_plan(update, tiny_tokenizer):
     assert model.model.layers[0].self_attn.o_proj.in_features == 32
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 500, (2, 16))).logits).all()
+    # eval's efficiency figures count each layer's own heads: shapes agree with torch's flop counter
+    assert macs_per_token(model, 32)["total"] == pytest.approx(counted_macs_per_token(model, 32), rel=1e-9)
+    assert kv_cache_bytes_per_token(model) == 2 * 2 * 16 * 4  # 2 layers x (k + v) x 1 KV head x 16 dims x fp32
 
 
 def test_fused_attention_cannot_take_head_counts_and_says_what_to_use(tiny_tokenizer):
@@ -191,3 +195,26 @@ def test_taylor_scores_heads_and_channels_in_one_gradient_pass(tiny_tokenizer, m
     assert passes == [("ffn", "heads")]
     assert count_parameters(model) == result.plan.compressed_parameters
     assert [layer.self_attn.k_proj.out_features for layer in model.model.layers] == [16, 16]
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_recovery_trains_a_head_pruned_checkpoint_and_keeps_its_shapes(full, tmp_path, tiny_tokenizer):
+    from lorap.io.data import wiki_documents
+    from lorap.recover.run import recover
+
+    folder = tmp_path / "dense"
+    build_tiny_model("llama_gqa").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    api.compress(str(folder), tmp_path / "heads", preset="wanda-sp", head_update="bias", ratio=0.4, progress=False,
+                 predict_speed=False, **SMALL)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(wiki_documents("train")[:60]))
+    result = recover(tmp_path / "heads", tmp_path / "recovered", data=str(corpus), max_steps=4, full=full, cutoff=64,
+                     val_size=8, batch_size=4, lr=2e-2, eval_every=2, save_every=2, progress=False)
+    assert result.report["best_validation_loss"] < result.report["validation_loss_before"]
+    source, _ = api.load(tmp_path / "heads")
+    reloaded, _ = api.load(tmp_path / "recovered")
+    assert {n: p.shape for n, p in reloaded.named_parameters()} == {n: p.shape for n, p in source.named_parameters()}
+    assert reloaded.config.lorap["layers"] == source.config.lorap["layers"]
+    assert [layer.self_attn.k_proj.out_features for layer in reloaded.model.layers] == [16, 16]  # one group of two
+    assert reloaded.model.layers[0].self_attn.o_proj.bias is not None

@@ -328,7 +328,10 @@ def _run_plan(args):
                              whole_model_parts=config.whole_model_parts())
     result["memory_estimate"] = memory
     notes = []
-    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
+    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model and config.attention == "heads":
+        notes.append("adaptive heads and widths depend on calibration data: the head counts and widths shown are "
+                     "uniform; a run removes as many parameters, heads and channels chosen across layers by their scores")
+    elif FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
         notes.append("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
                      "the same total of channels, spread over layers by their scores")
     if RANK_ALLOCATIONS[config.rank_allocation].needs_whole_model:

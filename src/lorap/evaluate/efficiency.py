@@ -26,16 +26,28 @@ def decode_prompt_length(context: int, decode_prompt: int, decode_tokens: int) -
     return max(1, min(decode_prompt, context - decode_tokens))
 
 
-def kv_cache_bytes_per_token(model) -> int:
-    """Bytes the KV cache grows by per token of context: every layer's key and value widths (what its
-    k and v projections output, fewer where heads were removed; factor pairs output full width)
-    times the model's element size."""
+def _attention_widths(model) -> list:
+    """[(query rows, key rows, value rows)] of each decoder layer, as its projections output them
+    (fewer where heads were removed; a factor pair outputs full width). A family lorap does not
+    know is read from its config: every layer the same."""
     from ..architectures import Architecture
+    from ..errors import LorapError
 
-    architecture = Architecture(model.config)
+    try:
+        architecture = Architecture(model.config)
+    except LorapError:
+        layers, heads, head_dim = _attention_shape(model.config)
+        kv = (getattr(model.config, "num_key_value_heads", None) or heads) * head_dim
+        return [(heads * head_dim, kv, kv)] * layers
+    return [tuple(architecture.projection(layer, name).out_features for name in ("q_proj", "k_proj", "v_proj"))
+            for layer in architecture.decoder_layers(model)]
+
+
+def kv_cache_bytes_per_token(model) -> int:
+    """Bytes the KV cache grows by per token of context: every layer's key and value widths times
+    the model's element size."""
     size = next(model.parameters()).element_size()
-    return sum((architecture.projection(layer, "k_proj").out_features + architecture.projection(layer, "v_proj").out_features)
-               * size for layer in architecture.decoder_layers(model))
+    return sum((keys + values) * size for _, keys, values in _attention_widths(model))
 
 
 # ---------------------------------------------------------------- MACs
@@ -52,14 +64,14 @@ def macs_per_token(model, seqlen: int = MACS_SEQLEN) -> dict:
 
     - linear: every nn.Linear (projections, FFN, LM head) does in x out MACs per token.
     - attention: scores Q K^T and the weighted sum over V, each heads x head_dim x seqlen
-      MACs per token per layer. The kernels compute the full seqlen x seqlen square and
+      MACs per token per layer (each layer's own head count, where heads were removed). The kernels compute the full seqlen x seqlen square and
       mask it, so this is what runs (a count of only the causal half would be about half).
     - rotary: the table of rotary angles is one [head_dim/2, 1] x [1, seqlen] product per
       forward, head_dim/2 MACs per token; negligible, counted so the total is exact.
     """
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    layers, heads, head_dim = _attention_shape(model.config)
-    attention = 2 * layers * heads * head_dim * seqlen
+    _, _, head_dim = _attention_shape(model.config)
+    attention = 2 * sum(queries for queries, _, _ in _attention_widths(model)) * seqlen
     rotary = head_dim // 2 if _has_rotary(model) else 0
     return {"seqlen": seqlen, "linear": linear, "attention": attention, "rotary": rotary, "total": linear + attention + rotary}
 
@@ -175,6 +187,7 @@ def measure(model, prefill_seqlens=PREFILL_SEQLENS, macs_seqlen: int = MACS_SEQL
         "macs_per_token": shapes,
         "macs_per_token_counted": counted,
         "macs_agree": abs(counted - shapes["total"]) <= 1e-9 * shapes["total"],
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model),
         "prefill": prefill,
         "decode": decode,
         "memory": memory,

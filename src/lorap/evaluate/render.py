@@ -24,6 +24,8 @@ def format_text(report: dict) -> str:
         if "efficiency" in entry:
             eff = entry["efficiency"]
             lines.append(f"MACs per token @ {eff['macs_per_token']['seqlen']}: {eff['macs_per_token']['total']:,}")
+            if "kv_cache_bytes_per_token" in eff:  # reports written before it was recorded lack it
+                lines.append(f"KV cache: {eff['kv_cache_bytes_per_token']:,} bytes per token of context")
             for seqlen, t in eff["prefill"].items():
                 lines.append(f"prefill {seqlen} tokens: {t['median_ms']:.1f} ms (min {t['min_ms']:.1f}, max {t['max_ms']:.1f})")
             lines.append(f"decode: {eff['decode']['median_tokens_per_s']:.1f} tokens/s")
@@ -108,6 +110,7 @@ def _efficiency_rows(models: list[dict]) -> list[str]:
         _row("weights (MiB)", [f"{e['weight_bytes'] / 2**20:.1f} ({e['dtype']})" for e in effs]),
         _row(f"MACs per token @ {first['macs_per_token']['seqlen']} (shapes)", [f"{e['macs_per_token']['total']:,}" for e in effs]),
         _row("MACs agree with torch flop counter", ["yes" if e["macs_agree"] else f"no ({e['macs_per_token_counted']:,.0f})" for e in effs]),
+        _row("KV cache, bytes per token of context", [_num(e.get("kv_cache_bytes_per_token"), ",") for e in effs]),
     ]
     for seqlen in first["prefill"]:
         rows.append(_row(f"prefill {seqlen} tokens, ms: median (min–max)",

@@ -97,8 +97,8 @@ class Plan:
     attention: dict  # projection -> (out, in, bias) of one layer
     ffn_bias: bool
     other_parameters: int  # embeddings, norms, LM head: never compressed
+    head_dim: int  # of every attention head
     rows: list = field(default_factory=list)
-    head_dim: int = 0  # of every attention head (0: not known, a plan built without heads)
 
     @property
     def kv_heads(self) -> int:
@@ -161,7 +161,7 @@ class Plan:
     @property
     def _group_size(self) -> int:
         """Query heads per KV head."""
-        return self.heads // self.kv_heads if self.head_dim else 1
+        return self.heads // self.kv_heads
 
     def kv_cache_values_per_token(self, dense: bool = False) -> int:
         """Keys and values cached per token, over all layers (times the dtype's bytes: the KV cache)."""
