@@ -91,7 +91,7 @@ def dense_layer_scores(run) -> tuple:
 
     config, plan = run.config, run.plan
     architecture = run.source.architecture
-    layout = HeadLayout(plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim)
+    layout = HeadLayout.of(plan)
     score_ffn = "ffn" in config.sublayers and run.channel_scores is None
     heads, channels = [], []
 

@@ -40,6 +40,11 @@ class HeadLayout:
     heads_per_group: int
     head_dim: int
 
+    @classmethod
+    def of(cls, plan) -> "HeadLayout":
+        """The dense layout of a plan's model (plan.Plan)."""
+        return cls(plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim)
+
     def query_channels(self, groups: torch.Tensor) -> torch.Tensor:
         """Rows of q_proj (and input columns of o_proj) of these groups' query heads, in order."""
         width = self.heads_per_group * self.head_dim

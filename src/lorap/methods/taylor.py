@@ -144,7 +144,7 @@ def prepare_taylor_scores(run) -> None:
     ) if wanted)
     if not scored:
         return  # nothing to score, or scored already by the other part's pass
-    layout = HeadLayout(plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim)
+    layout = HeadLayout.of(plan)
     if run.model is not None:
         scores = taylor_channel_scores(run.model, run.samples, config.batch_size, run.device, run.progress, scored, layout)
     else:

@@ -83,7 +83,7 @@ class LayerCompressor:
         kept = plan.layers[index].kv_heads
         if kept == plan.kv_heads:
             return
-        layout = HeadLayout(plan.kv_heads, plan.heads // plan.kv_heads, plan.head_dim)
+        layout = HeadLayout.of(plan)
         attention = AttentionView(self.architecture, layer)
         o_inputs = stats.inputs("o_proj")
         if self.head_scores is not None:
