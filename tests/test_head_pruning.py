@@ -165,6 +165,8 @@ def test_plan_shows_heads_and_the_kv_cache(capsys):
     out = capsys.readouterr().out
     assert "attention: whole KV groups removed" in out and "2 kv heads" in out and "6 heads" in out
     assert "KV cache: keys and values per token" in out and "11,520" in out and "7,680" in out
+    assert main(["plan", "--ratio", "0.9", "--attention", "heads", "--no-speed"]) == 2
+    assert "every head of a layer" in capsys.readouterr().err
 
 
 def test_adaptive_allocation_spreads_heads_and_channels_over_layers_within_the_budget(tiny_tokenizer):
