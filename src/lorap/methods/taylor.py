@@ -22,6 +22,7 @@ from .head_pruning import HeadLayout, per_query_channel
 
 # What is scored -> the logical projections whose weights need gradients
 SCORED = {"ffn": FFN_PROJECTIONS, "heads": ATTENTION_PROJECTIONS}
+TAYLOR = "llm-pruner-taylor"  # the criterion's registered name, for FFN channels and heads alike
 
 
 def _salience(weight) -> torch.Tensor:
@@ -154,6 +155,3 @@ def prepare_taylor_scores(run) -> None:
         run.channel_scores = [layer["ffn"] for layer in scores]
     if "heads" in scored:
         run.head_scores = [layer["heads"] for layer in scores]
-
-
-TAYLOR = "llm-pruner-taylor"
