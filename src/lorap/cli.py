@@ -328,11 +328,11 @@ def _run_plan(args):
                              whole_model_parts=config.whole_model_parts())
     result["memory_estimate"] = memory
     notes = []
-    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model and config.attention == "heads":
+    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
         notes.append("adaptive heads and widths depend on calibration data: the head counts and widths shown are "
-                     "uniform; a run removes as many parameters, heads and channels chosen across layers by their scores")
-    elif FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
-        notes.append("adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
+                     "uniform; a run removes as many parameters, heads and channels chosen across layers by their scores"
+                     if config.attention == "heads" else
+                     "adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
                      "the same total of channels, spread over layers by their scores")
     if RANK_ALLOCATIONS[config.rank_allocation].needs_whole_model:
         notes.append("adaptive ranks depend on calibration data: the ranks shown are the a:1 rule's; a run shares each "

@@ -144,21 +144,28 @@ def _linear(in_features, out_features, bias, like):
     return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
 
 
-def _kept_head_rows(layer, layout: dict, architecture: dict) -> dict:
-    """{projection: its narrowed rows (q, k, v) or input columns (o)} where heads were removed."""
-    if layout.get("num_key_value_heads") is None:
-        return {}
-    attention = module_at(layer, architecture["projections"]["q_proj"].rpartition(".")[0])
-    queries, kv = layout["num_attention_heads"] * attention.head_dim, layout["num_key_value_heads"] * attention.head_dim
-    return {"q_proj": queries, "k_proj": kv, "v_proj": kv, "o_proj": queries}
+# The projections narrowed on their input side (the others on their output side)
+NARROWED_INPUTS = ("o_proj", "down_proj")
+
+
+def _narrowed_sizes(layer, layout: dict, architecture: dict) -> dict:
+    """{projection: its narrowed size (output rows, or input columns for NARROWED_INPUTS)}: the FFN's
+    kept width, and where heads were removed, the kept heads' rows of q, k, v and columns of o."""
+    sizes = {}
+    if layout.get("intermediate_size") is not None:
+        sizes.update({name: layout["intermediate_size"] for name in FFN_PROJECTIONS})
+    if layout.get("num_key_value_heads") is not None:
+        attention = module_at(layer, architecture["projections"]["q_proj"].rpartition(".")[0])
+        queries, kv = layout["num_attention_heads"] * attention.head_dim, layout["num_key_value_heads"] * attention.head_dim
+        sizes.update(q_proj=queries, k_proj=kv, v_proj=kv, o_proj=queries)
+    return sizes
 
 
 def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
     """{module path: new module} giving one decoder layer the recorded compressed shapes."""
-    width = layout.get("intermediate_size")
     # biases gained by compensating removed channels or heads
     gained_bias = {"down_proj": bool(layout.get("down_proj_bias")), "o_proj": bool(layout.get("o_proj_bias"))}
-    head_rows = _kept_head_rows(layer, layout, architecture)
+    narrowed = _narrowed_sizes(layer, layout, architecture)
     by_path: dict = {}
     for name, path in architecture["projections"].items():
         by_path.setdefault(path, []).append(name)
@@ -171,18 +178,12 @@ def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
         for name in sizes:
             out_features, in_features = sizes[name], module.in_features
             rank = layout.get(name) if name in ATTENTION_PROJECTIONS else None
-            if name in FFN_PROJECTIONS and width is not None:
-                changed |= width != (in_features if name == "down_proj" else out_features)
-                if name == "down_proj":
-                    in_features = width
+            if name in narrowed:
+                changed |= narrowed[name] != (in_features if name in NARROWED_INPUTS else out_features)
+                if name in NARROWED_INPUTS:
+                    in_features = narrowed[name]
                 else:
-                    out_features = width
-            if name in head_rows:
-                changed |= head_rows[name] != (in_features if name == "o_proj" else out_features)
-                if name == "o_proj":
-                    in_features = head_rows[name]
-                else:
-                    out_features = head_rows[name]
+                    out_features = narrowed[name]
             part_bias = bias or gained_bias.get(name, False)
             changed |= rank is not None or part_bias != bias
             if rank is not None:

@@ -270,7 +270,7 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     if compress_attention and settings.attention == "heads":
         kv_heads = kept_kv_heads(config, attention_ratio)
         # compensating removed heads needs a bias on o_proj; a model without attention biases gains one
-        removes = kv_heads < shapes["k_proj"][0] // head_dim(config)
+        removes = kv_heads < kv_groups(config)
         o_bias_added = HEAD_UPDATES[settings.head_update].adds_bias and removes and not shapes["o_proj"][2]
     elif compress_attention:
         limit = no_limit if settings.pair_limit == "none" else partial(pair_max_fraction, settings.pair_limit)
@@ -303,7 +303,7 @@ def kept_kv_heads(config, attention_ratio: float) -> int:
             f"head pruning needs attention that takes per-layer head counts; {config.model_type}'s fused q/k/v "
             "projection is split by the config's head count in every layer. Use --attention lowrank for this model"
         )
-    groups = attention_shapes(config)["k_proj"][0] // head_dim(config)
+    groups = kv_groups(config)
     kept = math.floor((1 - attention_ratio) * groups + 0.5)
     if kept < 1:
         raise LorapError(
@@ -315,8 +315,12 @@ def kept_kv_heads(config, attention_ratio: float) -> int:
 
 def most_removable_head_ratio(config) -> float:
     """The largest attention ratio that still keeps one KV group in every layer."""
-    groups = attention_shapes(config)["k_proj"][0] // head_dim(config)
-    return 1 - 0.5 / groups - 1e-6
+    return 1 - 0.5 / kv_groups(config) - 1e-6
+
+
+def kv_groups(config) -> int:
+    """KV heads per layer of the dense model, each serving a group of query heads."""
+    return attention_shapes(config)["k_proj"][0] // head_dim(config)
 
 
 def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, ffn_bias: bool,
