@@ -69,6 +69,28 @@ def test_wiki_documents_follow_the_split_and_are_disjoint(wiki_articles):
     assert wiki_documents("test") == test_docs  # stable across calls
 
 
+def test_wiki_validation_is_a_fixed_twentieth_of_train_and_never_test(wiki_articles):
+    validation = wiki_documents("validation")
+    train, test = set(wiki_documents("train")), set(wiki_documents("test"))
+    # Settings chosen on it never see a test token; it stays inside train so that calibration,
+    # which draws from train, is what it was before the split existed.
+    assert validation and set(validation) <= train and not set(validation) & test
+    assert 0.04 <= len(validation) / len(train) <= 0.06
+    expected = [wiki_articles[t]["extract"].strip() for t in sorted(wiki_articles)
+                if data.wiki_is_validation(t) and wiki_articles[t].get("extract", "").strip()]
+    assert validation == expected
+    assert len(validation) == 465  # pinned: validation perplexities stay comparable
+
+
+def test_perplexity_reads_the_split_it_is_asked_for(tiny_tokenizer):
+    windows = evaluation_windows(tiny_tokenizer, "wiki", seqlen=32, max_tokens=256, split="validation")
+    stream = token_stream(tiny_tokenizer, "wiki", "validation")
+    assert torch.equal(windows.flatten(), stream[:256])
+    assert not torch.equal(windows, evaluation_windows(tiny_tokenizer, "wiki", seqlen=32, max_tokens=256))
+    with pytest.raises(LorapError, match="validation or test split, not 'train'"):
+        evaluation_windows(tiny_tokenizer, "wiki", seqlen=32, split="train")
+
+
 def test_wiki_documents_do_not_depend_on_the_order_of_the_json(wiki_articles, tmp_path, monkeypatch):
     reversed_file = tmp_path / "summaries_reversed.json"
     reversed_file.write_text(json.dumps(dict(reversed(list(wiki_articles.items())))), encoding="utf-8")
@@ -87,6 +109,7 @@ def test_pydocs_split_by_path_is_deterministic_disjoint_and_complete(tmp_path, m
     monkeypatch.setenv("LORAP_PYDOCS_DIR", str(tmp_path))
     test, train = data.load_documents("pydocs", "test"), data.load_documents("pydocs", "train")
     assert test and train and not set(test) & set(train) and len(test) + len(train) == 40
+    assert data.load_documents("pydocs", "validation") == train  # the half that is not test
     assert test == data.load_documents("pydocs", "test")
     for text in test:
         number = int(text.split()[1])
@@ -113,7 +136,7 @@ def test_the_real_pydocs_corpus_when_fetched():
 
 def test_bad_split_and_unknown_corpus():
     with pytest.raises(ValueError):
-        load_documents("wiki", "validation")
+        load_documents("wiki", "dev")
     with pytest.raises(LorapError, match="unknown corpus 'nosuch'.*wiki"):
         load_documents("nosuch", "test")
 
@@ -281,7 +304,7 @@ def test_local_corpus_token_stream(tiny_tokenizer, tmp_path):
 # What the published evaluation protocol loads from the hub, written out independently of lorap.
 HUB_EXPECTED = {
     # name: (path, config, {lorap split: dataset split}, text field)
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}, "text"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "validation": "validation", "test": "test"}, "text"),
     "ptb": ("ptb_text_only", "penn_treebank", {"train": "train", "test": "validation"}, "sentence"),
     "c4": ("allenai/c4", None, {"train": "train", "test": "validation"}, "text"),
     "bookcorpus": ("bookcorpus", None, {"train": "train"}, "text"),
@@ -319,12 +342,12 @@ def fake_hub(tmp_path, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 @pytest.mark.parametrize("name", sorted(HUB_EXPECTED))
 def test_hub_corpora_request_the_protocol_datasets(fake_hub, name, split):
     path, config, splits, _ = HUB_EXPECTED[name]
     if split not in splits:
-        with pytest.raises(LorapError, match=f"'{name}' has no test split"):
+        with pytest.raises(LorapError, match=f"'{name}' has no {split} split"):
             load_documents(name, split)
         assert fake_hub == []  # refused before going to the hub
         return

@@ -75,6 +75,18 @@ def test_single_model_keeps_the_plain_keys(two_dirs, tmp_path, capsys):
     assert "perplexity wiki @ 32 tokens:" in capsys.readouterr().out
 
 
+def test_validation_split_is_measured_and_recorded(two_dirs, tmp_path):
+    out = {}
+    for split in ("test", "validation"):
+        out[split] = tmp_path / f"{split}.json"
+        assert main(["eval", str(two_dirs[0]), "--seqlen", "32", "--max-tokens", "500", "--tasks", "none", "--split", split,
+                     "--json", str(out[split])]) == 0
+    test, validation = (json.loads(out[s].read_text()) for s in ("test", "validation"))
+    assert validation["protocol"]["split"] == "validation" and test["protocol"]["split"] == "test"
+    assert "validation split" in validation["data"]["perplexity"]["wiki"]["corpus"]
+    assert validation["perplexity"]["wiki"]["32"] != test["perplexity"]["wiki"]["32"]  # other tokens
+
+
 def test_a_device_map_spreads_the_model_and_gives_the_same_perplexity(two_dirs, tmp_path):
     """accelerate's device map (several GPUs where there are some) runs on a CPU-only machine too,
     and the report says where the model went."""

@@ -149,3 +149,23 @@ def test_methods_that_need_statistics_say_so():
         svdllm(weight, ProjectionInputs.from_norm(torch.ones(6)), 2)
     with pytest.raises(LorapError, match="mean absolute"):
         asvd(weight, ProjectionInputs.from_norm(torch.ones(6)), 2)
+
+
+def test_whitening_shrink_moves_svdllm_to_awsvd():
+    from lorap.methods.factorizations import shrunk_gram
+
+    weight, inputs, _ = _weight_and_inputs(correlated=True)
+    seen = _seen(inputs)
+    rank = 8
+    product = lambda pair: pair[0] @ pair[1]  # noqa: E731
+    # 0 is SVD-LLM untouched, bit for bit (best's golden outputs depend on it) ...
+    assert shrunk_gram(seen.gram, 0.0) is seen.gram
+    assert torch.equal(product(svdllm(weight.double(), seen, rank, whitening_shrink=0.0)),
+                       product(svdllm(weight.double(), seen, rank)))
+    # ... 1 whitens by the diagonal alone, which is AWSVD's scaling (up to a constant) ...
+    assert torch.allclose(product(svdllm(weight.double(), seen, rank, whitening_shrink=1.0)),
+                          product(awsvd(weight.double(), seen, rank)), atol=1e-8)
+    # ... and in between the output error on the calibration inputs grows as the shrink trusts them less.
+    errors = [_output_error(inputs, weight, *svdllm(weight.double(), seen, rank, whitening_shrink=s))
+              for s in (0.0, 0.3, 0.7, 1.0)]
+    assert errors == sorted(errors) and errors[0] < errors[-1], errors

@@ -184,6 +184,17 @@ def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, m
     settings.seed = 1
     with pytest.raises(AssertionError, match="recomputed"):
         compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
+    settings.seed, settings.split = 0, "validation"  # other tokens: other rows
+    with pytest.raises(AssertionError, match="recomputed"):
+        compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
+
+
+def test_compare_on_validation_refuses_test_zero_shot_items():
+    from lorap.compare.run import ComparisonSettings
+
+    with pytest.raises(LorapError, match="add --tasks none"):
+        ComparisonSettings(methods=("paper",), split="validation", tasks=("proxies",)).validate()
+    ComparisonSettings(methods=("paper",), split="validation", tasks=()).validate()
 
 
 

@@ -155,6 +155,28 @@ def test_lstsq_update_has_lower_error_than_bias_which_beats_nothing():
     assert errors["lstsq"] < errors["bias"] < errors["none"], errors
 
 
+def test_lstsq_ridge_runs_from_the_closest_fit_to_bias_compensation():
+    from lorap.methods.ffn_pruning import bias_compensation, least_squares_refit
+
+    errors = {}
+    for ridge in (1e-3, 1e-1, 10.0):
+        ffn, x, _, inputs = _ffn_and_inputs()  # afresh: the refit takes the Gram matrix it reads
+        keep = kept_channels(channel_scores(ffn, inputs, "lorap"), 120, 0.0)
+        pruned = prune_ffn(ffn, keep, "lstsq", inputs["down_proj"], {"lstsq_ridge": ridge})
+        with torch.no_grad():
+            out = pruned.down_proj(nn.functional.silu(pruned.gate_proj(x)) * pruned.up_proj(x))
+            errors[ridge] = (out - ffn(x)).pow(2).sum().item()
+    assert errors[1e-3] < errors[1e-1] < errors[10.0], errors  # a stronger ridge fits the calibration text less
+    # An overwhelming ridge leaves only the mean: the refit becomes bias compensation.
+    ffn, x, _, inputs = _ffn_and_inputs()
+    dropped = torch.ones(200, dtype=torch.bool)
+    dropped[keep] = False
+    weight = ffn.down_proj.weight.detach().float()
+    delta, bias = least_squares_refit(weight, dropped, inputs["down_proj"], lstsq_ridge=1e9)
+    _, bias_only = bias_compensation(weight, dropped, inputs["down_proj"])
+    assert delta.abs().max() < 1e-6 and torch.allclose(bias, bias_only, atol=1e-6)
+
+
 def test_updates_are_validated_and_need_their_statistics():
     import pytest
 

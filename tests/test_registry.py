@@ -49,6 +49,21 @@ def test_the_cli_and_config_validation_offer_every_registered_part(part, name):
     config_for("paper", ratio=0.2, **{part: name}).validate()
 
 
+def test_method_options_reach_only_the_parts_that_read_them():
+    config = config_for("best", whitening_shrink=0.5, lstsq_ridge=0.2)
+    assert config.options_of("factorization") == {"whitening_shrink": 0.5}
+    assert config.options_of("ffn_update") == {"lstsq_ridge": 0.2}
+    assert config.options_of("ffn_score") == {}
+    args = build_parser().parse_args(["plan", "--ratio", "0.2", "--whitening-shrink", "0.3", "--lstsq-ridge", "1"])
+    assert (args.whitening_shrink, args.lstsq_ridge) == (0.3, 1.0)
+    fields = {field for registry in REGISTRIES.values() for spec in registry for field in spec.options}
+    assert fields <= set(config.to_dict())  # every option a part names is a setting
+    for bad, message in ((dict(whitening_shrink=1.5), "whitening-shrink must be in"),
+                         (dict(lstsq_ridge=0.0), "lstsq-ridge must be positive")):
+        with pytest.raises(LorapError, match=message):
+            config_for("best", **bad).validate()
+
+
 def test_an_unregistered_name_is_refused_with_the_registered_ones():
     with pytest.raises(LorapError, match="unknown FFN channel criterion 'nope'; choose from lorap, magnitude"):
         config_for("paper", ratio=0.2, ffn_score="nope").validate()

@@ -2,17 +2,17 @@
 into the packages that do the work (docs/architecture.md has the map)."""
 
 
-def perplexity(model, tokenizer, dataset="wiki", seqlen=128, max_tokens=None) -> float:
+def perplexity(model, tokenizer, dataset="wiki", seqlen=128, max_tokens=None, split="test") -> float:
     from .evaluate.perplexity import perplexity as measure
 
-    return measure(model, tokenizer, dataset, seqlen, max_tokens)
+    return measure(model, tokenizer, dataset, seqlen, max_tokens, split)
 
 
 def evaluate(model=None, ppl=("wiki",), seqlens=(128,), max_tokens=None, device=None, **options) -> dict:
     """The report `lorap eval --json` writes, for a model given by name or path.
 
     `options` are those of lorap.evaluate.suite.evaluate_suite: against, alone, tasks (None:
-    perplexity only), limit, offline, speed, batch_size.
+    perplexity only), limit, offline, speed, batch_size, split ("validation" to choose settings).
     """
     from .evaluate.suite import evaluate_suite
 

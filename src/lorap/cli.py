@@ -52,7 +52,8 @@ def _add_eval(sub):
     others.add_argument("--alone", action="store_true", help="do not compare a checkpoint with its base model")
     p.add_argument("--ppl", type=_csv(str), default=["wiki"], help="corpora, comma-separated, or 'none' (default: wiki)")
     p.add_argument("--seqlen", type=_csv(int), default=[128], help="window lengths, comma-separated (default: 128)")
-    p.add_argument("--max-tokens", type=int, help="use only the first N test tokens of each corpus")
+    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each corpus")
+    _add_split_option(p)
     p.add_argument(
         "--tasks",
         type=_csv(str),
@@ -98,10 +99,17 @@ def _run_eval(args):
         device=args.device,
         batch_size=args.batch_size,
         device_map=args.device_map,
+        split=args.split,
     )
     print(format_text(report))
     _write_json(args.json, report)
     _write_report_files(report, args.markdown, args.charts)
+
+
+def _add_split_option(p) -> None:
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="held-out text for perplexity: test (what reports quote) or validation (for choosing "
+                   "settings, never the test tokens; io/data.py says what each corpus holds)")
 
 
 def _write_report_files(report: dict, markdown: Path | None, charts: Path | None) -> None:
@@ -197,6 +205,12 @@ def _add_ratio_options(p, ratio_required: bool = True):
     _add_registry_option(p, RANK_ALLOCATIONS, "ranks of a layer's factor pairs")
     _add_registry_option(p, HEAD_SCORES, "head criterion, with --attention heads")
     _add_registry_option(p, HEAD_UPDATES, "what replaces removed heads, with --attention heads")
+    p.add_argument("--whitening-shrink", type=float,
+                   help="with --factorization svdllm: whiten by (1 - S) Gram + S diag(Gram), trusting the calibration "
+                   "text's channel correlations less (0: SVD-LLM, default; 1: AWSVD's scaling)")
+    p.add_argument("--lstsq-ridge", type=float,
+                   help="with an lstsq update: the ridge relative to the kept inputs' mean variance (default 0.01; "
+                   "larger fits the calibration text less and tends to bias compensation)")
 
 
 def _calibration_settings(args) -> dict:
@@ -222,6 +236,8 @@ def _method_settings(args) -> dict:
         attention_scale=args.attention_scale,
         align=args.align,
         attention=args.attention,
+        whitening_shrink=args.whitening_shrink,
+        lstsq_ridge=args.lstsq_ridge,
     )
     for part in REGISTRIES:
         settings[part] = getattr(args, part)
@@ -459,7 +475,8 @@ def _add_compare(sub):
                    help=f"comma-separated (default: {','.join(DEFAULT_COMPARISON)}; 'all' for every one)")
     p.add_argument("--ratios", type=_csv(float), default=[0.2, 0.5], help="shares of the whole model to remove (default 0.2,0.5)")
     p.add_argument("--seqlen", type=_csv(int), default=[128, 2048], help="perplexity windows (default 128,2048)")
-    p.add_argument("--max-tokens", type=int, help="only the first N test tokens for each window length")
+    p.add_argument("--max-tokens", type=int, help="only the first N tokens for each window length")
+    _add_split_option(p)
     p.add_argument("--ppl", type=_csv(str), default=["wiki", "pydocs"],
                    help="perplexity corpora, comma-separated; rows rank by perplexity relative to dense, geometric mean "
                    "over them (default wiki,pydocs: the calibration domain and one never calibrated on)")
@@ -485,6 +502,7 @@ def _run_compare(args):
         seqlens=tuple(args.seqlen),
         max_tokens=args.max_tokens,
         datasets=tuple(args.ppl),
+        split=args.split,
         tasks=() if args.tasks == ["none"] else tuple(args.tasks),
         limit=args.limit,
         **_calibration_settings(args),

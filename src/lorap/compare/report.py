@@ -42,10 +42,11 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
     columns = [(d, s) for s in seqlens for d in datasets]
     tokens = f"the first {evaluation['max_tokens']:,} tokens" if evaluation["max_tokens"] else "all"
     zeroshot = bool(evaluation["tasks"])
+    split = evaluation.get("split", "test")
     lines = [
         f"Model: {result['source']}. Calibration: {settings['calibration_samples']} x {settings['calibration_seqlen']} "
         f"tokens of `{settings['calibration_source']}` (train), seed {settings['seed']}, the same for every row. "
-        f"Perplexity: {tokens} of the test split of {corpora}, non-overlapping windows. "
+        f"Perplexity: {tokens} of the {split} split of {corpora}, non-overlapping windows. "
         "Every method removes the stated share of the whole model's parameters (embeddings and LM head included in "
         "the total, never compressed), counted by the one counting function; rows are ranked by their perplexity at "
         f"{first} tokens relative to the dense model's"
@@ -109,7 +110,8 @@ def comparison_plot(result: dict, path: Path) -> Path:
         axis.axvline(1.0, color="black", linestyle="--", label="dense")
         axis.set_xscale("log")
         axis.set_title(f"{ratio:.0%} of parameters removed")
-        axis.set_xlabel(f"perplexity @ {seqlen} / dense ({', '.join(datasets)} test; lower is better)")
+        split = result["evaluation"].get("split", "test")
+        axis.set_xlabel(f"perplexity @ {seqlen} / dense ({', '.join(datasets)} {split}; lower is better)")
         axis.legend(loc="lower right")
     figure.tight_layout()
     path = Path(path)

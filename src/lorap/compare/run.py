@@ -35,6 +35,7 @@ class ComparisonSettings:
     max_tokens: int | None = None  # test tokens per window length; None: the whole split
     # Ranked on both: the calibration domain and one nothing was calibrated or tuned on (io/data.py).
     datasets: tuple = ("wiki", "pydocs")
+    split: str = "test"  # "validation" when the comparison chooses settings (io/data.py)
     tasks: tuple = ("proxies",)  # zero-shot; () for none
     limit: int | None = None  # zero-shot items per task
     calibration_source: str = "wiki"
@@ -53,6 +54,10 @@ class ComparisonSettings:
         for ratio in self.ratios:
             if not 0 < ratio < 1:
                 raise LorapError(f"ratios are shares of the whole model's parameters in (0, 1), got {ratio}")
+        if self.split == "validation" and self.tasks:
+            # The offline proxies are built from the wiki test split: choosing on them would see test text.
+            raise LorapError("a comparison on the validation split chooses settings, and the zero-shot tasks are "
+                             "measured on test items: add --tasks none")
 
 
 def _key(data: dict) -> str:
@@ -62,7 +67,8 @@ def _key(data: dict) -> str:
 def _evaluate(model, tokenizer, settings: ComparisonSettings, tasks, manager) -> dict:
     from ..evaluate.perplexity import perplexity_table
 
-    result = {"perplexity": perplexity_table(model, tokenizer, list(settings.datasets), settings.seqlens, settings.max_tokens)}
+    result = {"perplexity": perplexity_table(model, tokenizer, list(settings.datasets), settings.seqlens,
+                                             settings.max_tokens, settings.split)}
     if tasks:
         from ..evaluate.zeroshot import average, evaluate_zeroshot
 
@@ -136,6 +142,8 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
         manager, tasks, _ = prepare(tasks, replace)
     evaluation = {"datasets": list(settings.datasets), "seqlens": list(settings.seqlens), "max_tokens": settings.max_tokens,
                   "tasks": tasks, "limit": settings.limit}
+    if settings.split != "test":  # only then, so that rows measured on test before splits were named stay cached
+        evaluation["split"] = settings.split
     base = {"model": source.location, "evaluation": evaluation}
 
     def cached(path: Path, key_data: dict, run):

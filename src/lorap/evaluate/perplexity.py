@@ -43,27 +43,29 @@ def window_nll(model, windows: torch.Tensor, desc: str = "perplexity") -> tuple[
     return total_nll, total_tokens
 
 
-def perplexity(model, tokenizer, dataset: str = "wiki", seqlen: int = 128, max_tokens: int | None = None) -> float:
+def perplexity(model, tokenizer, dataset: str = "wiki", seqlen: int = 128, max_tokens: int | None = None,
+               split: str = "test") -> float:
+    """Perplexity on the test split, or on validation when choosing settings (io/data.py)."""
     limit = max_context(model)
     if limit is not None and seqlen > limit:
         raise LorapError(f"window of {seqlen} tokens is longer than the model's context ({limit} positions)")
-    windows = evaluation_windows(tokenizer, dataset, seqlen, max_tokens)
-    nll, count = window_nll(model, windows, desc=f"ppl {dataset}@{seqlen}")
+    windows = evaluation_windows(tokenizer, dataset, seqlen, max_tokens, split)
+    nll, count = window_nll(model, windows, desc=f"ppl {dataset}@{seqlen}" + ("" if split == "test" else f" ({split})"))
     return math.exp(nll / count)
 
 
-def perplexity_table(model, tokenizer, datasets, seqlens, max_tokens=None) -> dict:
+def perplexity_table(model, tokenizer, datasets, seqlens, max_tokens=None, split="test") -> dict:
     """{dataset: {seqlen (as a string, as in JSON): perplexity}}."""
     return {
-        dataset: {str(seqlen): perplexity(model, tokenizer, dataset, seqlen, max_tokens) for seqlen in seqlens}
+        dataset: {str(seqlen): perplexity(model, tokenizer, dataset, seqlen, max_tokens, split) for seqlen in seqlens}
         for dataset in datasets
     }
 
 
-def protocol(max_tokens=None) -> dict:
+def protocol(max_tokens=None, split="test") -> dict:
     """How perplexity was measured, as every report records it."""
     return {
-        "split": "test",
+        "split": split,
         "documents_joined_with": DOCUMENT_SEPARATOR,
         "windows": "non-overlapping, tail dropped",
         "perplexity": "exp(mean token NLL over all predicted tokens)",

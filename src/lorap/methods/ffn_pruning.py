@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import LorapError
+from .registry import LSTSQ_RIDGE
 
-# Relative ridge on the kept channels' covariance in the least-squares refit (as SparseGPT's
-# 1% dampening): keeps the solve well posed when kept channels are nearly collinear.
-LSTSQ_DAMPING = 0.01
 COVARIANCE_ROWS_AT_ONCE = 1024
 
 
@@ -65,7 +63,7 @@ def bias_compensation(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) 
     return None, weight[:, dropped].double() @ mean[dropped]
 
 
-def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) -> tuple:
+def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs, lstsq_ridge: float = LSTSQ_RIDGE) -> tuple:
     if down_inputs.gram is None:
         raise LorapError("the least-squares FFN update needs the Gram matrix of the down projection's inputs")
     mean = down_inputs.mean.double().cpu()
@@ -79,7 +77,7 @@ def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs
     kk = _covariance_block(gram, mean, tokens, kept, kept)
     kd = _covariance_block(gram, mean, tokens, kept, removed)
     del gram
-    ridge = LSTSQ_DAMPING * kk.diagonal().mean().clamp_min(1e-12)
+    ridge = lstsq_ridge * kk.diagonal().mean().clamp_min(1e-12)
     kk.diagonal().add_(ridge)
     dropped_weight = weight[:, dropped].double()
     # delta = W_D C_DK (C_KK + ridge)^-1: the dropped channels' output regressed on the kept ones.
@@ -108,22 +106,23 @@ class PrunedFfn:
     down_proj: nn.Linear
 
 
-def prune_ffn(mlp, keep: torch.Tensor, update: str = "none", down_inputs=None) -> PrunedFfn:
+def prune_ffn(mlp, keep: torch.Tensor, update: str = "none", down_inputs=None, options=None) -> PrunedFfn:
     """New gate, up and down linears keeping only the channels in `keep` (`mlp` is left as it is).
 
     With an update other than 'none' the removed channels' contribution is compensated (module
-    docstring); the down projection gains a bias if it had none.
+    docstring); the down projection gains a bias if it had none. `options`: the update's keyword
+    arguments (CompressionConfig.options_of).
     """
     from .registry import FFN_UPDATES
 
     return PrunedFfn(
         slice_linear(mlp.gate_proj, keep, 0),
         slice_linear(mlp.up_proj, keep, 0),
-        keep_input_columns(mlp.down_proj, keep, FFN_UPDATES[update], down_inputs),
+        keep_input_columns(mlp.down_proj, keep, FFN_UPDATES[update], down_inputs, options),
     )
 
 
-def keep_input_columns(linear: nn.Linear, keep: torch.Tensor, update, inputs=None) -> nn.Linear:
+def keep_input_columns(linear: nn.Linear, keep: torch.Tensor, update, inputs=None, options=None) -> nn.Linear:
     """A new linear reading only the input columns `keep` of `linear`, the dropped columns'
     contribution compensated by `update` (a registered update's MethodSpec) from `inputs`, the
     statistics of `linear`'s input; it gains a bias where compensation needs one. FFN pruning uses
@@ -134,7 +133,7 @@ def keep_input_columns(linear: nn.Linear, keep: torch.Tensor, update, inputs=Non
         dropped[keep.cpu()] = False
         # float32 (the updates take float64 copies of the dropped columns only: a copy of the whole
         # matrix in float64 is 360 MB at LLaMA-7B's width)
-        delta, bias_change = update.function()(linear.weight.detach().float().cpu(), dropped, inputs)
+        delta, bias_change = update.function()(linear.weight.detach().float().cpu(), dropped, inputs, **(options or {}))
     sliced = slice_linear(linear, keep, 1, bias=compensate)
     if compensate:
         with torch.no_grad():

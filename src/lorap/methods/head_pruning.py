@@ -114,7 +114,8 @@ def kept_groups(scores: torch.Tensor, kept: int) -> torch.Tensor:
     return order[:kept].sort().values
 
 
-def prune_heads(attention, keep: torch.Tensor, layout: HeadLayout, update: str = "none", o_inputs=None) -> dict:
+def prune_heads(attention, keep: torch.Tensor, layout: HeadLayout, update: str = "none", o_inputs=None,
+                options=None) -> dict:
     """{q_proj, k_proj, v_proj, o_proj: new linears} keeping only the KV groups in `keep` (and their
     query heads); `attention` is left as it is. The removed heads' output is compensated in o_proj
     by the registered head update."""
@@ -125,5 +126,5 @@ def prune_heads(attention, keep: torch.Tensor, layout: HeadLayout, update: str =
         "q_proj": slice_linear(attention.q_proj, query, 0),
         "k_proj": slice_linear(attention.k_proj, kv, 0),
         "v_proj": slice_linear(attention.v_proj, kv, 0),
-        "o_proj": keep_input_columns(attention.o_proj, query, HEAD_UPDATES[update], o_inputs),
+        "o_proj": keep_input_columns(attention.o_proj, query, HEAD_UPDATES[update], o_inputs, options),
     }

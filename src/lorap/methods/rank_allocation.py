@@ -56,8 +56,9 @@ def layer_ranks(spectra: dict, shapes: dict, budget: int, align: int = 1, limits
 class RankScorer:
     """The scoring pass's visitor: every layer's adaptive ranks from its dense projections."""
 
-    def __init__(self, plan, architecture, factorization: str, gram_sources: tuple, limits: dict):
+    def __init__(self, plan, architecture, factorization: str, gram_sources: tuple, limits: dict, options=None):
         self.plan, self.architecture, self.factorization = plan, architecture, factorization
+        self.options = options or {}  # the factorization's keyword arguments
         self.gram_sources, self.limits = gram_sources, limits  # gram_sources: read by the walk's statistics
         self.ranks = []
 
@@ -67,7 +68,8 @@ class RankScorer:
         spectra, shapes = {}, {}
         for name in factorized:
             weight = self.architecture.projection(layer, name).weight.detach().float()
-            spectra[name] = torch.linalg.svdvals(truncated_matrix(weight, stats.inputs(name), self.factorization))
+            spectra[name] = torch.linalg.svdvals(truncated_matrix(weight, stats.inputs(name), self.factorization,
+                                                                  self.options))
             shapes[name] = tuple(weight.shape)
         budget = sum(planned[name] * sum(shapes[name]) for name in factorized)
         chosen = layer_ranks(spectra, shapes, budget, self.plan.settings.align, self.limits) if factorized else {}
@@ -89,7 +91,8 @@ def prepare_adaptive_ranks(run) -> None:
         limit = partial(pair_max_fraction, settings.pair_limit)
         limits = {name: limit(out * inp) for name, (out, inp, _) in plan.attention.items()}
     sources = tuple(name for name in config.gram_sources() if name != "down_proj")
-    scorer = RankScorer(plan, run.source.architecture, config.factorization, sources, limits)
+    scorer = RankScorer(plan, run.source.architecture, config.factorization, sources, limits,
+                        config.options_of("factorization"))
     run.dense_walk(scorer, desc="scoring attention spectra")
     changed = sum(scorer.ranks[i] != layer.ranks for i, layer in enumerate(plan.layers))
     info(f"adaptive ranks: {changed} of {len(plan.layers)} layers moved rank between their projections")

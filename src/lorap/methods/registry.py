@@ -34,6 +34,8 @@ class MethodSpec:
     prepare_phase: str | None = None  # the report's name for the time `prepare` took
     # adds parameters: a bias on the output projection it compensates (FFN down, attention o) where it had none
     adds_bias: bool = False
+    # CompressionConfig fields the per-layer function takes as keyword arguments (its strengths)
+    options: tuple = ()
 
     def __post_init__(self):
         unknown = set(self.statistics) - set(STATISTICS)
@@ -106,6 +108,10 @@ class Registry:
         return "; ".join(f"{spec.name}: {spec.help}" for spec in self)
 
 
+# The least-squares refit's default ridge relative to the kept inputs' mean variance (as SparseGPT's
+# 1% dampening): keeps the solve well posed when kept channels are nearly collinear.
+LSTSQ_RIDGE = 0.01
+
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_INPUTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -116,8 +122,8 @@ FACTORIZATIONS = Registry("factorization", "--factorization", [
     MethodSpec("asvd", ".factorizations:asvd", "ASVD scaling: SVD of W diag(mean abs(x_j))^0.5",
                statistics=("mean_abs",), reads=ATTENTION_INPUTS),
     MethodSpec("svdllm", ".factorizations:svdllm",
-               "SVD-LLM whitening by the Cholesky factor of the input Gram matrix",
-               statistics=("gram",), reads=ATTENTION_INPUTS),
+               "SVD-LLM whitening by the Cholesky factor of the input Gram matrix (--whitening-shrink moves it "
+               "toward awsvd)", statistics=("gram",), reads=ATTENTION_INPUTS, options=("whitening_shrink",)),
 ])
 
 FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
@@ -138,8 +144,9 @@ FFN_UPDATES = Registry("FFN update", "--ffn-update", [
     MethodSpec("bias", ".ffn_pruning:bias_compensation", "removed channels' mean output folded into a bias",
                statistics=("mean",), reads=("down_proj",), adds_bias=True),
     MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
-               "kept channels of down refitted by ridge least squares to the dense output",
-               statistics=("mean", "gram"), reads=("down_proj",), adds_bias=True),
+               "kept channels of down refitted by ridge least squares to the dense output (--lstsq-ridge; "
+               "a large ridge tends to bias)", statistics=("mean", "gram"), reads=("down_proj",), adds_bias=True,
+               options=("lstsq_ridge",)),
 ])
 
 FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
@@ -186,8 +193,8 @@ HEAD_UPDATES = Registry("head update", "--head-update", [
     MethodSpec("bias", ".ffn_pruning:bias_compensation", "removed heads' mean output folded into o_proj's bias (FLAP)",
                statistics=("mean",), reads=("o_proj",), adds_bias=True),
     MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
-               "kept columns of o_proj refitted by ridge least squares to the dense output",
-               statistics=("mean", "gram"), reads=("o_proj",), adds_bias=True),
+               "kept columns of o_proj refitted by ridge least squares to the dense output (--lstsq-ridge)",
+               statistics=("mean", "gram"), reads=("o_proj",), adds_bias=True, options=("lstsq_ridge",)),
 ], paper=False)
 
 # The parts of a run, in the order their whole-model passes run (scores before allocations).

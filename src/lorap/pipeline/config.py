@@ -2,7 +2,7 @@
 from dataclasses import asdict, dataclass, field
 
 from ..errors import LorapError
-from ..methods.registry import REGISTRIES, MethodSpec
+from ..methods.registry import LSTSQ_RIDGE, REGISTRIES, MethodSpec
 from ..plan.plan import SUBLAYERS, PlanSettings
 
 
@@ -29,6 +29,11 @@ class CompressionConfig:
     head_score: str = "flap"  # HEAD_SCORES
     head_update: str = "none"  # HEAD_UPDATES
     attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
+    # Strengths of two parts that fit the calibration text (a part reads those it names in its registry
+    # entry's `options`): svdllm whitens by (1 - s) Gram + s diag(Gram), so 1 is AWSVD's scaling; the
+    # least-squares refit adds this ridge relative to the kept inputs' mean variance (large: bias-like)
+    whitening_shrink: float = 0.0
+    lstsq_ridge: float = LSTSQ_RIDGE
     # Every rank and FFN width a multiple of this (1: the paper's integers; "auto": this device's
     # multiple, plan/alignment.py, which the run resolves and records)
     align: int | str = 1
@@ -57,6 +62,11 @@ class CompressionConfig:
         if self.attention == "heads" and REGISTRIES["rank_allocation"][self.rank_allocation].needs_whole_model:
             raise LorapError(f"--rank-allocation {self.rank_allocation} shares ranks between factor pairs; "
                              "with --attention heads there are none (use --rank-allocation rule)")
+        if not 0 <= self.whitening_shrink <= 1:
+            raise LorapError(f"--whitening-shrink must be in [0, 1] (0: SVD-LLM whitening, 1: AWSVD's scaling), "
+                             f"got {self.whitening_shrink}")
+        if not self.lstsq_ridge > 0:
+            raise LorapError(f"--lstsq-ridge must be positive (it keeps the refit well posed), got {self.lstsq_ridge}")
         if self.svd_dtype not in ("float32", "float64"):
             raise LorapError(f"svd dtype must be float32 or float64, got {self.svd_dtype!r}")
         for name in ("calibration_samples", "calibration_seqlen", "batch_size"):
@@ -75,6 +85,10 @@ class CompressionConfig:
         parts = {part: "attention" for part in attention}
         parts.update({part: "ffn" for part in ("ffn_score", "ffn_update", "ffn_allocation")})
         return {part: sublayer for part, sublayer in parts.items() if sublayer in self.sublayers}
+
+    def options_of(self, part: str) -> dict:
+        """The keyword arguments the chosen `part`'s function takes ({} for most)."""
+        return {name: getattr(self, name) for name in self.specs()[part].options}
 
     @property
     def needs_whole_model(self) -> bool:

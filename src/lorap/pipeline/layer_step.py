@@ -74,7 +74,8 @@ class LayerCompressor:
             rank = self.plan.layers[index].ranks[name]
             if rank is not None:
                 dense = self.architecture.projection(layer, name)
-                factorized[name] = factorized_linear(dense, stats.inputs(name), rank, self.config.factorization, self.svd_dtype)
+                factorized[name] = factorized_linear(dense, stats.inputs(name), rank, self.config.factorization,
+                                                     self.svd_dtype, self.config.options_of("factorization"))
         if factorized:
             self.architecture.replace(layer, factorized)
 
@@ -91,7 +92,8 @@ class LayerCompressor:
         else:
             scores = head_scores(attention, o_inputs, layout, self.config.head_score)
         keep = kept_groups(scores, kept)
-        self.architecture.replace(layer, prune_heads(attention, keep, layout, self.config.head_update, o_inputs))
+        self.architecture.replace(layer, prune_heads(attention, keep, layout, self.config.head_update, o_inputs,
+                                                     self.config.options_of("head_update")))
 
     def compress_ffn(self, index, layer, stats) -> None:
         ffn = FfnView(self.architecture, layer)
@@ -105,7 +107,7 @@ class LayerCompressor:
         else:
             scores = channel_scores(ffn, inputs, self.config.ffn_score)
         keep = kept_channels(scores, width, self.config.bottom_keep)
-        pruned = prune_ffn(ffn, keep, self.config.ffn_update, inputs["down_proj"])
+        pruned = prune_ffn(ffn, keep, self.config.ffn_update, inputs["down_proj"], self.config.options_of("ffn_update"))
         self.architecture.replace(layer, {name: getattr(pruned, name) for name in FFN_PROJECTIONS})
         module = self.architecture.ffn(layer)
         if hasattr(module, "intermediate_size"):
