@@ -1,0 +1,130 @@
+"""Benchmark: choosing the parts of `--preset best` on validation text of two domains
+(docs/benchmarks.md, section "Choosing best on validation data").
+
+Each candidate is best's settings with some changed. It compresses the built-in default model
+(exact mode, calibrated on `wiki` train as every run is) and is scored by perplexity at 128 tokens
+on the validation split of `wiki` and of `pydocs` (io/data.py: never the test tokens), relative to
+the dense model, geometric mean over the two. The test split is not read here: the tables that
+report test perplexity are written by compare_default.py.
+
+Results are kept per candidate in runs/choose-best/results.json, so adding candidates or re-running
+after an interruption measures only what is new.
+
+    .venv/bin/python benchmarks/choose_best.py [--ratios 0.2,0.5] [--only NAME,NAME]
+"""
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from docsection import machine_line, update_section
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = ("wiki", "pydocs")
+SEQLEN = 128
+# name -> (what changes, in words; CompressionConfig settings over best's)
+CANDIDATES = {
+    "best": ("best as it is", {}),
+    "bias": ("bias compensation in place of the least-squares refit", dict(ffn_update="bias")),
+    "awsvd": ("AWSVD in place of whitening", dict(factorization="awsvd")),
+    "awsvd+bias": ("both (FLAP's FFN with the paper's attention: `flap-ffn`)", dict(factorization="awsvd", ffn_update="bias")),
+    # Between best's parts and flap-ffn's: how far whitening and the refit trust the calibration text.
+    "shrink-0.5": ("whitening halfway to AWSVD", dict(whitening_shrink=0.5)),
+    "ridge-0.1": ("a 10x stronger refit ridge", dict(lstsq_ridge=0.1)),
+    "ridge-1": ("a 100x stronger refit ridge", dict(lstsq_ridge=1.0)),
+}
+
+
+def measure(name: str, settings: dict, ratio: float, max_tokens: int) -> dict:
+    from lorap import api
+
+    started = time.perf_counter()
+    result = api.compress(None, None, preset="best", mode="exact", ratio=ratio, progress=False, stream=False,
+                          predict_speed=False, **settings)
+    seconds = time.perf_counter() - started
+    perplexity = {corpus: api.perplexity(result.model, result.tokenizer, corpus, SEQLEN, max_tokens, "validation")
+                  for corpus in CORPORA}
+    return {"perplexity": perplexity, "compress_seconds": seconds,
+            "removed": result.report["plan"]["totals"]["removed_fraction"]}
+
+
+def dense_perplexity(max_tokens: int) -> dict:
+    from lorap import api
+    from lorap.io.models import load_model
+
+    model, tokenizer, _ = load_model(None)
+    return {corpus: api.perplexity(model, tokenizer, corpus, SEQLEN, max_tokens, "validation") for corpus in CORPORA}
+
+
+def table(results: dict, dense: dict, ratio: float) -> list:
+    rows = []
+    for name, (words, settings) in CANDIDATES.items():
+        entry = results.get(f"{name}@{ratio}")
+        if entry is None:
+            continue
+        relative = math.exp(sum(math.log(entry["perplexity"][c] / dense[c]) for c in CORPORA) / len(CORPORA))
+        rows.append((relative, name, words, settings, entry))
+    rows.sort(key=lambda row: row[0])
+    lines = [f"### {ratio:.0%} of the parameters removed", "",
+             "| rank | candidate | change from best | wiki (validation) | pydocs (validation) | two-domain mean vs dense |",
+             "|---:|---|---|---:|---:|---:|"]
+    for rank, (relative, name, words, settings, entry) in enumerate(rows, start=1):
+        options = " ".join(f"`--{key.replace('_', '-')} {value}`" for key, value in settings.items()) or "(none)"
+        lines.append(f"| {rank} | {name} | {words}: {options} | {entry['perplexity']['wiki']:.2f} | "
+                     f"{entry['perplexity']['pydocs']:.2f} | {relative:.3f}x |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", default="0.2", help="shares of the whole model removed, comma-separated")
+    parser.add_argument("--only", help="candidates to measure, comma-separated (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="validation tokens per corpus")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "choose-best")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    chosen = args.only.split(",") if args.only else list(CANDIDATES)
+    unknown = set(chosen) - set(CANDIDATES)
+    if unknown:
+        parser.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = args.work / "results.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    if saved.get("max_tokens") != args.max_tokens:
+        saved = {"max_tokens": args.max_tokens, "results": {}}
+    results = saved["results"]
+    if "dense" not in saved:
+        saved["dense"] = dense_perplexity(args.max_tokens)
+        store.write_text(json.dumps(saved, indent=1))
+    for ratio in ratios:
+        for name in chosen:
+            key = f"{name}@{ratio}"
+            settings = CANDIDATES[name][1]
+            if key in results and results[key]["settings"] == settings:
+                continue
+            print(f"measuring {key}", file=sys.stderr, flush=True)
+            results[key] = {"settings": settings, "measured": datetime.date.today().isoformat(),
+                            **measure(name, settings, ratio, args.max_tokens)}
+            store.write_text(json.dumps(saved, indent=1))  # after each, so an interruption loses one
+    dense = saved["dense"]
+    body = [
+        "## Choosing best on validation data", "",
+        "Written by `.venv/bin/python benchmarks/choose_best.py`. Each candidate is `--preset best --mode exact` with "
+        "the stated change, calibrated on `wiki` train as every row is, and scored on the validation split of both "
+        f"corpora (io/data.py; never their test tokens): perplexity at {SEQLEN} tokens on the first "
+        f"{args.max_tokens:,} validation tokens of each, relative to the dense model's "
+        f"({dense['wiki']:.2f} on `wiki`, {dense['pydocs']:.2f} on `pydocs`), geometric mean over the two.", "",
+        machine_line(), "",
+    ]
+    for ratio in sorted({float(key.rpartition("@")[2]) for key in results}):  # every ratio measured so far
+        body += table(results, dense, ratio)
+    update_section(args.page, "choose_best", "\n".join(body))
+    print(f"wrote {args.page}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
