@@ -35,6 +35,10 @@ CANDIDATES = {
     "shrink-0.5": ("whitening halfway to AWSVD", dict(whitening_shrink=0.5)),
     "ridge-0.1": ("a 10x stronger refit ridge", dict(lstsq_ridge=0.1)),
     "ridge-1": ("a 100x stronger refit ridge", dict(lstsq_ridge=1.0)),
+    # Ranks from each layer's whitened spectra instead of the a:1 rule (SVD-LLM V2's idea).
+    "adaptive-ranks": ("adaptive ranks", dict(rank_allocation="adaptive")),
+    "awsvd+ridge-0.1": ("AWSVD, and a 10x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=0.1)),
+    "awsvd+ridge-1": ("AWSVD, and a 100x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=1.0)),
 }
 
 
