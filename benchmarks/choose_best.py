@@ -39,6 +39,9 @@ CANDIDATES = {
     "adaptive-ranks": ("adaptive ranks", dict(rank_allocation="adaptive")),
     "awsvd+ridge-0.1": ("AWSVD, and a 10x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=0.1)),
     "awsvd+ridge-1": ("AWSVD, and a 100x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=1.0)),
+    "awsvd+ridge-3": ("AWSVD, and a 300x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=3.0)),
+    "shrink-0.5+ridge-1": ("whitening halfway to AWSVD, and a 100x stronger refit ridge",
+                           dict(whitening_shrink=0.5, lstsq_ridge=1.0)),
 }
 
 
