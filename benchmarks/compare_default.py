@@ -6,7 +6,10 @@ Three `lorap compare` runs on the same calibration samples and evaluation window
   ablations  the paper's parts switched one at a time, and the FFN options alone, at 20% (by
              default; --ablation-ratios): perplexity at 128 tokens;
   heads      the baselines as published (heads and channels) beside the paper, best and FLAP's FFN
-             criterion with LoRAP's attention, at 20% (--heads-ratios): perplexity at 128 tokens.
+             criterion with LoRAP's attention, at 20% (--heads-ratios): perplexity at 128 tokens;
+  rivals     best and its closest rival out of domain (flap-ffn) at 20% and 50% (--rivals-ratios):
+             perplexity at 128 tokens, the test split of both corpora (best's parts were chosen on
+             their validation split by benchmarks/choose_best.py).
 Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes.
 
     .venv/bin/python benchmarks/compare_default.py
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN = "paper,best,svd-magnitude,wanda-sp,flap,llm-pruner-l2,llm-pruner-taylor"
 ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive"
 HEADS = "paper,best,flap,wanda-sp,llm-pruner-l2,llm-pruner-taylor,flap-ffn"
+RIVALS = "best,flap-ffn"
 
 
 def run_compare(out: Path, methods: str, ratios: str, extra: list, args) -> tuple[str, float]:
@@ -49,11 +53,12 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.5", help="of the main table")
     parser.add_argument("--ablation-ratios", default="0.2", help="of the ablation table")
     parser.add_argument("--heads-ratios", default="0.2", help="of the heads table")
+    parser.add_argument("--rivals-ratios", default="0.2,0.5", help="of the rivals table")
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
     parser.add_argument("--limit", type=int, default=100, help="zero-shot items per proxy task")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-compare")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--only", choices=["main", "ablations", "heads"], help="run one of the tables")
+    parser.add_argument("--only", choices=["main", "ablations", "heads", "rivals"], help="run one of the tables")
     args = parser.parse_args()
     images = args.page.parent / "img"
     images.mkdir(parents=True, exist_ok=True)
@@ -63,6 +68,7 @@ def main() -> None:
         "ablations": ("Ablations and options, one at a time", ABLATIONS, args.ablation_ratios, ["--seqlen", "128", "--tasks", "none"]),
         "heads": ("Heads or low rank: the baselines as published", HEADS, args.heads_ratios,
                   ["--seqlen", "128", "--tasks", "none"]),
+        "rivals": ("best and its closest rival, on test", RIVALS, args.rivals_ratios, ["--seqlen", "128", "--tasks", "none"]),
     }
     for name, (title, methods, ratios, extra) in runs.items():
         if args.only and name != args.only:

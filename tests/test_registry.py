@@ -50,8 +50,8 @@ def test_the_cli_and_config_validation_offer_every_registered_part(part, name):
 
 
 def test_method_options_reach_only_the_parts_that_read_them():
-    config = config_for("best", whitening_shrink=0.5, lstsq_ridge=0.2)
-    assert config.options_of("factorization") == {"whitening_shrink": 0.5}
+    config = config_for("best", whitening_shrink=0.25, lstsq_ridge=0.2)
+    assert config.options_of("factorization") == {"whitening_shrink": 0.25}
     assert config.options_of("ffn_update") == {"lstsq_ridge": 0.2}
     assert config.options_of("ffn_score") == {}
     args = build_parser().parse_args(["plan", "--ratio", "0.2", "--whitening-shrink", "0.3", "--lstsq-ridge", "1"])
