@@ -89,7 +89,9 @@ def shrunk_gram(gram: torch.Tensor, shrink: float) -> torch.Tensor:
     trusted less. At 1 the whitening factor is diag(||x_j||), AWSVD's scaling."""
     if shrink == 0:
         return gram
-    return gram * (1 - shrink) + torch.diag(gram.diagonal() * shrink)
+    shrunk = gram * (1 - shrink)  # the one [in, in] temporary
+    shrunk.diagonal().add_(gram.diagonal(), alpha=shrink)
+    return shrunk
 
 
 def _input_whitening(weight: torch.Tensor, inputs: ProjectionInputs, shrink: float = 0.0) -> torch.Tensor:
