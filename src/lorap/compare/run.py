@@ -33,7 +33,7 @@ class ComparisonSettings:
     ratios: tuple = (0.2, 0.5)
     seqlens: tuple = (128, 2048)
     max_tokens: int | None = None  # test tokens per window length; None: the whole split
-    # Ranked on both: the calibration domain and one nothing was calibrated or tuned on (io/data.py).
+    # Ranked on both: the calibration domain and one nothing is calibrated on (io/data.py).
     datasets: tuple = ("wiki", "pydocs")
     split: str = "test"  # "validation" when the comparison chooses settings (io/data.py)
     tasks: tuple = ("proxies",)  # zero-shot; () for none
