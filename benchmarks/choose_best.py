@@ -42,6 +42,14 @@ CANDIDATES = {
     "ridge-1": ("a 100x stronger refit ridge", dict(lstsq_ridge=1.0)),
     "awsvd+ridge-0.1": ("AWSVD, and a 10x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=0.1)),
     "awsvd+ridge-1": ("AWSVD, and a 100x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=1.0)),
+    # From today's best (shrink 0.5): adaptive ranks (issue #13 asks for them in best only if they win
+    # at both ratios), a refit ridge between best's and the one that won pydocs at 20% but lost at 50%,
+    # and a shrink closer to AWSVD.
+    "shrink-0.5+adaptive-ranks": ("whitening halfway to AWSVD, ranks allocated across the model by whitened "
+                                  "singular values", dict(whitening_shrink=0.5, rank_allocation="adaptive")),
+    "shrink-0.5+ridge-0.1": ("whitening halfway to AWSVD, and a 10x stronger refit ridge",
+                             dict(whitening_shrink=0.5, lstsq_ridge=0.1)),
+    "shrink-0.75": ("whitening three quarters of the way to AWSVD", dict(whitening_shrink=0.75)),
 }
 
 
