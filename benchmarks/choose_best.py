@@ -50,6 +50,13 @@ CANDIDATES = {
     "shrink-0.5+ridge-0.1": ("whitening halfway to AWSVD, and a 10x stronger refit ridge",
                              dict(whitening_shrink=0.5, lstsq_ridge=0.1)),
     "shrink-0.75": ("whitening three quarters of the way to AWSVD", dict(whitening_shrink=0.75)),
+    # AWSVD's scaling reached through the whitening's shrink (the same factors, so that one family of
+    # settings spans both ends), with the ridge that won pydocs at 20%; and the point halfway between
+    # it and shrink-0.5, for the ratios between 20% and 50%.
+    "shrink-1+ridge-0.1": ("whitening shrunk all the way to AWSVD's diagonal, and a 10x stronger refit ridge",
+                           dict(whitening_shrink=1.0, lstsq_ridge=0.1)),
+    "shrink-0.75+ridge-0.03": ("whitening three quarters of the way to AWSVD, and a 3.2x stronger refit ridge",
+                               dict(whitening_shrink=0.75, lstsq_ridge=0.1 ** 1.5)),
 }
 
 
