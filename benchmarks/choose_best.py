@@ -102,7 +102,7 @@ def table(results: dict, dense: dict, ratio: float) -> list:
         relative = math.exp(sum(math.log(entry["perplexity"][c] / dense[c]) for c in CORPORA) / len(CORPORA))
         rows.append((relative, name, words, settings, entry))
     rows.sort(key=lambda row: row[0])
-    lines = [f"### {ratio:.0%} of the parameters removed", "",
+    lines = [f"### {ratio * 100:g}% of the parameters removed", "",
              "| rank | candidate | change from SVD-LLM whitening as published | wiki (validation) | pydocs (validation) "
              "| two-domain mean vs dense |",
              "|---:|---|---|---:|---:|---:|"]

@@ -8,8 +8,8 @@ Three `lorap compare` runs on the same calibration samples and evaluation window
   heads      the baselines as published (heads and channels) beside the paper, best and FLAP's FFN
              criterion with LoRAP's attention, at 20% (--heads-ratios): perplexity at 128 tokens;
   rivals     best and its closest rival out of domain (flap-ffn) at 20% and 50% (--rivals-ratios):
-             perplexity at 128 tokens, the test split of both corpora (best's parts were chosen on
-             their validation split by benchmarks/choose_best.py).
+             perplexity at 128 and 2048 tokens, the test split of both corpora (best's parts were
+             chosen on their validation split, at 128 tokens, by benchmarks/choose_best.py).
 Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes.
 
     .venv/bin/python benchmarks/compare_default.py
@@ -68,7 +68,8 @@ def main() -> None:
         "ablations": ("Ablations and options, one at a time", ABLATIONS, args.ablation_ratios, ["--seqlen", "128", "--tasks", "none"]),
         "heads": ("Heads or low rank: the baselines as published", HEADS, args.heads_ratios,
                   ["--seqlen", "128", "--tasks", "none"]),
-        "rivals": ("best and its closest rival, on test", RIVALS, args.rivals_ratios, ["--seqlen", "128", "--tasks", "none"]),
+        "rivals": ("best and its closest rival, on test", RIVALS, args.rivals_ratios,
+                   ["--seqlen", "128,2048", "--tasks", "none"]),
     }
     for name, (title, methods, ratios, extra) in runs.items():
         if args.only and name != args.only:

@@ -11,7 +11,8 @@ import torch
 from conftest import build_tiny_model
 from lorap.cli import build_parser, main
 from lorap.errors import LorapError
-from lorap.methods.presets import config_for
+from lorap.methods.presets import BEST_RIDGES, config_for
+from lorap.pipeline.config import CompressionConfig
 from lorap.methods.registry import FFN_SCORES, REGISTRIES, MethodSpec, options_table
 from lorap.pipeline.run import compress_model
 from lorap.plan.counting import count_parameters
@@ -62,6 +63,21 @@ def test_method_options_reach_only_the_parts_that_read_them():
                          (dict(lstsq_ridge=0.0), "lstsq-ridge must be positive")):
         with pytest.raises(LorapError, match=message):
             config_for("best", **bad).validate()
+
+
+def test_best_sets_its_ridge_by_the_share_removed_and_a_given_ridge_wins():
+    for ratio, expected in (*BEST_RIDGES, (BEST_RIDGES[0][0] / 2, BEST_RIDGES[0][1]), (0.9, BEST_RIDGES[-1][1])):
+        assert config_for("best", ratio=ratio, mode="exact").lstsq_ridge == expected
+    for (low, light), (high, heavy) in zip(BEST_RIDGES, BEST_RIDGES[1:]):
+        middle = config_for("best", ratio=(low + high) / 2).lstsq_ridge
+        assert middle == pytest.approx((light * heavy) ** 0.5, rel=1e-5)
+    ridges = [config_for("best", ratio=r / 100).lstsq_ridge for r in range(10, 70, 5)]
+    assert ridges == sorted(ridges, reverse=True)  # never stronger where more is removed
+    assert config_for("best").lstsq_ridge == config_for("best", ratio=CompressionConfig.ratio).lstsq_ridge
+    assert config_for("best", ratio=0.5, lstsq_ridge=0.3).lstsq_ridge == 0.3
+    # the shrink is one number, and no other preset depends on the ratio
+    assert config_for("best", ratio=0.2).whitening_shrink == config_for("best", ratio=0.5).whitening_shrink
+    assert config_for("paper", ratio=0.2).to_dict() == {**config_for("paper", ratio=0.5).to_dict(), "ratio": 0.2}
 
 
 def test_an_unregistered_name_is_refused_with_the_registered_ones():
