@@ -32,7 +32,7 @@ SEQLEN = 128
 BASE = dict(whitening_shrink=0.0, lstsq_ridge=0.01)
 # name -> (what changes, in words; CompressionConfig settings over BASE)
 CANDIDATES = {
-    "whitening": ("none (best before this choice)", {}),
+    "whitening": ("none (best before these choices)", {}),
     "bias": ("bias compensation in place of the least-squares refit", dict(ffn_update="bias")),
     "awsvd": ("AWSVD in place of whitening", dict(factorization="awsvd")),
     "awsvd+bias": ("both (FLAP's FFN with the paper's attention: `flap-ffn`)", dict(factorization="awsvd", ffn_update="bias")),

@@ -63,7 +63,8 @@ METHODS = {
                by_ratio=lambda ratio: dict(lstsq_ridge=best_ridge(ratio))),
         # For engines that run no factor pairs (llama.cpp, vLLM): attention stays dense, so nothing is lost
         # when exported, and FFN widths are multiples of 256, which DeciLM's layout states exactly and
-        # llama.cpp's k-quants need (their blocks are 256 wide). best's FFN parts otherwise.
+        # llama.cpp's k-quants need (their blocks are 256 wide). best's FFN parts otherwise, but the
+        # default ridge: best's ridge by ratio was chosen with low-rank attention and not measured here.
         Method("serving", "lorap serving", "dense", "fluctuation score, adaptive widths (multiples of 256), "
                "least-squares refit", dict(sublayers=("ffn",), ffn_score="flap", ffn_allocation="adaptive",
                                            ffn_update="lstsq", bottom_keep=0.0, align=SERVING_ALIGN)),
