@@ -2,10 +2,10 @@
 (docs/benchmarks.md, section "Choosing best on validation data").
 
 Each candidate is best's parts with some changed (BASE: SVD-LLM whitening as published and the
-default refit ridge, which best used before this benchmark chose its strengths). It compresses the built-in default model
-(exact mode, calibrated on `wiki` train as every run is) and is scored by perplexity at 128 tokens
-on the validation split of `wiki` and of `pydocs` (io/data.py: never the test tokens), relative to
-the dense model, geometric mean over the two. The test split is not read here: the tables that
+default refit ridge, which best used before this benchmark chose its strengths). It compresses the
+built-in default model (exact mode, calibrated on `wiki` train as every run is) and is scored by
+perplexity at 128 tokens on the validation split of `wiki` and of `pydocs` (io/data.py: never the
+test tokens), relative to the dense model, geometric mean over the two. The test split is not read here: the tables that
 report test perplexity are written by compare_default.py.
 
 Results are kept per candidate in runs/choose-best/results.json, so adding candidates or re-running
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPORA = ("wiki", "pydocs")
 SEQLEN = 128
 # What every candidate starts from: best's parts with SVD-LLM whitening as published and the refit's
-# default ridge (best before this choice). Stated here, not taken from the preset, so that a
+# default ridge (best before these choices). Stated here, not taken from the preset, so that a
 # result stays the measurement of what its row says when the preset changes.
 BASE = dict(whitening_shrink=0.0, lstsq_ridge=0.01)
 # name -> (what changes, in words; CompressionConfig settings over BASE)
@@ -44,7 +44,7 @@ CANDIDATES = {
     "awsvd+ridge-1": ("AWSVD, and a 100x stronger refit ridge", dict(factorization="awsvd", lstsq_ridge=1.0)),
     # From shrink-0.5: adaptive ranks (issue #13 asks for them in best only if they win at both
     # ratios), and stronger refit ridges, which won pydocs at 20% but lost at 50% with the other
-    # attention factors (0.0316228: halfway between 0.1 and 0.01, geometrically, as the preset rounds it).
+    # attention factors (0.0316228: halfway between 0.1 and 0.01, geometrically).
     "shrink-0.5+adaptive-ranks": ("whitening halfway to AWSVD, ranks allocated across each layer's projections by "
                                   "whitened singular values", dict(whitening_shrink=0.5, rank_allocation="adaptive")),
     "shrink-0.5+ridge-1": ("whitening halfway to AWSVD, and a 100x stronger refit ridge",

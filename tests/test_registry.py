@@ -12,8 +12,8 @@ from conftest import build_tiny_model
 from lorap.cli import build_parser, main
 from lorap.errors import LorapError
 from lorap.methods.presets import BEST_RIDGES, config_for
-from lorap.pipeline.config import CompressionConfig
 from lorap.methods.registry import FFN_SCORES, REGISTRIES, MethodSpec, options_table
+from lorap.pipeline.config import CompressionConfig
 from lorap.pipeline.run import compress_model
 from lorap.plan.counting import count_parameters
 

@@ -28,12 +28,13 @@ DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
 # best's --whitening-shrink: 0.5 beat 0 (SVD-LLM as published) on the two-domain validation mean at
 # 20% and at 50% removed (docs/benchmarks.md, "Choosing best on validation data")
 BEST_WHITENING_SHRINK = 0.5
-# best's --lstsq-ridge by the share of the whole model removed, chosen on that validation data. The
-# less is removed, the less the refit has to make up for and the more its fit to the calibration text
-# costs out of domain: at 20% a 100x ridge ranked first on the two-domain mean (ahead of 10x and the
-# default); at 35% the default did (10x lost on both corpora), and at 50% stronger ridges lost badly.
-# Between two of these points the ridge is interpolated geometrically (at 27.5%, 0.1: measured ahead of
-# the default on both corpora); outside them, the nearer one holds.
+# best's --lstsq-ridge by the ratio asked for, chosen on that validation data in exact mode (where the
+# ratio is the share of the whole model removed). The less is removed, the less the refit has to make
+# up for and the more its fit to the calibration text costs out of domain: at 20% a 100x ridge ranked
+# first on the two-domain mean (ahead of 10x and the default); at 35% the default did (10x lost on
+# both corpora), and at 50% stronger ridges lost badly. Between the two points the ridge is
+# interpolated geometrically (at 27.5%, 0.1: measured ahead of the default on both corpora); outside
+# them, the nearer one holds.
 BEST_RIDGES = ((0.2, 1.0), (0.35, 0.01))
 SERVING_ALIGN = 256  # the FFN width multiple engines need; export/decilm.py takes it from here (ENGINE_MULTIPLE)
 
