@@ -5,8 +5,8 @@ Each candidate is best's parts with some changed (BASE: SVD-LLM whitening as pub
 default refit ridge, which best used before this benchmark chose its strengths). It compresses the
 built-in default model (exact mode, calibrated on `wiki` train as every run is) and is scored by
 perplexity at 128 tokens on the validation split of `wiki` and of `pydocs` (io/data.py: never the
-test tokens), relative to the dense model, geometric mean over the two. The test split is not read here: the tables that
-report test perplexity are written by compare_default.py.
+test tokens), relative to the dense model, geometric mean over the two. The test split is not read
+here: the tables that report test perplexity are written by compare_default.py.
 
 Results are kept per candidate in runs/choose-best/results.json, so adding candidates or re-running
 after an interruption measures only what is new.
