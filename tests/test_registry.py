@@ -101,6 +101,18 @@ def test_whole_model_passes_and_gram_matrices_come_from_the_registry():
     assert config_for("svd-llm", ratio=0.2, sublayers=("ffn",)).gram_sources() == ()
 
 
+def test_a_criterion_of_a_part_the_run_does_not_use_costs_no_whole_model_pass():
+    # a Taylor head score with low-rank attention scores nothing: no gradient pass, none in the memory estimate
+    lowrank = config_for("paper", ratio=0.2, head_score="llm-pruner-taylor")
+    assert not lowrank.needs_whole_model and lowrank.whole_model_parts() == []
+    heads = config_for("paper", ratio=0.2, attention="heads", head_score="llm-pruner-taylor")
+    assert heads.whole_model_parts() == ["head score llm-pruner-taylor"]
+    # FLAP's joint allocation of heads and channels runs even where only the attention is compressed
+    flap = config_for("flap", ratio=0.2, sublayers=("attention",))
+    assert flap.whole_model_parts() == ["ffn allocation adaptive"]
+    assert config_for("best", ratio=0.2, sublayers=("attention",)).whole_model_parts() == []
+
+
 def reversed_magnitude_scores(mlp, inputs):
     """A made-up criterion: the smallest weights matter most."""
     return -mlp.down_proj.weight.detach().float().abs().sum(0)

@@ -90,13 +90,23 @@ class CompressionConfig:
         """The keyword arguments the chosen `part`'s function takes ({} for most)."""
         return {name: getattr(self, name) for name in self.specs()[part].options}
 
+    def whole_model_specs(self) -> dict:
+        """{part: spec} of the parts this run uses that look at every layer before compressing any, in
+        the order their passes run. A chosen criterion of a part the run does not use (a head score
+        with low-rank attention) costs no pass. FLAP's joint allocation of heads and channels is the
+        FFN allocation's pass, so with head pruning it serves the attention as well."""
+        used = set(self.active_parts())
+        if self.attention == "heads" and "attention" in self.sublayers:
+            used.add("ffn_allocation")
+        return {part: spec for part, spec in self.specs().items() if part in used and spec.needs_whole_model}
+
     @property
     def needs_whole_model(self) -> bool:
         """Settings that look at every layer before compressing any (a streamed run scores the shards first)."""
-        return any(spec.needs_whole_model for spec in self.specs().values())
+        return bool(self.whole_model_specs())
 
     def whole_model_parts(self) -> list:
-        return [f"{part.replace('_', ' ')} {spec.name}" for part, spec in self.specs().items() if spec.needs_whole_model]
+        return [f"{part.replace('_', ' ')} {spec.name}" for part, spec in self.whole_model_specs().items()]
 
     def gram_sources(self) -> tuple:
         """The input sources whose Gram matrices the chosen parts read (pipeline/statistics.py)."""

@@ -104,13 +104,12 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
     peaks = {"before_passes": phase_peak_rss_mb()}
 
     run = PreparedRun(source, samples, config, plan, device, progress)
-    for spec in config.specs().values():
-        if spec.needs_whole_model:
-            started = time.perf_counter()
-            spec.prepare_function()(run)
-            # one phase may serve two parts (Taylor gradients for FFN channels and heads, in one pass)
-            timings[spec.prepare_phase] = timings.get(spec.prepare_phase, 0.0) + time.perf_counter() - started
-            peaks[spec.prepare_phase] = phase_peak_rss_mb()
+    for spec in config.whole_model_specs().values():
+        started = time.perf_counter()
+        spec.prepare_function()(run)
+        # one phase may serve two parts (Taylor gradients for FFN channels and heads, in one pass)
+        timings[spec.prepare_phase] = timings.get(spec.prepare_phase, 0.0) + time.perf_counter() - started
+        peaks[spec.prepare_phase] = phase_peak_rss_mb()
 
     step = LayerCompressor(config, run.plan, source.architecture, run.channel_scores, run.head_scores)
     source.walk(samples, step, device, timings, progress, config.batch_size)
