@@ -165,6 +165,9 @@ def test_plan_shows_heads_and_the_kv_cache(capsys):
     out = capsys.readouterr().out
     assert "attention: whole KV groups removed" in out and "2 kv heads" in out and "6 heads" in out
     assert "KV cache: keys and values per token" in out and "11,520" in out and "7,680" in out
+    main(["plan", "--ratio", "0.2", "--no-speed"])  # low rank keeps every KV head, and says so
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KV cache"))
+    assert line.split()[-3:] == ["11,520", "11,520", "0.0%"]
     assert main(["plan", "--ratio", "0.9", "--attention", "heads", "--no-speed"]) == 2
     assert "every head of a layer" in capsys.readouterr().err
 

@@ -244,9 +244,9 @@ def totals(plan: Plan) -> dict:
         "untouched_parameters": plan.other_parameters,
         "attention": _group_totals(attention_rows),
         "ffn": _group_totals(ffn_rows),
-        **({"kv_cache_values_per_token": {"dense": plan.kv_cache_values_per_token(dense=True),
-                                          "compressed": plan.kv_cache_values_per_token()}}
-           if plan.settings.attention == "heads" else {}),
+        # for every plan, so that a low-rank plan says plainly that its cache keeps its size
+        "kv_cache_values_per_token": {"dense": plan.kv_cache_values_per_token(dense=True),
+                                      "compressed": plan.kv_cache_values_per_token()},
     }
 
 
