@@ -143,6 +143,32 @@ def test_data_sources_are_recognised(tiny_tokenizer, tmp_path, corpus):
         load_examples(tiny_tokenizer, str(tmp_path / "missing.json"), 64)
 
 
+def test_several_sources_are_pooled_and_each_is_counted(tiny_tokenizer, tmp_path, corpus):
+    prose = tmp_path / "prose.txt"
+    prose.write_text("a plain sentence of another kind. " * 200)
+    instructions = tmp_path / "alpaca.json"
+    instructions.write_text(json.dumps(RECORDS))
+    alone = {source: load_examples(tiny_tokenizer, source, 256)[0] for source in (corpus, str(prose), str(instructions))}
+    examples, description = load_examples(tiny_tokenizer, f"{corpus},{prose}", 256)
+    assert examples == alone[corpus] + alone[str(prose)]
+    assert description["format"] == "text"
+    assert [(part["source"], part["examples"]) for part in description["sources"]] == [
+        (corpus, len(alone[corpus])), (str(prose), len(alone[str(prose)]))]
+    examples, description = load_examples(tiny_tokenizer, f"{prose}, {instructions}", 256)
+    assert len(examples) == len(alone[str(prose)]) + len(alone[str(instructions)])
+    assert description["format"] == "instructions+text"
+    data = prepare_data(tiny_tokenizer, f"{corpus},{prose}", RecoveryConfig(cutoff=256, val_size=8))
+    assert len(data.train) + len(data.validation) == len(alone[corpus]) + len(alone[str(prose)])
+    named_with_a_comma = tmp_path / "a,b.txt"  # one file, not two sources
+    named_with_a_comma.write_text("words " * 300)
+    assert load_examples(tiny_tokenizer, str(named_with_a_comma), 64)[1]["format"] == "text"
+    for bad in (f"{prose},{prose}", f"{prose},"):
+        with pytest.raises(LorapError, match="name each source once"):
+            load_examples(tiny_tokenizer, bad, 64)
+    with pytest.raises(LorapError, match="not found"):
+        load_examples(tiny_tokenizer, f"{prose},{tmp_path / 'missing.txt'}", 64)
+
+
 def test_default_data_is_alpaca_online_and_wiki_offline(monkeypatch, tiny_tokenizer):
     from lorap.io import network
 

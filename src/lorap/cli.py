@@ -379,7 +379,7 @@ def _add_recover(sub):
         "--data",
         help="Alpaca-style instructions (.json/.jsonl with instruction/input/output, or a hub id; 'alpaca' = "
         "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
-        "hub can be reached, else wiki)",
+        "hub can be reached, else wiki); several sources separated by commas are pooled (e.g. wiki,notes.txt)",
     )
     p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
     p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")

@@ -8,6 +8,7 @@ from .config import RecoveryConfig
 
 DEFAULT_HUB_DATA = "alpaca"  # yahma/alpaca-cleaned, as in method.md
 OFFLINE_DATA = "wiki"
+SOURCE_SEPARATOR = ","
 
 
 @dataclass
@@ -33,8 +34,35 @@ def _text_windows(stream, cutoff: int) -> list:
     return [(ids, ids) for ids in windows]
 
 
+def split_sources(source: str) -> list:
+    """The sources of `--data`: one, or several separated by commas (a file whose own name has a comma
+    is one source)."""
+    if SOURCE_SEPARATOR not in source or Path(source).expanduser().is_file():
+        return [source]
+    sources = [part.strip() for part in source.split(SOURCE_SEPARATOR)]
+    if not all(sources) or len(set(sources)) != len(sources):
+        raise LorapError(f"--data {source!r}: name each source once, separated by commas (e.g. wiki,notes.txt)")
+    return sources
+
+
 def load_examples(tokenizer, source: str, cutoff: int):
-    """All examples of a source and a description of what they are (format, counts)."""
+    """All examples of a source, or of several pooled (`wiki,notes.txt`: text of more than one domain,
+    each contributing its examples in proportion to its size), and a description of what they are
+    (format, counts, and each source's share where there are several)."""
+    sources = split_sources(source)
+    if len(sources) == 1:
+        return _source_examples(tokenizer, source, cutoff)
+    examples, parts = [], []
+    for one in sources:
+        found, description = _source_examples(tokenizer, one, cutoff)
+        examples += found
+        parts.append({"source": one, "examples": len(found), **description})
+    formats = sorted({part["format"] for part in parts})
+    return examples, {"format": formats[0] if len(formats) == 1 else "+".join(formats),
+                      "dropped": sum(part["dropped"] for part in parts), "sources": parts}
+
+
+def _source_examples(tokenizer, source: str, cutoff: int):
     from ..io import data, instructions
 
     path = Path(source.split(".jsonl:")[0] + (".jsonl" if ".jsonl:" in source else "")).expanduser()
