@@ -1,7 +1,8 @@
 """Benchmark: recovery recipes at the same wall-clock time, judged in and out of domain.
 
 Compresses the built-in default model with `--preset best` (exact mode), then recovers that one
-checkpoint with each recipe for the same number of minutes on the `wiki` train split, and
+checkpoint with each recipe for the same number of minutes on the `wiki` train split (the `-wiki-perl`
+recipes: `wiki` and Perl's documentation, pooled), and
 evaluates every result, and the dense model, by perplexity at 128 and 2048 tokens on the `wiki`
 test split and on `pydocs` (the Python documentation: a domain recovery never trained on).
 Each step runs in its own process, one at a time: the recipes share a time budget, so nothing
@@ -9,6 +10,7 @@ else may run beside them.
 
     .venv/bin/python benchmarks/recovery.py                       # 20%, 8 min a recipe and the dense control
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --minutes 60 --section recovery-best-50
+    .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
 """
 import argparse
@@ -38,11 +40,30 @@ RECIPES = {
 # wiki test split is adaptation to the training domain, not recovery of anything removed.
 CONTROL = "dense-control"
 CONTROL_RECIPE = ("control: the dense model, every weight, next-token loss", ["--full", "--lr", "5e-5"])
+# Mixed data: wiki and Perl's documentation (benchmarks/get_perldoc.sh), pooled. Perl's documentation
+# is software documentation like `pydocs` but never Python's, so these rows measure recovery on a
+# neighbouring domain, and their control shows how much of it the dense model gains from that text.
+WIKI_PERL = {
+    "full-wiki-perl": ("every weight, next-token loss, on `wiki` and Perl's documentation", ["--full", "--lr", "5e-5"]),
+    "dense-control-wiki-perl": ("control: the dense model, every weight, next-token loss, on `wiki` and Perl's documentation",
+                          ["--full", "--lr", "5e-5"]),
+}
+CONTROLS = (CONTROL, "dense-control-wiki-perl")
 CORPORA = ("wiki", "pydocs")
+SEQLENS = "128,2048"
 
 
 def recipe(name: str) -> tuple:
-    return CONTROL_RECIPE if name == CONTROL else RECIPES[name]
+    return CONTROL_RECIPE if name == CONTROL else WIKI_PERL[name] if name in WIKI_PERL else RECIPES[name]
+
+
+def training_data(name: str) -> str:
+    """The --data of a recipe: wiki's train split, or wiki and Perl's documentation pooled."""
+    if name not in WIKI_PERL:
+        return "wiki"
+    found = subprocess.run(["bash", str(ROOT / "benchmarks" / "get_perldoc.sh")], check=True, capture_output=True,
+                           text=True).stdout.strip()
+    return f"wiki,{found}"
 
 
 def default_model_dir() -> Path:
@@ -82,8 +103,8 @@ def measure(args) -> dict:
         folder = args.work / name
         if not (folder / "recovery_report.json").is_file():
             load = os.getloadavg()[0]
-            source = default_model_dir() if name == CONTROL else compressed
-            run([*LORAP, "recover", str(source), "--out", str(folder), "--data", "wiki", "--max-minutes",
+            source = default_model_dir() if name in CONTROLS else compressed
+            run([*LORAP, "recover", str(source), "--out", str(folder), "--data", training_data(name), "--max-minutes",
                  str(args.minutes), "--max-steps", "100000", "--warmup-steps", "10", "--eval-every", str(args.eval_every),
                  "--val-size", str(args.val_size), "--save-every", "100000", "--no-progress", "--overwrite",
                  *recipe(name)[1]])
@@ -114,7 +135,7 @@ def page(args, measured: dict) -> str:
         report = row["report"]
         lines.append(cells(f"`{name}`: {recipe(name)[0]}", results[name], f"{report['train_seconds'] / 60:.1f}",
                            str(report["steps"]), f"{row['load']['before']:.1f} / {row['load']['after']:.1f}"))
-    recovered = [name for name in rows if name != CONTROL]
+    recovered = [name for name in rows if name not in CONTROLS]
     first = seqlens[0]
     ranked = sorted(recovered, key=lambda name: perplexity(results[name], "pydocs", first))
     summary = [f"Ranked out of domain (`pydocs` at {first} tokens, the figure that cannot be flattered by training "
@@ -128,15 +149,25 @@ def page(args, measured: dict) -> str:
             f"{perplexity(control, 'wiki', first):.2f} on `wiki` and from {perplexity(dense, 'pydocs', first):.2f} to "
             f"{perplexity(control, 'pydocs', first):.2f} on `pydocs`: that much of any row's `wiki` change is "
             "adaptation to the training text, not recovery.")
+    if set(WIKI_PERL) & set(rows):
+        summary.append(
+            "The `-wiki-perl` rows train on Perl's documentation as well as `wiki` (pooled by size; "
+            "benchmarks/get_perldoc.sh): software documentation like `pydocs`, though never Python's, so their "
+            "`pydocs` figure is recovery on a neighbouring domain, not an unseen one"
+            + (f"; the dense model trained on the same mix moved from {perplexity(dense, 'pydocs', first):.2f} to "
+               f"{perplexity(results['dense-control-wiki-perl'], 'pydocs', first):.2f} on `pydocs`."
+               if "dense-control-wiki-perl" in rows else "."))
     command = (f".venv/bin/python benchmarks/recovery.py --ratio {args.ratio} --minutes {args.minutes} "
-               f"--recipes {args.recipes} --section {args.section}")
+               f"--recipes {args.recipes}" + (f" --seqlens {args.seqlens}" if args.seqlens != SEQLENS else "")
+               + f" --section {args.section}")
     return "\n".join([
         f"### `--preset {args.preset}` at {args.ratio:.0%} of the default model, recovered {args.minutes:g} minutes a recipe",
         "",
         f"Measured {datetime.date.today().isoformat()} at commit {measured.get('commit', 'unknown')} by:", "", "```", command,
         "```", "", machine_line() + " (the page written at that commit)", "",
         f"One checkpoint (`lorap compress --preset {args.preset} --mode exact --ratio {args.ratio}`) recovered by each "
-        f"recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens, 4 a step, "
+        f"recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens (the `-wiki-perl` rows: "
+        "`wiki` and Perl's documentation, pooled), 4 a step, "
         "10 warmup steps, then the default linear decay over 2 epochs, of which the budget covers at most "
         f"{max(r['report']['steps'] / r['report']['total_steps'] for r in rows.values()):.0%} (so the rate stays "
         "near its peak), the best state by held-out loss kept "
@@ -158,11 +189,12 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--preset", default="best")
     parser.add_argument("--minutes", type=float, default=8.0, help="training minutes per recipe")
-    parser.add_argument("--recipes", default=",".join([*RECIPES, CONTROL]))
+    parser.add_argument("--recipes", default=",".join([*RECIPES, CONTROL]),
+                        help=f"of {', '.join([*RECIPES, CONTROL, *WIKI_PERL])}")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-size", type=int, default=32,
                         help="held-out windows (its evaluation counts in the budget: the default 186 took a minute)")
-    parser.add_argument("--seqlens", default="128,2048")
+    parser.add_argument("--seqlens", default=SEQLENS)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--section", default="recovery-best-20")
