@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 from docsection import machine_line, update_section
+from lorap.methods.presets import DEFAULT_COMPARISON
 
 ROOT = Path(__file__).resolve().parent.parent
-# The main table: the baselines as published, and the strongest hybrid (FLAP's FFN criterion with
-# LoRAP's attention), so that "best beats every row" is tested against both. The plain SVD +
-# magnitude floor (svd-magnitude, in `lorap compare`'s default list) is left out: it ranked last by
-# orders of magnitude at both ratios and would cost two rows' time on this CPU.
-MAIN = "paper,best,flap,wanda-sp,llm-pruner-l2,llm-pruner-taylor,flap-ffn"
+# The main table is `lorap compare`'s default rows: the paper, best, the baselines as published and
+# the strongest hybrid (FLAP's FFN criterion with LoRAP's attention).
+MAIN = ",".join(DEFAULT_COMPARISON)
 ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive"
 HEADS = "paper,best,flap,wanda-sp,llm-pruner-l2,llm-pruner-taylor,flap-ffn"
 RIVALS = "best,flap-ffn"

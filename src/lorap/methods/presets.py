@@ -112,7 +112,10 @@ METHODS = {
                dict(ffn_allocation="adaptive")),
     )
 }
-DEFAULT_COMPARISON = ("paper", "best", "svd-magnitude", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor")
+# `lorap compare`'s rows by default: the paper, best, the baselines as published, and best's closest
+# rival (FLAP's FFN criterion beside LoRAP's attention), so that the default table tests best against
+# the strongest row lorap knows (docs/benchmarks.md) rather than against a floor like svd-magnitude.
+DEFAULT_COMPARISON = ("paper", "best", "flap", "wanda-sp", "llm-pruner-l2", "llm-pruner-taylor", "flap-ffn")
 
 
 def best_ridge(ratio: float) -> float:
