@@ -63,7 +63,7 @@ def training_data(name: str) -> str:
         return "wiki"
     found = subprocess.run(["bash", str(ROOT / "benchmarks" / "get_perldoc.sh")], check=True, capture_output=True,
                            text=True).stdout.strip()
-    return f"wiki,{found}"
+    return f"wiki+{found}"
 
 
 def default_model_dir() -> Path:

@@ -286,6 +286,29 @@ def test_local_jsonl_errors(tmp_path):
         load_documents(str(broken), "test")
 
 
+def test_corpora_joined_by_plus_are_pooled_in_order(tiny_tokenizer, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes of another kind " * 400, encoding="utf-8")
+    records = _write_jsonl(tmp_path / "records.jsonl", [{"text": "alpha", "body": "beta"}])
+    assert load_documents(f"wiki+{notes}", "validation") == wiki_documents("validation") + [notes.read_text()]
+    assert load_documents(f"{notes} + {records}:body", "test") == [notes.read_text(), "beta"]
+    # calibration draws its windows from the pool, in proportion to each corpus' size: some from each
+    prose = tmp_path / "prose.txt"
+    prose.write_text(" ".join(wiki_documents("validation")[:20]), encoding="utf-8")
+    pooled = calibration_samples(tiny_tokenizer, f"{notes}+{prose}", n_samples=32, seqlen=16, seed=0)
+    notes_ids = set(tiny_tokenizer(notes.read_text())["input_ids"])
+    from_notes = [set(window.tolist()) <= notes_ids for window in pooled]
+    assert any(from_notes) and not all(from_notes)
+    one_file = tmp_path / "a+b.txt"  # a file whose name has a '+' is one corpus
+    one_file.write_text("words", encoding="utf-8")
+    assert load_documents(str(one_file), "train") == ["words"]
+    for bad in (f"wiki+{notes}+wiki", "wiki+", f"+{notes}"):
+        with pytest.raises(LorapError, match="name each pooled corpus once"):
+            load_documents(bad, "train")
+    with pytest.raises(LorapError, match="unknown corpus 'nope'"):
+        load_documents("wiki+nope", "train")
+
+
 @pytest.mark.parametrize("name", ["missing.txt", "missing.jsonl", "missing.jsonl:body"])
 def test_local_file_missing(tmp_path, name):
     with pytest.raises(LorapError, match="corpus file not found: .*missing"):

@@ -149,24 +149,24 @@ def test_several_sources_are_pooled_and_each_is_counted(tiny_tokenizer, tmp_path
     instructions = tmp_path / "alpaca.json"
     instructions.write_text(json.dumps(RECORDS))
     alone = {source: load_examples(tiny_tokenizer, source, 256)[0] for source in (corpus, str(prose), str(instructions))}
-    examples, description = load_examples(tiny_tokenizer, f"{corpus},{prose}", 256)
+    examples, description = load_examples(tiny_tokenizer, f"{corpus}+{prose}", 256)
     assert examples == alone[corpus] + alone[str(prose)]
     assert description["format"] == "text"
     assert [(part["source"], part["examples"]) for part in description["sources"]] == [
         (corpus, len(alone[corpus])), (str(prose), len(alone[str(prose)]))]
-    examples, description = load_examples(tiny_tokenizer, f"{prose}, {instructions}", 256)
+    examples, description = load_examples(tiny_tokenizer, f"{prose} + {instructions}", 256)
     assert len(examples) == len(alone[str(prose)]) + len(alone[str(instructions)])
     assert description["format"] == "instructions+text"
-    data = prepare_data(tiny_tokenizer, f"{corpus},{prose}", RecoveryConfig(cutoff=256, val_size=8))
+    data = prepare_data(tiny_tokenizer, f"{corpus}+{prose}", RecoveryConfig(cutoff=256, val_size=8))
     assert len(data.train) + len(data.validation) == len(alone[corpus]) + len(alone[str(prose)])
-    named_with_a_comma = tmp_path / "a,b.txt"  # one file, not two sources
-    named_with_a_comma.write_text("words " * 300)
-    assert load_examples(tiny_tokenizer, str(named_with_a_comma), 64)[1]["format"] == "text"
-    for bad in (f"{prose},{prose}", f"{prose},"):
-        with pytest.raises(LorapError, match="name each source once"):
+    named_with_a_plus = tmp_path / "a+b.txt"  # one file, not two sources
+    named_with_a_plus.write_text("words " * 300)
+    assert load_examples(tiny_tokenizer, str(named_with_a_plus), 64)[1]["format"] == "text"
+    for bad in (f"{prose}+{prose}", f"{prose}+"):
+        with pytest.raises(LorapError, match="name each pooled corpus once"):
             load_examples(tiny_tokenizer, bad, 64)
     with pytest.raises(LorapError, match="not found"):
-        load_examples(tiny_tokenizer, f"{prose},{tmp_path / 'missing.txt'}", 64)
+        load_examples(tiny_tokenizer, f"{prose}+{tmp_path / 'missing.txt'}", 64)
 
 
 def test_default_data_is_alpaca_online_and_wiki_offline(monkeypatch, tiny_tokenizer):

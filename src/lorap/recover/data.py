@@ -8,7 +8,6 @@ from .config import RecoveryConfig
 
 DEFAULT_HUB_DATA = "alpaca"  # yahma/alpaca-cleaned, as in method.md
 OFFLINE_DATA = "wiki"
-SOURCE_SEPARATOR = ","
 
 
 @dataclass
@@ -34,22 +33,14 @@ def _text_windows(stream, cutoff: int) -> list:
     return [(ids, ids) for ids in windows]
 
 
-def split_sources(source: str) -> list:
-    """The sources of `--data`: one, or several separated by commas (a file whose own name has a comma
-    is one source)."""
-    if SOURCE_SEPARATOR not in source or Path(source).expanduser().is_file():
-        return [source]
-    sources = [part.strip() for part in source.split(SOURCE_SEPARATOR)]
-    if not all(sources) or len(set(sources)) != len(sources):
-        raise LorapError(f"--data {source!r}: name each source once, separated by commas (e.g. wiki,notes.txt)")
-    return sources
-
-
 def load_examples(tokenizer, source: str, cutoff: int):
-    """All examples of a source, or of several pooled (`wiki,notes.txt`: text of more than one domain,
-    each contributing its examples in proportion to its size), and a description of what they are
-    (format, counts, and each source's share where there are several)."""
-    sources = split_sources(source)
+    """All examples of a source, or of several pooled with '+' (`wiki+notes.txt`: text of more than one
+    domain, each contributing its examples in proportion to its size; instructions and text may be
+    pooled), and a description of what they are (format, counts, and each source's share where there
+    are several)."""
+    from ..io.data import pooled_sources
+
+    sources = pooled_sources(source)
     if len(sources) == 1:
         return _source_examples(tokenizer, source, cutoff)
     examples, parts = [], []
