@@ -306,10 +306,19 @@ def _cuts_are_safe(tokenizer, pieces: list) -> bool:
 
 
 def calibration_samples(tokenizer, source: str = "wiki", n_samples: int = 128, seqlen: int = 128, seed: int = 0):
-    """`n_samples` distinct non-overlapping windows of `seqlen` tokens from the train split, chosen by `seed`."""
+    """`n_samples` distinct non-overlapping windows of `seqlen` tokens from the train split, chosen by `seed`.
+
+    Corpora pooled with '+' give equal shares (the first ones one more where it does not divide), each
+    drawn from its own train split, so that a small corpus of the user's domain counts as much as a
+    large one."""
     import torch
 
     _check_positive(n_samples=n_samples, seqlen=seqlen)
+    parts = pooled_sources(source)
+    if len(parts) > 1:
+        shares = [n_samples // len(parts) + (index < n_samples % len(parts)) for index in range(len(parts))]
+        return torch.cat([calibration_samples(tokenizer, part, share, seqlen, seed)
+                          for part, share in zip(parts, shares) if share])
     stream = token_stream(tokenizer, source, "train")
     available = stream.numel() // seqlen
     if available < n_samples:
