@@ -300,6 +300,8 @@ def test_corpora_joined_by_plus_are_pooled_in_order(tiny_tokenizer, tmp_path):
     one_file = tmp_path / "a+b.txt"  # a file whose name has a '+' is one corpus
     one_file.write_text("words", encoding="utf-8")
     assert load_documents(str(one_file), "train") == ["words"]
+    one_jsonl = _write_jsonl(tmp_path / "c+d.jsonl", [{"body": "fields"}])
+    assert load_documents(f"{one_jsonl}:body", "train") == ["fields"]
     for bad in (f"wiki+{notes}+wiki", "wiki+", f"+{notes}"):
         with pytest.raises(LorapError, match="name each pooled corpus once"):
             load_documents(bad, "train")

@@ -196,7 +196,8 @@ def local_documents(spec: str) -> list[str]:
 def pooled_sources(source: str) -> list[str]:
     """The corpora of a source that pools several with '+' (`wiki+notes.txt`: text of more than one
     domain), in order; [source] for one. A file whose own name has a '+' is one source."""
-    if POOL_SEPARATOR not in source or Path(source.split(".jsonl:")[0]).expanduser().is_file():
+    path_text, field_given, _ = source.partition(".jsonl:")
+    if POOL_SEPARATOR not in source or Path(path_text + (".jsonl" if field_given else "")).expanduser().is_file():
         return [source]
     parts = [part.strip() for part in source.split(POOL_SEPARATOR)]
     if not all(parts) or len(set(parts)) != len(parts):
@@ -208,7 +209,7 @@ def load_documents(source: str, split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     parts = pooled_sources(source)
-    if len(parts) > 1:  # each part's documents, in order: windows drawn from the pool come from each by its size
+    if len(parts) > 1:  # each part's documents, in order (calibration instead takes equal shares: calibration_samples)
         return [document for part in parts for document in load_documents(part, split)]
     if source == "wiki":
         return wiki_documents(split)
