@@ -1,18 +1,14 @@
 """Benchmark: every method side by side on the built-in default model (docs/benchmarks.md).
 
-Four `lorap compare` runs on the same calibration samples and evaluation windows:
+Two `lorap compare` runs on the same calibration samples and evaluation windows:
   main       the paper, the best preset, the baselines as published (heads and channels) and the
              strongest hybrid (flap-ffn), at 20% and 50% of the whole model's parameters:
-             perplexity at 128 and 2048 tokens on both corpora (no zero-shot: with 100 items a task
-             the offline proxies could not tell the leading rows apart, 0.51 to 0.57 at 20% with a
-             standard error near 0.035, and `lorap eval` reports them for any one model);
+             perplexity at 128 and 2048 tokens on the test split of both corpora (best's parts were
+             chosen on their validation split by benchmarks/choose_best.py). No zero-shot: with 100
+             items a task the offline proxies could not tell the leading rows apart (0.51 to 0.57
+             at 20%, standard error near 0.035); `lorap eval` reports them for any one model;
   ablations  the paper's parts switched one at a time, and the FFN options alone, at 20% (by
-             default; --ablation-ratios): perplexity at 128 tokens;
-  heads      the baselines as published (heads and channels) beside the paper, best and FLAP's FFN
-             criterion with LoRAP's attention, at 20% (--heads-ratios): perplexity at 128 tokens;
-  rivals     best and its closest rival out of domain (flap-ffn) at 20% and 50% (--rivals-ratios):
-             perplexity at 128 and 2048 tokens, the test split of both corpora (best's parts were
-             chosen on their validation split, at 128 tokens, by benchmarks/choose_best.py).
+             default; --ablation-ratios): perplexity at 128 tokens.
 Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes; a row
 another table measured is offered to this one (seed_rows), and `lorap compare` reuses it only where
 its key (method, ratio, settings, calibration, evaluation) is this table's, else measures it again.
@@ -35,8 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # the strongest hybrid (FLAP's FFN criterion with LoRAP's attention).
 MAIN = ",".join(DEFAULT_COMPARISON)
 ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive"
-HEADS = "paper,best,flap,wanda-sp,llm-pruner-l2,llm-pruner-taylor,flap-ffn"
-RIVALS = "best,flap-ffn"
 
 
 def run_compare(out: Path, methods: str, ratios: str, extra: list, args) -> tuple[str, float]:
@@ -75,12 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.2,0.5", help="of the main table")
     parser.add_argument("--ablation-ratios", default="0.2", help="of the ablation table")
-    parser.add_argument("--heads-ratios", default="0.2", help="of the heads table")
-    parser.add_argument("--rivals-ratios", default="0.2,0.5", help="of the rivals table")
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-compare")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--only", choices=["main", "ablations", "heads", "rivals"], help="run one of the tables")
+    parser.add_argument("--only", choices=["main", "ablations"], help="run one of the tables")
     args = parser.parse_args()
     images = args.page.parent / "img"
     images.mkdir(parents=True, exist_ok=True)
@@ -88,10 +80,6 @@ def main() -> None:
         "main": ("Baselines under one budget", MAIN, args.ratios,
                  ["--seqlen", "128,2048", "--tasks", "none"]),
         "ablations": ("Ablations and options, one at a time", ABLATIONS, args.ablation_ratios, ["--seqlen", "128", "--tasks", "none"]),
-        "heads": ("Heads or low rank: the baselines as published", HEADS, args.heads_ratios,
-                  ["--seqlen", "128", "--tasks", "none"]),
-        "rivals": ("best and its closest rival, on test", RIVALS, args.rivals_ratios,
-                   ["--seqlen", "128,2048", "--tasks", "none"]),
     }
     for name, (title, methods, ratios, extra) in runs.items():
         if args.only and name != args.only:
