@@ -1,10 +1,10 @@
 """Benchmark: recovery recipes at the same wall-clock time, judged in and out of domain.
 
 Compresses the built-in default model with `--preset best` (exact mode), then recovers that one
-checkpoint with each recipe for the same number of minutes on the `wiki` train split (the `-wiki-perl`
-recipes: `wiki` and Perl's documentation, pooled), and
-evaluates every result, and the dense model, by perplexity at 128 and 2048 tokens on the `wiki`
-test split and on `pydocs` (the Python documentation: a domain recovery never trained on).
+checkpoint with each recipe for the same number of minutes on the `wiki` train split (the
+`-wiki-perl` recipes: `wiki` and Perl's documentation, pooled), and evaluates every result, and
+the dense model, by perplexity at 128 and 2048 tokens on the `wiki` test split and on `pydocs`
+(the Python documentation: a domain recovery never trained on).
 Each step runs in its own process, one at a time: the recipes share a time budget, so nothing
 else may run beside them.
 
