@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Writes a second domain for the benchmarks that calibrate or recover on two (recovery.py's
-# -wiki-perl recipes, a choose_best.py candidate): Perl's
-# documentation (Debian package perl-doc, the POD sources, Artistic / GPL licence), concatenated in
-# file order into one text file. It is software documentation like the judge corpus `pydocs`, but
-# another language's, and never Python's. Needs Debian's apt (the package registry), no root: the
-# package is downloaded and unpacked, never installed. Idempotent; prints the file's path.
+# -wiki-perl recipes, a choose_best.py candidate): Perl's documentation (Debian package perl-doc,
+# the POD sources, Artistic / GPL licence), concatenated in file order into one text file. It is
+# software documentation like the judge corpus `pydocs`, but another language's, and never
+# Python's. Needs Debian's apt (the package registry), no root: the package is downloaded and
+# unpacked, never installed. Idempotent; prints the file's path.
 set -euo pipefail
 package=perl-doc
 dest="${LORAP_CACHE:-$HOME/.cache/lorap}/corpora/$package"
