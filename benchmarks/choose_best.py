@@ -17,12 +17,12 @@ import argparse
 import datetime
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from docsection import machine_line, update_section
+from perldoc import perldoc_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPORA = ("wiki", "pydocs")
@@ -71,11 +71,6 @@ def settings_of(name: str) -> dict:
     settings = {**BASE, **CANDIDATES[name][1]}
     return {key: value.replace(PERLDOC, perldoc_text()) if isinstance(value, str) and PERLDOC in value else value
             for key, value in settings.items()}
-
-
-def perldoc_text() -> str:
-    script = ROOT / "benchmarks" / "get_perldoc.sh"
-    return subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def config_of(name: str, ratio: float) -> dict:

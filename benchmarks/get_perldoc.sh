@@ -13,21 +13,13 @@ if [ -s "$text" ]; then
   echo "$text"
   exit 0
 fi
-if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
-  echo "[perldoc] needs apt-get and dpkg-deb (Debian or Ubuntu)" >&2
-  exit 1
-fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work" "$text.partial"' EXIT
-(cd "$work" && apt-get download "$package" >/dev/null 2>&1) || {
-  echo "[perldoc] apt-get download $package failed (run apt-get update first?)" >&2
-  exit 1
-}
-dpkg-deb -x "$work"/"$package"_*.deb "$work/unpacked"
+bash "$(dirname "${BASH_SOURCE[0]}")/../scripts/unpack_debian_package.sh" "$package" "$work/unpacked" perldoc
 mkdir -p "$dest"
 # one document per .pod file, separated by a blank line; written aside, then moved into place
 find "$work/unpacked" -name "*.pod" -type f | LC_ALL=C sort | while read -r pod; do cat "$pod"; printf '\n\n'; done > "$text.partial"
-dpkg-deb -f "$work"/"$package"_*.deb Version > "$dest/VERSION"
+cp "$work/unpacked/VERSION" "$dest/VERSION"
 mv "$text.partial" "$text"
 echo "[perldoc] $package $(cat "$dest/VERSION"): $(wc -c < "$text") bytes" >&2
 echo "$text"

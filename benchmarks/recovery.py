@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from docsection import machine_line, update_section
+from perldoc import perldoc_text
 
 ROOT = Path(__file__).resolve().parent.parent
 LORAP = [sys.executable, "-m", "lorap.cli"]
@@ -61,9 +62,7 @@ def training_data(name: str) -> str:
     """The --data of a recipe: wiki's train split, or wiki and Perl's documentation pooled."""
     if name not in WIKI_PERL:
         return "wiki"
-    found = subprocess.run(["bash", str(ROOT / "benchmarks" / "get_perldoc.sh")], check=True, capture_output=True,
-                           text=True).stdout.strip()
-    return f"wiki+{found}"
+    return f"wiki+{perldoc_text()}"
 
 
 def default_model_dir() -> Path:

@@ -8,19 +8,6 @@ dest="${LORAP_CACHE:-$HOME/.cache/lorap}/corpora/$package"
 if [ -d "$dest/usr/share/doc/python3.11/html/_sources" ]; then
   exit 0
 fi
-if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
-  echo "[pydocs] needs apt-get and dpkg-deb (Debian or Ubuntu); elsewhere set LORAP_PYDOCS_DIR to a copy" >&2
-  exit 1
-fi
-work="$(mktemp -d)"
-trap 'rm -rf "$work" "$dest.partial"' EXIT
-(cd "$work" && apt-get download "$package" >/dev/null 2>&1) || {
-  echo "[pydocs] apt-get download $package failed (run apt-get update first?)" >&2
-  exit 1
-}
-mkdir -p "$(dirname "$dest")"
-rm -rf "$dest.partial"
-dpkg-deb -x "$work"/"$package"_*.deb "$dest.partial"
-dpkg-deb -f "$work"/"$package"_*.deb Version > "$dest.partial/VERSION"
-mv "$dest.partial" "$dest"
+bash "$(dirname "${BASH_SOURCE[0]}")/unpack_debian_package.sh" "$package" "$dest" pydocs \
+  "elsewhere set LORAP_PYDOCS_DIR to a copy"
 echo "[pydocs] $package $(cat "$dest/VERSION") unpacked into $dest" >&2
