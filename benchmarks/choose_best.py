@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from docsection import machine_line, update_section
-from perldoc import perldoc_text
+from debian_text import debian_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPORA = ("wiki", "pydocs")
@@ -69,7 +69,7 @@ CANDIDATES = {
 
 def settings_of(name: str) -> dict:
     settings = {**BASE, **CANDIDATES[name][1]}
-    return {key: value.replace(PERLDOC, perldoc_text()) if isinstance(value, str) and PERLDOC in value else value
+    return {key: value.replace(PERLDOC, debian_text("perldoc")) if isinstance(value, str) and PERLDOC in value else value
             for key, value in settings.items()}
 
 

@@ -1,16 +1,19 @@
 """Benchmark: recovery recipes at the same wall-clock time, judged in and out of domain.
 
-Compresses the built-in default model with `--preset best` (exact mode), then recovers that one
+Compresses the built-in default model with `--preset best` (exact mode; calibrated on `wiki`, or
+with `--calibration wiki+perldoc` on `wiki` and Perl's documentation), then recovers that one
 checkpoint with each recipe for the same number of minutes on the `wiki` train split (the
 `-wiki-perl` recipes: `wiki` and Perl's documentation, pooled), and evaluates every result, and
-the dense model, by perplexity at 128 and 2048 tokens on the `wiki` test split and on `pydocs`
-(the Python documentation: a domain recovery never trained on).
+the dense model, by perplexity at 128 and 2048 tokens on each judge: the `wiki` test split, and
+two corpora no recipe trains or calibrates on, `pydocs` (the Python documentation) and `fortunes`
+(quotations, jokes and verse).
 Each step runs in its own process, one at a time: the recipes share a time budget, so nothing
 else may run beside them.
 
     .venv/bin/python benchmarks/recovery.py                       # 20%, 8 min a recipe and the dense control
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --minutes 60 --section recovery-best-50
     .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
+    .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl --seqlens 128 --section recovery-two-domains
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
 """
 import argparse
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 from docsection import machine_line, update_section
-from perldoc import perldoc_text
+from debian_text import debian_text
 
 ROOT = Path(__file__).resolve().parent.parent
 LORAP = [sys.executable, "-m", "lorap.cli"]
@@ -41,7 +44,7 @@ RECIPES = {
 # wiki test split is adaptation to the training domain, not recovery of anything removed.
 CONTROL = "dense-control"
 CONTROL_RECIPE = ("control: the dense model, every weight, next-token loss", ["--full", "--lr", "5e-5"])
-# Mixed data: wiki and Perl's documentation (benchmarks/get_perldoc.sh), pooled. Perl's documentation
+# Mixed data: wiki and Perl's documentation (benchmarks/get_debian_text.sh), pooled. Perl's documentation
 # is software documentation like `pydocs` but never Python's, so these rows measure recovery on a
 # neighbouring domain, and their control shows how much of it the dense model gains from that text.
 WIKI_PERL = {
@@ -50,7 +53,16 @@ WIKI_PERL = {
                           ["--full", "--lr", "5e-5"]),
 }
 CONTROLS = (CONTROL, "dense-control-wiki-perl")
-CORPORA = ("wiki", "pydocs")
+# The judges: perplexity on each, by name. `wiki` is the training domain (its test split); the others
+# are text that no recipe trains on and no checkpoint calibrates on.
+JUDGES = {
+    "wiki": "`wiki` (its test split: the training domain)",
+    "pydocs": "`pydocs` (Python 3.11 documentation sources: software documentation and code)",
+    "fortunes": "`fortunes` (quotations, jokes and verse from Debian's fortune cookies, those on computing left out; "
+                "benchmarks/get_fortunes.sh)",
+}
+EXTRA_CORPORA = ("perldoc", "fortunes")  # files that benchmarks/get_debian_text.sh writes
+DEFAULT_JUDGES = ",".join(JUDGES)
 SEQLENS = "128,2048"
 
 
@@ -58,11 +70,15 @@ def recipe(name: str) -> tuple:
     return CONTROL_RECIPE if name == CONTROL else WIKI_PERL[name] if name in WIKI_PERL else RECIPES[name]
 
 
+def source_of(names: str) -> str:
+    """What lorap reads for corpora this benchmark names, pooled with '+' (`wiki+perldoc`): the extra
+    corpora are text files in lorap's cache."""
+    return "+".join(debian_text(name) if name in EXTRA_CORPORA else name for name in names.split("+"))
+
+
 def training_data(name: str) -> str:
     """The --data of a recipe: wiki's train split, or wiki and Perl's documentation pooled."""
-    if name not in WIKI_PERL:
-        return "wiki"
-    return f"wiki+{perldoc_text()}"
+    return source_of("wiki+perldoc" if name in WIKI_PERL else "wiki")
 
 
 def default_model_dir() -> Path:
@@ -78,11 +94,13 @@ def run(command: list) -> float:
     return time.perf_counter() - started
 
 
-def evaluate(model: list, seqlens: str, max_tokens: int, out: Path) -> dict:
+def evaluate(model: list, judges: list, seqlens: str, max_tokens: int, out: Path) -> dict:
+    """Perplexity by judge name and window length (the evaluation names a file corpus by its path)."""
     if not out.is_file():
-        run([*LORAP, "eval", *model, "--ppl", ",".join(CORPORA), "--seqlen", seqlens, "--max-tokens", str(max_tokens),
-             "--tasks", "none", "--json", str(out)])
-    return json.loads(out.read_text())
+        run([*LORAP, "eval", *model, "--ppl", ",".join(map(source_of, judges)), "--seqlen", seqlens, "--max-tokens",
+             str(max_tokens), "--tasks", "none", "--json", str(out)])
+    by_source = json.loads(out.read_text())["perplexity"]
+    return {"perplexity": {judge: by_source[source_of(judge)] for judge in judges}}
 
 
 def perplexity(evaluation: dict, corpus: str, seqlen: int) -> float:
@@ -92,11 +110,13 @@ def perplexity(evaluation: dict, corpus: str, seqlen: int) -> float:
 def measure(args) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     compressed = args.work / "compressed"
+    judges = args.judges.split(",")
     if not (compressed / "config.json").is_file():
-        run([*LORAP, "compress", "--preset", args.preset, "--mode", "exact", "--ratio", str(args.ratio), "--out",
-             str(compressed), "--no-speed", "--overwrite"])
-    results = {"dense": evaluate(["--alone"], args.seqlens, args.max_tokens, args.work / "dense-eval.json"),
-               "none": evaluate([str(compressed), "--alone"], args.seqlens, args.max_tokens, args.work / "none-eval.json")}
+        run([*LORAP, "compress", "--preset", args.preset, "--mode", "exact", "--ratio", str(args.ratio), "--calibration",
+             source_of(args.calibration), "--out", str(compressed), "--no-speed", "--overwrite"])
+    results = {"dense": evaluate(["--alone"], judges, args.seqlens, args.max_tokens, args.work / "dense-eval.json"),
+               "none": evaluate([str(compressed), "--alone"], judges, args.seqlens, args.max_tokens,
+                                args.work / "none-eval.json")}
     rows = {}
     for name in args.recipes.split(","):
         folder = args.work / name
@@ -108,24 +128,28 @@ def measure(args) -> dict:
                  "--val-size", str(args.val_size), "--save-every", "100000", "--no-progress", "--overwrite",
                  *recipe(name)[1]])
             (folder / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
-        results[name] = evaluate([str(folder), "--alone"], args.seqlens, args.max_tokens, args.work / f"{name}-eval.json")
+        results[name] = evaluate([str(folder), "--alone"], judges, args.seqlens, args.max_tokens,
+                                 args.work / f"{name}-eval.json")
         rows[name] = {"report": json.loads((folder / "recovery_report.json").read_text()),
                       "load": json.loads((folder / "load.json").read_text())}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"results": results, "rows": rows, "commit": commit}
+    return {"results": results, "rows": rows, "commit": commit, "judges": judges}
 
 
 def page(args, measured: dict) -> str:
     results, rows = measured["results"], measured["rows"]
+    judges = measured.get("judges", ["wiki", "pydocs"])  # the runs before `fortunes` had these two
+    unseen = [judge for judge in judges if judge != "wiki"]
     seqlens = [int(s) for s in args.seqlens.split(",")]
+    first = seqlens[0]
     dense = results["dense"]
-    header = ["recovery", "minutes", "steps"] + [f"{c} {s}" for c in CORPORA for s in seqlens] + \
-             [f"{c} {s[0]} vs dense" for c in CORPORA for s in [seqlens]] + ["load"]
+    header = ["recovery", "minutes", "steps"] + [f"{j} {s}" for j in judges for s in seqlens] + \
+             [f"{j} {first} vs dense" for j in judges] + ["load"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cells(name, evaluation, minutes, steps, load):
-        values = [f"{perplexity(evaluation, c, s):.2f}" for c in CORPORA for s in seqlens]
-        ratios = [f"{perplexity(evaluation, c, seqlens[0]) / perplexity(dense, c, seqlens[0]):.2f}x" for c in CORPORA]
+        values = [f"{perplexity(evaluation, j, s):.2f}" for j in judges for s in seqlens]
+        ratios = [f"{perplexity(evaluation, j, first) / perplexity(dense, j, first):.2f}x" for j in judges]
         return "| " + " | ".join([name, minutes, steps, *values, *ratios, load]) + " |"
 
     lines.append(cells("dense (no compression)", dense, "", "", ""))
@@ -135,45 +159,48 @@ def page(args, measured: dict) -> str:
         lines.append(cells(f"`{name}`: {recipe(name)[0]}", results[name], f"{report['train_seconds'] / 60:.1f}",
                            str(report["steps"]), f"{row['load']['before']:.1f} / {row['load']['after']:.1f}"))
     recovered = [name for name in rows if name not in CONTROLS]
-    first = seqlens[0]
-    ranked = sorted(recovered, key=lambda name: perplexity(results[name], "pydocs", first))
-    summary = [f"Ranked out of domain (`pydocs` at {first} tokens, the figure that cannot be flattered by training "
-               "on `wiki`): " + ", ".join(f"`{n}` {perplexity(results[n], 'pydocs', first):.2f}" for n in ranked)
-               + f"; no recovery {perplexity(results['none'], 'pydocs', first):.2f}, dense "
-               f"{perplexity(dense, 'pydocs', first):.2f}."]
-    if CONTROL in rows:
-        control = results[CONTROL]
+    summary = []
+    for judge in unseen:
+        ranked = sorted(recovered, key=lambda name: perplexity(results[name], judge, first))
         summary.append(
-            f"The control moved the dense model from {perplexity(dense, 'wiki', first):.2f} to "
-            f"{perplexity(control, 'wiki', first):.2f} on `wiki` and from {perplexity(dense, 'pydocs', first):.2f} to "
-            f"{perplexity(control, 'pydocs', first):.2f} on `pydocs`: that much of any row's `wiki` change is "
-            "adaptation to the training text, not recovery.")
+            f"Ranked on `{judge}` at {first} tokens (never trained on, so training on `wiki` cannot flatter it): "
+            + ", ".join(f"`{n}` {perplexity(results[n], judge, first):.2f}" for n in ranked)
+            + f"; no recovery {perplexity(results['none'], judge, first):.2f}, dense {perplexity(dense, judge, first):.2f}.")
+    for control in [name for name in CONTROLS if name in rows]:
+        moves = " and ".join(f"from {perplexity(dense, j, first):.2f} to {perplexity(results[control], j, first):.2f} "
+                             f"on `{j}`" for j in judges)
+        summary.append(f"The control `{control}` moved the dense model {moves}: that much of any row's change on "
+                       "the text it trains on, or on text like it, is adaptation, not recovery.")
     if set(WIKI_PERL) & set(rows):
         summary.append(
             "The `-wiki-perl` rows train on Perl's documentation as well as `wiki` (pooled by size; "
-            "benchmarks/get_perldoc.sh): software documentation like `pydocs`, though never Python's, so their "
+            "benchmarks/get_debian_text.sh): software documentation like `pydocs`, though never Python's, so their "
             "`pydocs` figure is recovery on a neighbouring domain, not an unseen one"
-            + (f"; the dense model trained on the same mix moved from {perplexity(dense, 'pydocs', first):.2f} to "
-               f"{perplexity(results['dense-control-wiki-perl'], 'pydocs', first):.2f} on `pydocs`."
-               if "dense-control-wiki-perl" in rows else "."))
-    command = (f".venv/bin/python benchmarks/recovery.py --ratio {args.ratio} --minutes {args.minutes} "
+            + ("; `fortunes` shares a domain with neither." if "fortunes" in judges else "."))
+    calibrated = "" if args.calibration == "wiki" else f" --calibration {args.calibration}"
+    command = (f".venv/bin/python benchmarks/recovery.py --ratio {args.ratio}{calibrated} --minutes {args.minutes} "
                f"--recipes {args.recipes}" + (f" --seqlens {args.seqlens}" if args.seqlens != SEQLENS else "")
-               + f" --section {args.section}")
+               + (f" --judges {args.judges}" if args.judges != DEFAULT_JUDGES else "") + f" --section {args.section}")
+    calibration = ("calibrated on `wiki`" if args.calibration == "wiki" else
+                   f"calibrated on `{args.calibration}`, an equal share of the windows from each")
     return "\n".join([
-        f"### `--preset {args.preset}` at {args.ratio:.0%} of the default model, recovered {args.minutes:g} minutes a recipe",
+        f"### `--preset {args.preset}` at {args.ratio:.0%} of the default model"
+        + ("" if args.calibration == "wiki" else f" calibrated on `{args.calibration}`")
+        + f", recovered {args.minutes:g} minutes a recipe",
         "",
         f"Measured {datetime.date.today().isoformat()} at commit {measured.get('commit', 'unknown')} by:", "", "```", command,
         "```", "", machine_line() + " (the page written at that commit)", "",
-        f"One checkpoint (`lorap compress --preset {args.preset} --mode exact --ratio {args.ratio}`) recovered by each "
-        f"recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens (the `-wiki-perl` rows: "
-        "`wiki` and Perl's documentation, pooled), 4 a step, "
+        f"One checkpoint (`lorap compress --preset {args.preset} --mode exact --ratio {args.ratio}`, {calibration}) "
+        f"recovered by each recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens (the "
+        "`-wiki-perl` rows: `wiki` and Perl's documentation, pooled), 4 a step, "
         "10 warmup steps, then the default linear decay over 2 epochs, of which the budget covers at most "
         f"{max(r['report']['steps'] / r['report']['total_steps'] for r in rows.values()):.0%} (so the rate stays "
         "near its peak), the best state by held-out loss kept "
         f"(held-out loss on {args.val_size} windows of the train split every {args.eval_every} steps and at the end; "
         "its time counts in the minutes). "
-        f"Perplexity on the first {args.max_tokens:,} test tokens of `wiki` and of `pydocs` (Python 3.11 "
-        "documentation sources: software documentation and code, a domain the recovery never saw). "
+        f"Perplexity on the first {args.max_tokens:,} test tokens of each judge: "
+        + "; ".join(JUDGES[j] for j in judges) + ". "
+        + "No recipe trains on, and no checkpoint calibrates on, " + " or ".join(f"`{j}`" for j in unseen) + ". "
         "Load: 1-minute load average before / after each recovery. The time budget is the recipe's own "
         "training and held-out evaluation; loading the models is not counted.",
         "",
@@ -193,6 +220,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-size", type=int, default=32,
                         help="held-out windows (its evaluation counts in the budget: the default 186 took a minute)")
+    parser.add_argument("--calibration", default="wiki",
+                        help="the checkpoint's calibration: wiki, or wiki+perldoc (Perl's documentation as well)")
+    parser.add_argument("--judges", default=DEFAULT_JUDGES, help=f"perplexity corpora, of {', '.join(JUDGES)}")
     parser.add_argument("--seqlens", default=SEQLENS)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--work", type=Path)
@@ -200,7 +230,8 @@ def main() -> None:
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "recovery.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from the work folder's results")
     args = parser.parse_args()
-    args.work = args.work or ROOT / "runs" / f"bench-recovery-{args.preset}-{args.ratio}-{args.minutes:g}min"
+    calibrated = "" if args.calibration == "wiki" else f"-calibrated-{args.calibration}"
+    args.work = args.work or ROOT / "runs" / f"bench-recovery-{args.preset}-{args.ratio}{calibrated}-{args.minutes:g}min"
     measured = measure(args) if not args.page_only else json.loads((args.work / "measured.json").read_text())
     (args.work / "measured.json").write_text(json.dumps(measured))
     update_section(args.page, args.section, page(args, measured))

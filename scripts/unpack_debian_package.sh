@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # unpack_debian_package.sh PACKAGE DEST [TAG [ELSEWHERE]]
 # Unpacks Debian package PACKAGE into folder DEST (with its version in DEST/VERSION), for the text
-# corpora that ship in Debian packages (get_pydocs.sh, benchmarks/get_perldoc.sh). Needs Debian's
+# corpora that ship in Debian packages (get_pydocs.sh, benchmarks/get_debian_text.sh). Needs Debian's
 # apt (the package registry) but no root: the package is downloaded and unpacked, never installed.
 # DEST appears whole or not at all: the files are unpacked beside it and moved into place.
 set -euo pipefail
