@@ -88,6 +88,7 @@ def test_compress_the_real_default_model(tmp_path, default_model_dir):
         evaluate_ppl=["wiki"],
         eval_max_tokens=2048,
         progress=False,
+        predict_speed=False,  # it would time the real model's layers; test_predict covers the prediction
     )
     totals = result.report["plan"]["totals"]
     assert totals["dense_parameters"] == 134_515_008
