@@ -94,13 +94,14 @@ def run(command: list) -> float:
     return time.perf_counter() - started
 
 
-def evaluate(model: list, judges: list, seqlens: str, max_tokens: int, out: Path) -> dict:
-    """Perplexity by judge name and window length (the evaluation names a file corpus by its path)."""
+def evaluate(model: list, sources: dict, seqlens: str, max_tokens: int, out: Path) -> dict:
+    """Perplexity by judge name and window length; `sources` maps each judge to what lorap reads (the
+    evaluation names a file corpus by its path)."""
     if not out.is_file():
-        run([*LORAP, "eval", *model, "--ppl", ",".join(map(source_of, judges)), "--seqlen", seqlens, "--max-tokens",
+        run([*LORAP, "eval", *model, "--ppl", ",".join(sources.values()), "--seqlen", seqlens, "--max-tokens",
              str(max_tokens), "--tasks", "none", "--json", str(out)])
     by_source = json.loads(out.read_text())["perplexity"]
-    return {"perplexity": {judge: by_source[source_of(judge)] for judge in judges}}
+    return {"perplexity": {judge: by_source[source] for judge, source in sources.items()}}
 
 
 def perplexity(evaluation: dict, corpus: str, seqlen: int) -> float:
@@ -111,11 +112,12 @@ def measure(args) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     compressed = args.work / "compressed"
     judges = args.judges.split(",")
+    sources = {judge: source_of(judge) for judge in judges}  # looked up once: each extra corpus is a script run
     if not (compressed / "config.json").is_file():
         run([*LORAP, "compress", "--preset", args.preset, "--mode", "exact", "--ratio", str(args.ratio), "--calibration",
              source_of(args.calibration), "--out", str(compressed), "--no-speed", "--overwrite"])
-    results = {"dense": evaluate(["--alone"], judges, args.seqlens, args.max_tokens, args.work / "dense-eval.json"),
-               "none": evaluate([str(compressed), "--alone"], judges, args.seqlens, args.max_tokens,
+    results = {"dense": evaluate(["--alone"], sources, args.seqlens, args.max_tokens, args.work / "dense-eval.json"),
+               "none": evaluate([str(compressed), "--alone"], sources, args.seqlens, args.max_tokens,
                                 args.work / "none-eval.json")}
     rows = {}
     for name in args.recipes.split(","):
@@ -128,7 +130,7 @@ def measure(args) -> dict:
                  "--val-size", str(args.val_size), "--save-every", "100000", "--no-progress", "--overwrite",
                  *recipe(name)[1]])
             (folder / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
-        results[name] = evaluate([str(folder), "--alone"], judges, args.seqlens, args.max_tokens,
+        results[name] = evaluate([str(folder), "--alone"], sources, args.seqlens, args.max_tokens,
                                  args.work / f"{name}-eval.json")
         rows[name] = {"report": json.loads((folder / "recovery_report.json").read_text()),
                       "load": json.loads((folder / "load.json").read_text())}
