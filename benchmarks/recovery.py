@@ -3,10 +3,10 @@
 Compresses the built-in default model with `--preset best` (exact mode; calibrated on `wiki`, or
 with `--calibration wiki+perldoc` on `wiki` and Perl's documentation), then recovers that one
 checkpoint with each recipe for the same number of minutes on the `wiki` train split (the
-`-wiki-perl` recipes: `wiki` and Perl's documentation, pooled), and evaluates every result, and
-the dense model, by perplexity at 128 and 2048 tokens on each judge: the `wiki` test split, and
-two corpora no recipe trains or calibrates on, `pydocs` (the Python documentation) and `fortunes`
-(quotations, jokes and verse).
+`-wiki-perl` recipes: `wiki` and Perl's documentation, pooled by size, or half each with `-equal`),
+and evaluates every result, and the dense model, by perplexity at 128 and 2048 tokens on each
+judge: the `wiki` test split, and two corpora no recipe trains or calibrates on, `pydocs` (the
+Python documentation) and `fortunes` (quotations, jokes and verse).
 Each step runs in its own process, one at a time: the recipes share a time budget, so nothing
 else may run beside them.
 
@@ -14,6 +14,7 @@ else may run beside them.
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --minutes 60 --section recovery-best-50
     .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
     .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl --section recovery-two-domains
+    .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl,full-wiki-perl-equal,dense-control-wiki-perl-equal --section recovery-two-domains-equal
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
 """
 import argparse
@@ -51,8 +52,13 @@ WIKI_PERL = {
     "full-wiki-perl": ("every weight, next-token loss, on `wiki` and Perl's documentation", ["--full", "--lr", "5e-5"]),
     "dense-control-wiki-perl": ("control: the dense model, every weight, next-token loss, on `wiki` and Perl's documentation",
                           ["--full", "--lr", "5e-5"]),
+    # Pooled by size, three quarters of the windows are Perl's; these give each corpus half.
+    "full-wiki-perl-equal": ("every weight, next-token loss, on `wiki` and Perl's documentation in equal shares",
+                             ["--full", "--lr", "5e-5", "--data-mix", "equal"]),
+    "dense-control-wiki-perl-equal": ("control: the dense model, every weight, next-token loss, on `wiki` and Perl's "
+                                      "documentation in equal shares", ["--full", "--lr", "5e-5", "--data-mix", "equal"]),
 }
-CONTROLS = (CONTROL, "dense-control-wiki-perl")
+CONTROLS = (CONTROL, *[name for name in WIKI_PERL if name.startswith("dense-control")])
 # The judges: perplexity on each, by name. `wiki` is the training domain (its test split); the others
 # are text that no recipe trains on and no checkpoint calibrates on.
 JUDGES = {
@@ -175,7 +181,8 @@ def page(args, measured: dict) -> str:
                        "the text it trains on, or on text like it, is adaptation, not recovery.")
     if set(WIKI_PERL) & set(rows):
         summary.append(
-            "The `-wiki-perl` rows train on Perl's documentation as well as `wiki` (pooled by size; "
+            "The `-wiki-perl` rows train on Perl's documentation as well as `wiki` (pooled by size, or half each in "
+            "the `-equal` rows; "
             "benchmarks/get_debian_text.sh): software documentation like `pydocs`, though never Python's, so their "
             "`pydocs` figure is recovery on a neighbouring domain, not an unseen one"
             + ("; `fortunes` shares a domain with neither." if "fortunes" in judges else "."))
@@ -194,7 +201,7 @@ def page(args, measured: dict) -> str:
         "```", "", machine_line() + " (the page written at that commit)", "",
         f"One checkpoint (`lorap compress --preset {args.preset} --mode exact --ratio {args.ratio}`, {calibration}) "
         f"recovered by each recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens (the "
-        "`-wiki-perl` rows: `wiki` and Perl's documentation, pooled), 4 a step, "
+        "`-wiki-perl` rows: `wiki` and Perl's documentation, pooled by size, or half each in the `-equal` rows), 4 a step, "
         "10 warmup steps, then the default linear decay over 2 epochs, of which the budget covers at most "
         f"{max(r['report']['steps'] / r['report']['total_steps'] for r in rows.values()):.0%} (so the rate stays "
         "near its peak), the best state by held-out loss kept "

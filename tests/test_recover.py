@@ -169,6 +169,43 @@ def test_several_sources_are_pooled_and_each_is_counted(tiny_tokenizer, tmp_path
         load_examples(tiny_tokenizer, f"{prose}+{tmp_path / 'missing.txt'}", 64)
 
 
+def test_equal_mix_gives_each_pooled_source_the_same_share(tiny_tokenizer, tmp_path, corpus):
+    small = tmp_path / "small.txt"  # numbered words: every window differs from every other
+    small.write_text(" ".join(f"item{i} of the list" for i in range(200)))
+    source = f"{corpus}+{small}"
+    alone = [load_examples(tiny_tokenizer, part, 64)[0] for part in (corpus, str(small))]
+    owner = {tuple(ids): index for index, examples in enumerate(alone) for ids, _ in examples}
+    assert len(owner) == sum(map(len, alone)) and len(alone[0]) > 3 * len(alone[1])  # sizes differ a lot
+
+    config = RecoveryConfig(cutoff=64, val_size=9, data_mix="equal")
+    data = prepare_data(tiny_tokenizer, source, config)
+    by_size = prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=9))
+    assert len(data.train) == len(by_size.train) and len(data.validation) == 9  # an epoch is as long as before
+    shares = [sum(owner[tuple(ids)] == index for ids, _ in data.train) for index in (0, 1)]
+    assert abs(shares[0] - shares[1]) <= 1
+    held = [sum(owner[tuple(ids)] == index for ids, _ in data.validation) for index in (0, 1)]
+    assert held == [5, 4]
+    held_out = {tuple(ids) for ids, _ in data.validation}
+    assert not held_out & {tuple(ids) for ids, _ in data.train}
+    # The small source is repeated in whole passes, the large one sampled without repeats.
+    small_train = [tuple(ids) for ids, _ in data.train if owner[tuple(ids)] == 1]
+    large_train = [tuple(ids) for ids, _ in data.train if owner[tuple(ids)] == 0]
+    assert len(set(small_train)) == len(alone[1]) - 4 and len(set(large_train)) == len(large_train)
+    first, second = data.description["sources"]
+    assert data.description["mix"] == "equal" and by_size.description["mix"] == "size"
+    assert (first["train_share"], second["train_share"], first["held_out"]) == (shares[0], shares[1], 5)
+    assert first["passes"] < 1 < second["passes"]
+    # Sources alternate, so a prefix is balanced; and the split is seeded.
+    assert [owner[tuple(ids)] for ids, _ in data.train[:6]] == [0, 1, 0, 1, 0, 1]
+    assert prepare_data(tiny_tokenizer, source, config).train == data.train
+    with pytest.raises(LorapError, match="one source"):
+        prepare_data(tiny_tokenizer, corpus, config)
+    with pytest.raises(LorapError, match="too few for its 100 held out"):
+        prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=200, data_mix="equal"))
+    with pytest.raises(LorapError, match="--data-mix must be one of size, equal"):
+        RecoveryConfig(data_mix="even").validate()
+
+
 def test_default_data_is_alpaca_online_and_wiki_offline(monkeypatch, tiny_tokenizer):
     from lorap.io import network
 
@@ -310,13 +347,22 @@ def test_cli_recover(compressed_dir, tmp_path, corpus, capsys):
     from lorap.cli import main
 
     out = tmp_path / "cli"
+    notes = tmp_path / "notes.txt"
+    notes.write_text(" ".join(f"note {i} of the list" for i in range(200)))
     code = main([
-        "recover", str(compressed_dir), "--out", str(out), "--data", corpus, "--max-steps", "2",
-        "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
+        "recover", str(compressed_dir), "--out", str(out), "--data", f"{corpus}+{notes}", "--data-mix", "equal",
+        "--max-steps", "2", "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
     ])
     assert code == 0
-    assert json.loads((out / "config.json").read_text())["lorap"]["recovery"]["settings"]["lora_r"] == 4
-    assert "validation loss" in capsys.readouterr().out
+    recovery = json.loads((out / "config.json").read_text())["lorap"]["recovery"]
+    assert recovery["settings"]["lora_r"] == 4 and recovery["settings"]["data_mix"] == "equal"
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed
+    shares = [part["train_share"] for part in recovery["data"]["sources"]]
+    assert f"equal shares: {corpus} {shares[0]} (" in printed and abs(shares[0] - shares[1]) <= 1
+    with pytest.raises(SystemExit):
+        main(["recover", str(compressed_dir), "--out", str(tmp_path / "x"), "--data-mix", "even"])
+    assert "invalid choice: 'even'" in capsys.readouterr().err
     assert main(["recover", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a lorap checkpoint" in capsys.readouterr().err
     assert main(["recover", str(compressed_dir), "--out", str(out), "--data", corpus, "--max-steps", "2"]) == 2

@@ -366,6 +366,8 @@ def _run_plan(args):
 
 
 def _add_recover(sub):
+    from .recover.config import DATA_MIXES
+
     p = sub.add_parser(
         "recover",
         help="fine-tune a lorap checkpoint (LoRA or every weight, optionally distilled), save it as small as before",
@@ -382,6 +384,10 @@ def _add_recover(sub):
         "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
         "hub can be reached, else wiki); several joined by '+' are pooled (e.g. wiki+notes.txt)",
     )
+    p.add_argument("--data-mix", choices=DATA_MIXES, default="size",
+                   help="with sources pooled by '+': 'size' trains on every example of each, so a large corpus "
+                   "dominates; 'equal' gives each source the same share of the training and held-out examples "
+                   "(a small one repeated, a large one sampled; the total stays the same) (default: size)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
     p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (all resumptions together)")
@@ -423,6 +429,7 @@ def _run_recover(args):
 
     config = RecoveryConfig(
         data=args.data,
+        data_mix=args.data_mix,
         epochs=args.epochs,
         max_steps=args.max_steps,
         max_minutes=args.max_minutes,

@@ -3,6 +3,10 @@ from dataclasses import asdict, dataclass
 
 from ..errors import LorapError
 
+# How sources pooled with '+' share the training data: "size" keeps every example of each (a large
+# corpus dominates); "equal" gives each the same number of examples (recover/data.py: equal_shares).
+DATA_MIXES = ("size", "equal")
+
 
 @dataclass
 class RecoveryConfig:
@@ -10,6 +14,7 @@ class RecoveryConfig:
     2 epochs, cutoff 256 tokens, 2000 held-out examples (at most 5% of the data)."""
 
     data: str | None = None  # None: alpaca-cleaned when the hub can be reached, else wiki (train)
+    data_mix: str = "size"  # sources pooled with '+': "size" (each in proportion to its size) or "equal" shares
     epochs: int = 2
     max_steps: int | None = None  # the schedule ends here (warmup and decay are fitted to it)
     max_minutes: float | None = None  # training time budget, over all resumptions
@@ -73,6 +78,8 @@ class RecoveryConfig:
         if not self.distills and (self.kd_hidden_weight > 0 or self.kd_weight != 1.0 or self.kd_temperature != 1.0):
             raise LorapError("--kd-weight, --kd-temperature and --kd-hidden-weight need a teacher: add --teacher base "
                              "(the model this checkpoint was compressed from) or --teacher MODEL")
+        if self.data_mix not in DATA_MIXES:
+            raise LorapError(f"--data-mix must be one of {', '.join(DATA_MIXES)}, got {self.data_mix!r}")
         if self.train_embeddings and not self.full:
             raise LorapError("--train-embeddings needs --full (LoRA never targets the embeddings or the LM head)")
 

@@ -35,8 +35,8 @@ def _text_windows(stream, cutoff: int) -> list:
 
 def load_examples(tokenizer, source: str, cutoff: int):
     """All examples of a source, or of several pooled with '+' (`wiki+notes.txt`: text of more than one
-    domain, each contributing its examples in proportion to its size; instructions and text may be
-    pooled), and a description of what they are (format, counts, and each source's share where there
+    domain, each contributing every example it has, so in proportion to its size unless prepare_data
+    evens the shares; instructions and text may be pooled), and a description of what they are (format, counts, and each source's share where there
     are several)."""
     from ..io.data import pooled_sources
 
@@ -87,7 +87,8 @@ def _source_examples(tokenizer, source: str, cutoff: int):
 
 
 def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData:
-    """Examples split by a seeded shuffle into held-out validation and training."""
+    """Examples split by a seeded shuffle into held-out validation and training; sources pooled with '+'
+    keep their sizes, or with config.data_mix "equal" get equal shares of both (equal_shares)."""
     import torch
 
     examples, description = load_examples(tokenizer, source, config.cutoff)
@@ -97,9 +98,19 @@ def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData
             f"'{source}' gives {len(examples)} examples of at most {config.cutoff} tokens: too few for "
             f"{val_size} held out and some to train on. Use a larger corpus, a smaller --cutoff or --val-size."
         )
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    validation = [examples[i] for i in order[:val_size]]
-    train = [examples[i] for i in sorted(order[val_size:])]
+    pooled = "sources" in description
+    if config.data_mix == "equal" and not pooled:
+        raise LorapError(f"--data-mix equal shares examples between sources pooled with '+' (e.g. wiki+notes.txt); "
+                         f"'{source}' is one source")
+    if config.data_mix == "equal":
+        train, validation = equal_shares(examples, description["sources"], val_size, config.seed)
+        description["mix"] = "equal"
+    else:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        validation = [examples[i] for i in order[:val_size]]
+        train = [examples[i] for i in sorted(order[val_size:])]
+        if pooled:
+            description["mix"] = "size"
     if config.max_examples is not None:
         train = train[: config.max_examples]
     description.update(
@@ -110,6 +121,46 @@ def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData
         train_tokens=sum(len(ids) for ids, _ in train),
     )
     return RecoveryData(train, validation, description)
+
+
+def _shares(total: int, parts: int) -> list:
+    """`total` split into `parts` nearly equal whole shares, the first ones one more where it does not divide."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
+
+
+def equal_shares(examples: list, sources: list, val_size: int, seed: int) -> tuple:
+    """(train, validation) with every pooled source holding an equal share of each; `examples` are the
+    sources' examples in order, `sources` their descriptions (each source's count is updated with its
+    shares).
+
+    Each source gives its held-out share first, drawn by a seeded shuffle, so no training example is
+    held out. The training set keeps the pooled size, so an epoch is as long as with --data-mix size;
+    a source with fewer examples than its share is repeated (whole passes, then a seeded subset) and
+    a larger one is sampled. The sources alternate in the list, so any prefix (--max-examples) is
+    balanced too."""
+    import itertools
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    held_shares = _shares(val_size, len(sources))
+    train_shares = _shares(len(examples) - val_size, len(sources))
+    validation, per_source, start = [], [], 0
+    for part, held, share in zip(sources, held_shares, train_shares):
+        count = part["examples"]
+        if count < held + 1:
+            raise LorapError(f"'{part['source']}' gives {count} examples: too few for its {held} held out and some "
+                             "to train on with --data-mix equal. Use a smaller --val-size or a larger corpus.")
+        order = (start + torch.randperm(count, generator=generator)).tolist()
+        validation += [examples[i] for i in order[:held]]
+        pool = sorted(order[held:])
+        passes, rest = divmod(share, len(pool))
+        extra = sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[:rest].tolist())
+        per_source.append([examples[i] for i in pool * passes + extra])
+        part.update(train_share=share, held_out=held, passes=round(share / len(pool), 2))
+        start += count
+    train = [example for group in itertools.zip_longest(*per_source) for example in group if example is not None]
+    return train, validation
 
 
 def collate(examples: list, pad_id: int):

@@ -9,6 +9,7 @@ def format_recovery(report: dict) -> str:
         f"recovered: {report['source']} -> {report['output']}",
         f"data: {data['source']} ({data['format']}; {data['train_examples']} train / "
         f"{data['validation_examples']} held-out examples, cutoff {data['cutoff']})",
+        *_pooled(data),
         f"steps: {report['steps']} of {report['total_steps']} ({report['epochs_done']} epochs, "
         f"{report['tokens_seen']:,} tokens, stopped by {report['stopped_by']}), {minutes:.1f} min of training",
         f"trained: {_trained(report)}; loss: {_loss(report['loss'])}",
@@ -25,6 +26,16 @@ def format_recovery(report: dict) -> str:
         lines.insert(-1, f"held-out next-token loss: {report['validation_nll_before']:.4f} before -> "
                          f"{report['best_validation_nll']:.4f} at the best step")
     return "\n".join(lines)
+
+
+def _pooled(data: dict) -> list:
+    """One line on how pooled sources share the training examples (none for a single source)."""
+    if "sources" not in data:
+        return []
+    if data.get("mix") == "equal":
+        parts = [f"{part['source']} {part['train_share']} ({part['passes']:g} passes)" for part in data["sources"]]
+        return ["equal shares: " + ", ".join(parts)]
+    return ["in proportion to size: " + ", ".join(f"{part['source']} {part['examples']}" for part in data["sources"])]
 
 
 def _trained(report: dict) -> str:
