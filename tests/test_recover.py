@@ -198,6 +198,9 @@ def test_equal_mix_gives_each_pooled_source_the_same_share(tiny_tokenizer, tmp_p
     # Sources alternate, so a prefix is balanced; and the split is seeded.
     assert [owner[tuple(ids)] for ids, _ in data.train[:6]] == [0, 1, 0, 1, 0, 1]
     assert prepare_data(tiny_tokenizer, source, config).train == data.train
+    capped = prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=9, data_mix="equal",
+                                                                 max_examples=11))
+    assert [part["train_share"] for part in capped.description["sources"]] == [6, 5] and len(capped.train) == 11
     with pytest.raises(LorapError, match="one source"):
         prepare_data(tiny_tokenizer, corpus, config)
     with pytest.raises(LorapError, match="too few for its 100 held out"):

@@ -36,8 +36,8 @@ def _text_windows(stream, cutoff: int) -> list:
 def load_examples(tokenizer, source: str, cutoff: int):
     """All examples of a source, or of several pooled with '+' (`wiki+notes.txt`: text of more than one
     domain, each contributing every example it has, so in proportion to its size unless prepare_data
-    evens the shares; instructions and text may be pooled), and a description of what they are (format, counts, and each source's share where there
-    are several)."""
+    evens the shares; instructions and text may be pooled), and a description of what they are
+    (format, counts, and each source's count where there are several)."""
     from ..io.data import pooled_sources
 
     sources = pooled_sources(source)
@@ -103,7 +103,10 @@ def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData
         raise LorapError(f"--data-mix equal shares examples between sources pooled with '+' (e.g. wiki+notes.txt); "
                          f"'{source}' is one source")
     if config.data_mix == "equal":
-        train, validation = equal_shares(examples, description["sources"], val_size, config.seed)
+        train_size = len(examples) - val_size
+        if config.max_examples is not None:
+            train_size = min(train_size, config.max_examples)
+        train, validation = equal_shares(examples, description["sources"], val_size, train_size, config.seed)
         description["mix"] = "equal"
     else:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
@@ -128,23 +131,22 @@ def _shares(total: int, parts: int) -> list:
     return [total // parts + (index < total % parts) for index in range(parts)]
 
 
-def equal_shares(examples: list, sources: list, val_size: int, seed: int) -> tuple:
-    """(train, validation) with every pooled source holding an equal share of each; `examples` are the
-    sources' examples in order, `sources` their descriptions (each source's count is updated with its
-    shares).
+def equal_shares(examples: list, sources: list, val_size: int, train_size: int, seed: int) -> tuple:
+    """(train, validation): `train_size` and `val_size` examples with every pooled source holding an
+    equal share of each. `examples` are the sources' examples in order, `sources` their descriptions
+    (each is updated with its shares).
 
-    Each source gives its held-out share first, drawn by a seeded shuffle, so no training example is
-    held out. The training set keeps the pooled size, so an epoch is as long as with --data-mix size;
-    a source with fewer examples than its share is repeated (whole passes, then a seeded subset) and
-    a larger one is sampled. The sources alternate in the list, so any prefix (--max-examples) is
-    balanced too."""
+    Each source gives its held-out share first, drawn by a seeded shuffle, so no held-out example is
+    trained on. prepare_data keeps the pooled size (so an epoch is as long as with --data-mix size)
+    unless --max-examples caps it. A source with fewer examples than its share is repeated (whole
+    passes, then a seeded subset); a larger one is sampled. The sources alternate in the list."""
     import itertools
 
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     held_shares = _shares(val_size, len(sources))
-    train_shares = _shares(len(examples) - val_size, len(sources))
+    train_shares = _shares(train_size, len(sources))
     validation, per_source, start = [], [], 0
     for part, held, share in zip(sources, held_shares, train_shares):
         count = part["examples"]

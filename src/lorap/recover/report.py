@@ -35,7 +35,7 @@ def _pooled(data: dict) -> list:
     if data.get("mix") == "equal":
         parts = [f"{part['source']} {part['train_share']} ({part['passes']:g} passes)" for part in data["sources"]]
         return ["equal shares: " + ", ".join(parts)]
-    return ["in proportion to size: " + ", ".join(f"{part['source']} {part['examples']}" for part in data["sources"])]
+    return ["pooled by size: " + ", ".join(f"{part['source']} {part['examples']} examples" for part in data["sources"])]
 
 
 def _trained(report: dict) -> str:
