@@ -49,10 +49,12 @@ CONTROL_RECIPE = ("control: the dense model, every weight, next-token loss", ["-
 # is software documentation like `pydocs` but never Python's, so these rows measure recovery on a
 # neighbouring domain, and their control shows how much of it the dense model gains from that text.
 WIKI_PERL = {
-    "full-wiki-perl": ("every weight, next-token loss, on `wiki` and Perl's documentation", ["--full", "--lr", "5e-5"]),
+    "full-wiki-perl": ("every weight, next-token loss, on `wiki` and Perl's documentation", ["--full", "--lr", "5e-5",
+                                                                                              "--data-mix", "size"]),
     "dense-control-wiki-perl": ("control: the dense model, every weight, next-token loss, on `wiki` and Perl's documentation",
-                          ["--full", "--lr", "5e-5"]),
-    # Pooled by size, three quarters of the windows are Perl's; these give each corpus half.
+                                ["--full", "--lr", "5e-5", "--data-mix", "size"]),
+    # Pooled by size (the rows above, measured before equal shares became the default), three
+    # quarters of the windows are Perl's; these give each corpus half.
     "full-wiki-perl-equal": ("every weight, next-token loss, on `wiki` and Perl's documentation in equal shares",
                              ["--full", "--lr", "5e-5", "--data-mix", "equal"]),
     "dense-control-wiki-perl-equal": ("control: the dense model, every weight, next-token loss, on `wiki` and Perl's "
@@ -85,6 +87,14 @@ def source_of(names: str) -> str:
 def training_data(name: str) -> str:
     """The --data of a recipe: wiki's train split, or wiki and Perl's documentation pooled."""
     return source_of("wiki+perldoc" if name in WIKI_PERL else "wiki")
+
+
+def trained_on(rows) -> str:
+    """What the rows of a table train on, for its heading (empty when every row trains on `wiki` alone)."""
+    with_perl = [name in WIKI_PERL for name in rows]
+    if not any(with_perl):
+        return ""
+    return " on `wiki` and Perl's documentation" if all(with_perl) else ", on `wiki` alone and with Perl's documentation"
 
 
 def default_model_dir() -> Path:
@@ -171,7 +181,7 @@ def page(args, measured: dict) -> str:
     for judge in unseen:
         ranked = sorted(recovered, key=lambda name: perplexity(results[name], judge, first))
         summary.append(
-            f"Ranked on `{judge}` at {first} tokens (never trained on, so training on `wiki` cannot flatter it): "
+            f"Ranked on `{judge}` at {first} tokens (never trained or calibrated on): "
             + ", ".join(f"`{n}` {perplexity(results[n], judge, first):.2f}" for n in ranked)
             + f"; no recovery {perplexity(results['none'], judge, first):.2f}, dense {perplexity(dense, judge, first):.2f}.")
     for control in [name for name in CONTROLS if name in rows]:
@@ -195,7 +205,7 @@ def page(args, measured: dict) -> str:
     return "\n".join([
         f"### `--preset {args.preset}` at {args.ratio:.0%} of the default model"
         + ("" if args.calibration == "wiki" else f" calibrated on `{args.calibration}`")
-        + f", recovered {args.minutes:g} minutes a recipe",
+        + f", recovered {args.minutes:g} minutes a recipe" + trained_on(rows),
         "",
         f"Measured {datetime.date.today().isoformat()} at commit {measured.get('commit', 'unknown')} by:", "", "```", command,
         "```", "", machine_line() + " (the page written at that commit)", "",

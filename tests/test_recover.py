@@ -177,9 +177,9 @@ def test_equal_mix_gives_each_pooled_source_the_same_share(tiny_tokenizer, tmp_p
     owner = {tuple(ids): index for index, examples in enumerate(alone) for ids, _ in examples}
     assert len(owner) == sum(map(len, alone)) and len(alone[0]) > 3 * len(alone[1])  # sizes differ a lot
 
-    config = RecoveryConfig(cutoff=64, val_size=9, data_mix="equal")
+    config = RecoveryConfig(cutoff=64, val_size=9)  # equal shares by default
     data = prepare_data(tiny_tokenizer, source, config)
-    by_size = prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=9))
+    by_size = prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=9, data_mix="size"))
     assert len(data.train) == len(by_size.train) and len(data.validation) == 9  # an epoch is as long as before
     shares = [sum(owner[tuple(ids)] == index for ids, _ in data.train) for index in (0, 1)]
     assert abs(shares[0] - shares[1]) <= 1
@@ -201,11 +201,13 @@ def test_equal_mix_gives_each_pooled_source_the_same_share(tiny_tokenizer, tmp_p
     capped = prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=9, data_mix="equal",
                                                                  max_examples=11))
     assert [part["train_share"] for part in capped.description["sources"]] == [6, 5] and len(capped.train) == 11
-    with pytest.raises(LorapError, match="one source"):
-        prepare_data(tiny_tokenizer, corpus, config)
+    alone_data = prepare_data(tiny_tokenizer, corpus, config)  # one source: the mix has nothing to share
+    size_alone = prepare_data(tiny_tokenizer, corpus, RecoveryConfig(cutoff=64, val_size=9, data_mix="size"))
+    assert (alone_data.train, alone_data.validation) == (size_alone.train, size_alone.validation)
+    assert "mix" not in alone_data.description
     with pytest.raises(LorapError, match="too few for its 100 held out"):
         prepare_data(tiny_tokenizer, source, RecoveryConfig(cutoff=64, val_size=200, data_mix="equal"))
-    with pytest.raises(LorapError, match="--data-mix must be one of size, equal"):
+    with pytest.raises(LorapError, match="--data-mix must be one of equal, size"):
         RecoveryConfig(data_mix="even").validate()
 
 
@@ -353,7 +355,7 @@ def test_cli_recover(compressed_dir, tmp_path, corpus, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text(" ".join(f"note {i} of the list" for i in range(200)))
     code = main([
-        "recover", str(compressed_dir), "--out", str(out), "--data", f"{corpus}+{notes}", "--data-mix", "equal",
+        "recover", str(compressed_dir), "--out", str(out), "--data", f"{corpus}+{notes}",  # equal shares by default
         "--max-steps", "2", "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
     ])
     assert code == 0

@@ -384,10 +384,10 @@ def _add_recover(sub):
         "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
         "hub can be reached, else wiki); several joined by '+' are pooled (e.g. wiki+notes.txt)",
     )
-    p.add_argument("--data-mix", choices=DATA_MIXES, default="size",
-                   help="with sources pooled by '+': 'size' trains on every example of each, so a large corpus "
-                   "dominates; 'equal' gives each source the same share of the training and held-out examples "
-                   "(a small one repeated, a large one sampled; the total stays the same) (default: size)")
+    p.add_argument("--data-mix", choices=DATA_MIXES, default="equal",
+                   help="with sources pooled by '+': 'equal' gives each source the same share of the training and "
+                   "held-out examples (a small one repeated, a large one sampled; the total stays the same); 'size' "
+                   "trains on every example of each, so a large corpus dominates (default: equal)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
     p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (all resumptions together)")

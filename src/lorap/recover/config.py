@@ -3,9 +3,11 @@ from dataclasses import asdict, dataclass
 
 from ..errors import LorapError
 
-# How sources pooled with '+' share the training data: "size" keeps every example of each (a large
-# corpus dominates); "equal" gives each the same number of examples (recover/data.py: equal_shares).
-DATA_MIXES = ("size", "equal")
+# How sources pooled with '+' share the training data: "equal" gives each the same number of
+# examples (recover/data.py: equal_shares), as calibration gives each the same number of windows;
+# "size" keeps every example of each, so a large corpus dominates. Equal is the default because it
+# measured better in and out of domain (docs/recovery.md, "recovered 30 minutes ... on two domains").
+DATA_MIXES = ("equal", "size")
 
 
 @dataclass
@@ -14,7 +16,7 @@ class RecoveryConfig:
     2 epochs, cutoff 256 tokens, 2000 held-out examples (at most 5% of the data)."""
 
     data: str | None = None  # None: alpaca-cleaned when the hub can be reached, else wiki (train)
-    data_mix: str = "size"  # sources pooled with '+': "size" (each in proportion to its size) or "equal" shares
+    data_mix: str = "equal"  # sources pooled with '+': "equal" shares, or "size" (each in proportion to its size)
     epochs: int = 2
     max_steps: int | None = None  # the schedule ends here (warmup and decay are fitted to it)
     max_minutes: float | None = None  # training time budget, over all resumptions

@@ -88,7 +88,7 @@ def _source_examples(tokenizer, source: str, cutoff: int):
 
 def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData:
     """Examples split by a seeded shuffle into held-out validation and training; sources pooled with '+'
-    keep their sizes, or with config.data_mix "equal" get equal shares of both (equal_shares)."""
+    get equal shares of both (equal_shares), or with config.data_mix "size" keep their sizes."""
     import torch
 
     examples, description = load_examples(tokenizer, source, config.cutoff)
@@ -99,10 +99,7 @@ def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData
             f"{val_size} held out and some to train on. Use a larger corpus, a smaller --cutoff or --val-size."
         )
     pooled = "sources" in description
-    if config.data_mix == "equal" and not pooled:
-        raise LorapError(f"--data-mix equal shares examples between sources pooled with '+' (e.g. wiki+notes.txt); "
-                         f"'{source}' is one source")
-    if config.data_mix == "equal":
+    if pooled and config.data_mix == "equal":
         train_size = len(examples) - val_size
         if config.max_examples is not None:
             train_size = min(train_size, config.max_examples)
