@@ -187,8 +187,9 @@ def page(args, measured: dict) -> str:
     for control in [name for name in CONTROLS if name in rows]:
         moves = " and ".join(f"from {perplexity(dense, j, first):.2f} to {perplexity(results[control], j, first):.2f} "
                              f"on `{j}`" for j in judges)
-        summary.append(f"The control `{control}` moved the dense model {moves}: that much of any row's change on "
-                       "the text it trains on, or on text like it, is adaptation, not recovery.")
+        summary.append(f"The control `{control}` moved the dense model {moves}: that much of any row's change is what "
+                       "the same training gives the uncompressed model (adaptation to the text, or, for this "
+                       "instruction-tuned model, to plain text of any kind), not recovery of what compression removed.")
     if set(WIKI_PERL) & set(rows):
         summary.append(
             "The `-wiki-perl` rows train on Perl's documentation as well as `wiki` (pooled by size, or half each in "
