@@ -332,6 +332,26 @@ def test_time_budget_stops_early_keeps_the_work_and_resume_continues(compressed_
     assert not (tmp_path / ".out.recovery").exists()
 
 
+def test_a_run_started_before_data_mix_resumes_as_pooled_by_size(compressed_dir, tmp_path, corpus):
+    notes = tmp_path / "notes.txt"
+    notes.write_text(" ".join(f"note {i} of the list" for i in range(200)))
+    settings = dict(data=f"{corpus}+{notes}", max_steps=3, **FAST)
+    recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, data_mix="size", **settings)
+    run_file = tmp_path / ".out.recovery" / "run.json"
+    run = json.loads(run_file.read_text())
+    del run["settings"]["data_mix"]  # what a version before --data-mix wrote
+    run_file.write_text(json.dumps(run))
+    with pytest.raises(LorapError, match="add --data-mix size"):
+        recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)  # equal by default
+    resumed = recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, data_mix="size", **settings)
+    assert resumed.report["steps"] == 3
+    # With one source the mix changes nothing, so it is not part of what a resumption must match.
+    recover(compressed_dir, tmp_path / "single", max_minutes=1e-6, data=corpus, max_steps=3, **FAST)
+    assert "data_mix" not in json.loads((tmp_path / ".single.recovery" / "run.json").read_text())["settings"]
+    assert recover(compressed_dir, tmp_path / "single", resume=True, overwrite=True, data=corpus, max_steps=3,
+                   data_mix="size", **FAST).report["steps"] == 3
+
+
 def test_instruction_recovery_keeps_the_adapter(compressed_dir, tmp_path):
     from peft import PeftModel
 

@@ -125,7 +125,8 @@ def recover(
         "source": str(source),
         "source_weights": _weights_signature(source),
         "data": data_source,
-        "settings": {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_SETTINGS},
+        "settings": {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_SETTINGS
+                     and not (k == "data_mix" and "sources" not in data.description)},  # one source: no mix
         "train_examples": len(data.train),
         "total_steps": schedule.total_steps,
     }
@@ -250,6 +251,8 @@ def _check_resume(work: WorkFolder, run: dict, resume: bool):
             "or delete that folder to start over"
         )
     saved = work.read_run()
+    if saved and "data_mix" in run["settings"]:
+        saved.get("settings", {}).setdefault("data_mix", "size")  # started before --data-mix: pooled by size
     if saved != run:
         changed = sorted(k for k in set(run) | set(saved or {}) if (saved or {}).get(k) != run.get(k))
         if "settings" in changed:
@@ -259,5 +262,7 @@ def _check_resume(work: WorkFolder, run: dict, resume: bool):
             f"cannot resume: the run in {work.path} was started differently ({', '.join(changed)} differ). "
             "Use the same source, data and settings (only --max-minutes and --save-every may change), "
             "or delete that folder to start over"
+            + (" (a run started before --data-mix pooled its sources by size: add --data-mix size)"
+               if "settings.data_mix" in changed else "")
         )
     return "checkpoint"
