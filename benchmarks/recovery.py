@@ -13,8 +13,7 @@ else may run beside them.
     .venv/bin/python benchmarks/recovery.py                       # 20%, 8 min a recipe and the dense control
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --minutes 60 --section recovery-best-50
     .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
-    .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl --section recovery-two-domains
-    .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl,full-wiki-perl-equal,dense-control-wiki-perl-equal --section recovery-two-domains-equal
+    .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl,full-wiki-perl-equal,dense-control-wiki-perl-equal --section recovery-two-domains
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
 """
 import argparse
