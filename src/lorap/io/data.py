@@ -306,6 +306,12 @@ def _cuts_are_safe(tokenizer, pieces: list) -> bool:
     return True
 
 
+def even_shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` whole shares as equal as can be, the first ones one more where it
+    does not divide (pooled corpora: calibration windows here, recovery examples in recover/data.py)."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
+
+
 def calibration_samples(tokenizer, source: str = "wiki", n_samples: int = 128, seqlen: int = 128, seed: int = 0):
     """`n_samples` distinct non-overlapping windows of `seqlen` tokens from the train split, chosen by `seed`.
 
@@ -317,7 +323,7 @@ def calibration_samples(tokenizer, source: str = "wiki", n_samples: int = 128, s
     _check_positive(n_samples=n_samples, seqlen=seqlen)
     parts = pooled_sources(source)
     if len(parts) > 1:
-        shares = [n_samples // len(parts) + (index < n_samples % len(parts)) for index in range(len(parts))]
+        shares = even_shares(n_samples, len(parts))
         return torch.cat([calibration_samples(tokenizer, part, share, seqlen, seed)
                           for part, share in zip(parts, shares) if share])
     stream = token_stream(tokenizer, source, "train")

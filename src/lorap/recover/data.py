@@ -123,11 +123,6 @@ def prepare_data(tokenizer, source: str, config: RecoveryConfig) -> RecoveryData
     return RecoveryData(train, validation, description)
 
 
-def _shares(total: int, parts: int) -> list:
-    """`total` split into `parts` nearly equal whole shares, the first ones one more where it does not divide."""
-    return [total // parts + (index < total % parts) for index in range(parts)]
-
-
 def equal_shares(examples: list, sources: list, val_size: int, train_size: int, seed: int) -> tuple:
     """(train, validation): `train_size` and `val_size` examples with every pooled source holding an
     equal share of each. `examples` are the sources' examples in order, `sources` their descriptions
@@ -141,9 +136,11 @@ def equal_shares(examples: list, sources: list, val_size: int, train_size: int, 
 
     import torch
 
+    from ..io.data import even_shares
+
     generator = torch.Generator().manual_seed(seed)
-    held_shares = _shares(val_size, len(sources))
-    train_shares = _shares(train_size, len(sources))
+    held_shares = even_shares(val_size, len(sources))
+    train_shares = even_shares(train_size, len(sources))
     validation, per_source, start = [], [], 0
     for part, held, share in zip(sources, held_shares, train_shares):
         count = part["examples"]
