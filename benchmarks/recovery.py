@@ -1,17 +1,18 @@
 """Benchmark: recovery recipes at the same wall-clock time, judged in and out of domain.
 
-Compresses the built-in default model with `--preset best` (exact mode; calibrated on `wiki`, or
-with `--calibration wiki+perldoc` on `wiki` and Perl's documentation), then recovers that one
-checkpoint with each recipe for the same number of minutes on the `wiki` train split (the
-`-wiki-perl` recipes: `wiki` and Perl's documentation, pooled by size, or half each with `-equal`),
-and evaluates every result, and the dense model, by perplexity at 128 and 2048 tokens on each
-judge: the `wiki` test split, and two corpora no recipe trains or calibrates on, `pydocs` (the
-Python documentation) and `fortunes` (quotations, jokes and verse).
+Compresses the built-in default model with `--preset best` or the `--preset` named (exact mode;
+calibrated on `wiki`, or with `--calibration wiki+perldoc` on `wiki` and Perl's documentation),
+then recovers that one checkpoint with each recipe for the same number of minutes on the `wiki`
+train split (the `-wiki-perl` recipes: `wiki` and Perl's documentation, pooled by size, or half
+each with `-equal`), and evaluates every result, and the dense model, by perplexity at 128 and
+2048 tokens on each judge: the `wiki` test split, and two corpora no recipe trains or calibrates
+on, `pydocs` (the Python documentation) and `fortunes` (quotations, jokes and verse).
 Each step runs in its own process, one at a time: the recipes share a time budget, so nothing
 else may run beside them.
 
     .venv/bin/python benchmarks/recovery.py                       # 20%, 8 min a recipe and the dense control
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --minutes 60 --section recovery-best-50
+    .venv/bin/python benchmarks/recovery.py --preset paper --recipes lora,full --section recovery-paper-20
     .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
     .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl,full-wiki-perl-equal,dense-control-wiki-perl-equal --section recovery-two-domains
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
@@ -197,7 +198,8 @@ def page(args, measured: dict) -> str:
             "`pydocs` figure is recovery on a neighbouring domain, not an unseen one"
             + ("; `fortunes` shares a domain with neither." if "fortunes" in judges else "."))
     calibrated = "" if args.calibration == "wiki" else f" --calibration {args.calibration}"
-    command = (f".venv/bin/python benchmarks/recovery.py --ratio {args.ratio}{calibrated} --minutes {args.minutes} "
+    preset = "" if args.preset == "best" else f" --preset {args.preset}"
+    command = (f".venv/bin/python benchmarks/recovery.py{preset} --ratio {args.ratio}{calibrated} --minutes {args.minutes} "
                f"--recipes {args.recipes}" + (f" --seqlens {args.seqlens}" if args.seqlens != SEQLENS else "")
                + (f" --judges {args.judges}" if args.judges != DEFAULT_JUDGES else "") + f" --section {args.section}")
     calibration = ("calibrated on `wiki`" if args.calibration == "wiki" else
