@@ -46,6 +46,7 @@ def measure(args) -> dict:
 
 def page(args, measured: dict) -> str:
     rows = measured["rows"]
+    compression = json.loads((args.work / "compressed" / "config.json").read_text())["lorap"]["compression"]
     checkpoints = sorted({step for row in rows.values() for step, *_ in row["validation"]})
     header = ["peak learning rate", "steps", "minutes"] + [f"step {step}" for step in checkpoints] + ["best"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -61,7 +62,8 @@ def page(args, measured: dict) -> str:
     command = (f'.venv/bin/python benchmarks/recovery_lr.py --work "{work}" --lrs {args.lrs} '
                f"--steps {args.steps} --section {args.section}")
     return "\n".join([
-        f"### The learning rate of `--full`, chosen on held-out training text ({args.work.name})",
+        f"### The learning rate of `--full` for `--preset {compression['preset']}` at {compression['ratio']:.0%}, chosen on "
+        "held-out training text",
         "",
         f"Measured {datetime.date.today().isoformat()} at commit {measured['commit']} by:", "", "```", command, "```", "",
         machine_line() + " (the page written at that commit)", "",
