@@ -109,16 +109,14 @@ def trained_on(rows) -> str:
 def schedule(rows: dict) -> str:
     """How the learning rate of the rows moves: the default decay over two epochs, of which a budget in
     minutes covers a small part, or a decay that ends at the step a recipe names (`--max-steps`)."""
-    parts = []
-    default = [row["report"] for name, row in rows.items() if "--max-steps" not in recipe(name)[1]]
-    if default:
-        parts.append("the default linear decay over 2 epochs, of which the budget covers at most "
-                     f"{max(report['steps'] / report['total_steps'] for report in default):.0%} (so the rate stays "
-                     "near its peak)")
-    for name, row in rows.items():
-        if "--max-steps" in recipe(name)[1]:
-            parts.append(f"in `{name}`, linear decay to zero at step {row['report']['total_steps']}")
-    return "; ".join(parts)
+    fitted = {name: row["report"]["total_steps"] for name, row in rows.items() if "--max-steps" in recipe(name)[1]}
+    default = [row["report"] for name, row in rows.items() if name not in fitted]
+    ends = "; ".join(f"`{name}`: linear decay to zero at step {steps}" for name, steps in fitted.items())
+    if not default:
+        return ends
+    return ("the default linear decay over 2 epochs, of which the budget covers at most "
+            f"{max(report['steps'] / report['total_steps'] for report in default):.0%} (so the rate stays near its "
+            "peak" + (f"; {ends} instead)" if fitted else ")"))
 
 
 def default_model_dir() -> Path:
