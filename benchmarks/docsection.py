@@ -5,6 +5,11 @@ import subprocess
 from pathlib import Path
 
 
+def head_commit(cwd=None) -> str:
+    """The short hash of the checked-out commit ('' outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd).stdout.strip()
+
+
 def machine_line() -> str:
     """Where a table was measured: CPU model, cores, and the versions that matter."""
     import torch
@@ -20,7 +25,7 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = head_commit()
     return (
         f"Machine: {cpu}, {torch.get_num_threads()} threads, no GPU. lorap {__version__} (commit {commit or 'unknown'}), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}."

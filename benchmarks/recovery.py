@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from docsection import machine_line, update_section
+from docsection import head_commit, machine_line, update_section
 from debian_text import debian_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def measure(args) -> dict:
                                  args.work / f"{name}-eval.json")
         rows[name] = {"report": json.loads((folder / "recovery_report.json").read_text()),
                       "load": json.loads((folder / "load.json").read_text())}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit(ROOT)
     return {"results": results, "rows": rows, "commit": commit, "judges": judges}
 
 

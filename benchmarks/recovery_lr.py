@@ -14,11 +14,10 @@ fitted to them. Steps, not minutes, bound each run: the comparison does not depe
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from docsection import machine_line, update_section
+from docsection import head_commit, machine_line, update_section
 from recovery import LORAP, ROOT, run, source_of
 
 DATA = "wiki+perldoc"
@@ -37,10 +36,9 @@ def measure(args) -> dict:
                  "--eval-every", str(args.eval_every), "--val-size", str(args.val_size), "--save-every", "100000",
                  "--no-progress", "--overwrite"])
         report = json.loads((folder / "recovery_report.json").read_text())
-        rows[lr] = {key: report[key] for key in ("steps", "train_seconds", "validation_loss_before",
-                                                 "best_validation_loss", "best_step")}
+        rows[lr] = {key: report[key] for key in ("steps", "train_seconds", "best_validation_loss", "best_step")}
         rows[lr]["validation"] = report["history"]["validation"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit(ROOT)
     return {"rows": rows, "commit": commit}
 
 
