@@ -1,15 +1,18 @@
-"""Benchmark: the learning rate of `lorap recover --full`, chosen on held-out training text only.
+"""Benchmark: the learning rate and schedule of `lorap recover --full`, chosen on held-out training text only.
 
 Recovers one checkpoint that benchmarks/recovery.py compressed (its work folder's `compressed`) with
 `--full` at each learning rate for the same number of optimizer steps, on `wiki` and Perl's
-documentation in equal shares, the schedule decaying to zero at the last step, and ranks the rates
-by the held-out loss `lorap recover` already measures: windows of the training sources' train
+documentation in equal shares, the schedule decaying to zero at the last step (or, with
+--decay-steps, at each step given: a later end is what a run stopped by its time budget gets), and
+ranks the settings by the held-out loss `lorap recover` already measures: windows of the training sources' train
 splits that no step trains on. No judge of docs/recovery.md (the `wiki` test split, `pydocs`,
 `fortunes`) is read, so the rate chosen here can be judged on them afterwards without having been
 fitted to them. Steps, not minutes, bound each run: the comparison does not depend on machine load.
 
     .venv/bin/python benchmarks/recovery_lr.py --work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" \\
         --lrs 5e-5,2e-4,8e-4 --steps 60 --section recovery-lr-50
+    .venv/bin/python benchmarks/recovery_lr.py --work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" \\
+        --lrs 2e-4 --steps 430 --decay-steps 430,7458 --section recovery-schedule-50
 """
 import argparse
 import datetime
@@ -21,6 +24,12 @@ from docsection import head_commit, machine_line, update_section
 from recovery import LORAP, ROOT, run, source_of
 
 DATA = "wiki+perldoc"
+WARMUP = 10
+
+
+def decays(args) -> list:
+    """The steps at which each run's rate reaches zero: --decay-steps, or the last step."""
+    return [int(step) for step in args.decay_steps.split(",")] if args.decay_steps else [args.steps]
 
 
 def measure(args) -> dict:
@@ -29,51 +38,89 @@ def measure(args) -> dict:
         sys.exit(f"no compressed checkpoint in {args.work}: run benchmarks/recovery.py with that work folder first")
     rows = {}
     for lr in args.lrs.split(","):
-        folder = args.work / f"lr-sweep-{args.steps}-steps" / f"lr-{lr}"
-        if not (folder / "recovery_report.json").is_file():
-            run([*LORAP, "recover", str(compressed), "--out", str(folder), "--data", source_of(DATA), "--data-mix",
-                 "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--warmup-steps", "10",
-                 "--eval-every", str(args.eval_every), "--val-size", str(args.val_size), "--save-every", "100000",
-                 "--no-progress", "--overwrite"])
-        report = json.loads((folder / "recovery_report.json").read_text())
-        rows[lr] = {key: report[key] for key in ("steps", "train_seconds", "best_validation_loss", "best_step")}
-        rows[lr]["validation"] = report["history"]["validation"]
+        for decay in decays(args):
+            folder = args.work / f"lr-sweep-{args.steps}-steps" / (f"lr-{lr}" if decay == args.steps
+                                                                   else f"lr-{lr}-decay-{decay}")
+            if not (folder / "recovery_report.json").is_file():
+                run([*LORAP, "recover", str(compressed), "--out", str(folder), "--data", source_of(DATA), "--data-mix",
+                     "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--decay-steps", str(decay),
+                     "--warmup-steps", str(WARMUP), "--eval-every", str(args.eval_every), "--val-size", str(args.val_size),
+                     "--save-every", "100000", "--no-progress", "--overwrite"])
+            report = json.loads((folder / "recovery_report.json").read_text())
+            row = {key: report[key] for key in ("steps", "train_seconds", "best_validation_loss", "best_step")}
+            row.update(lr=lr, decay=decay, validation=report["history"]["validation"],
+                       budget_minutes=report["settings"]["max_minutes"])
+            rows[f"{lr}, decay {decay}"] = row
     commit = head_commit(ROOT)
     return {"rows": rows, "commit": commit}
 
 
+MAX_STEP_COLUMNS = 7  # a long run shows evenly spaced validation steps, not every one
+
+
+def shown_steps(rows: dict) -> list:
+    steps = sorted({step for row in rows.values() for step, *_ in row["validation"]})
+    if len(steps) <= MAX_STEP_COLUMNS:
+        return steps
+    stride = -(-(len(steps) - 1) // (MAX_STEP_COLUMNS - 1))
+    return sorted(set(steps[::stride]) | {steps[-1]})
+
+
+def rate_at_end(row: dict, steps: int) -> float:
+    """The learning rate of the last step, from lorap's own schedule."""
+    from lorap.recover.schedule import Schedule
+
+    schedule = Schedule(train_examples=steps, batch_size=1, grad_accum=1, epochs=1, max_steps=steps, warmup=WARMUP,
+                        lr=float(row["lr"]), seed=0, decay_steps=row["decay"])
+    return schedule.lr_at(steps - 1)
+
+
 def page(args, measured: dict) -> str:
     rows = measured["rows"]
+    for key, row in rows.items():  # records written before --decay-steps hold one rate per row
+        row.setdefault("lr", key)
+        row.setdefault("decay", args.steps)
     compression = json.loads((args.work / "compressed" / "config.json").read_text())["lorap"]["compression"]
-    checkpoints = sorted({step for row in rows.values() for step, *_ in row["validation"]})
-    header = ["peak learning rate", "steps", "minutes"] + [f"step {step}" for step in checkpoints] + ["best"]
+    schedules = len({row["decay"] for row in rows.values()}) > 1
+    checkpoints = shown_steps(rows)
+    header = (["peak learning rate"] + (["decays to zero at step", "rate at the last step"] if schedules else [])
+              + ["steps", "minutes"] + [f"step {step}" for step in checkpoints] + ["best"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    chosen = min(rows, key=lambda lr: rows[lr]["best_validation_loss"])
-    for lr, row in rows.items():
+    chosen = min(rows, key=lambda key: rows[key]["best_validation_loss"])
+    for key, row in rows.items():
         by_step = {step: loss for step, loss, *_ in row["validation"]}
         best = f"{row['best_validation_loss']:.3f} (step {row['best_step']})"
-        lines.append("| " + " | ".join([f"**{lr}**" if lr == chosen else lr, str(row["steps"]),
-                                        f"{row['train_seconds'] / 60:.1f}",
+        lr = f"**{row['lr']}**" if key == chosen else row["lr"]
+        schedule = [str(row["decay"]), f"{rate_at_end(row, args.steps):.2g}"] if schedules else []
+        lines.append("| " + " | ".join([lr, *schedule, str(row["steps"]), f"{row['train_seconds'] / 60:.1f}",
                                         *[f"{by_step[s]:.3f}" if s in by_step else "" for s in checkpoints],
-                                        f"**{best}**" if lr == chosen else best]) + " |")
+                                        f"**{best}**" if key == chosen else best]) + " |")
     work = args.work.relative_to(ROOT) if args.work.is_relative_to(ROOT) else args.work
     command = (f'.venv/bin/python benchmarks/recovery_lr.py --work "{work}" --lrs {args.lrs} '
-               f"--steps {args.steps} --section {args.section}")
+               f"--steps {args.steps}" + (f" --decay-steps {args.decay_steps}" if args.decay_steps else "")
+               + f" --section {args.section}")
+    decay = ("linear decay toward zero at the step each row names (the rate of the last step shows how far it got)"
+             if schedules else f"linear decay to zero at step {args.steps}")
+    borrowed = [f"The row decaying at step {row['decay']} is the run benchmarks/recovery.py made with these settings "
+                f"and a {row['budget_minutes']:g}-minute budget (its report copied into this sweep's folder), which the "
+                "schedule ended first." for row in rows.values() if row.get("budget_minutes")]
     return "\n".join([
-        f"### The learning rate of `--full` for `--preset {compression['preset']}` at {compression['ratio']:.0%}, chosen on "
-        "held-out training text",
+        f"### The {'schedule' if schedules else 'learning rate'} of `--full` for `--preset {compression['preset']}` at "
+        f"{compression['ratio']:.0%}, chosen on held-out training text",
         "",
         f"Measured {datetime.date.today().isoformat()} at commit {measured['commit']} by:", "", "```", command, "```", "",
         machine_line() + " (the page written at that commit)", "",
-        f"The checkpoint in that work folder, recovered with `--full` for {args.steps} optimizer steps at each peak "
-        f"learning rate: 4 windows of 256 tokens a step from `{DATA}` in equal shares, 10 warmup steps, then linear "
-        f"decay to zero at step {args.steps}. Each cell is the mean next-token loss on the {args.val_size} held-out "
-        "windows of the training sources' train splits (step 0: before training); lower is better. "
-        "No judge of this page is read here.",
+        f"The checkpoint in that work folder, recovered with `--full` for {args.steps} optimizer steps at each "
+        + ("setting" if schedules else "peak learning rate")
+        + f": 4 windows of 256 tokens a step from `{DATA}` in equal shares, {WARMUP} warmup steps, then {decay}. "
+        f"Each cell is the mean next-token loss on the {args.val_size} held-out windows of the training sources' "
+        "train splits (step 0: before training); lower is better. No judge of this page is read here."
+        + "".join(" " + sentence for sentence in borrowed),
         "",
         *lines,
         "",
-        f"Lowest held-out loss: peak learning rate {chosen}.",
+        f"Lowest held-out loss: peak learning rate {rows[chosen]['lr']}"
+        + (f", decaying to zero at step {rows[chosen]['decay']}." if schedules else "."),
     ])
 
 
@@ -81,7 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="a benchmarks/recovery.py work folder")
     parser.add_argument("--lrs", default="5e-5,2e-4,8e-4", help="peak learning rates, comma-separated")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of every run")
+    parser.add_argument("--decay-steps", help="where the rate reaches zero, comma-separated (default: --steps); a "
+                        "later step is the schedule of a run that the time budget stops first")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--section", default="recovery-lr-50")

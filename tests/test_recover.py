@@ -244,6 +244,22 @@ def test_schedule_covers_every_example_once_per_epoch_with_warmup_and_decay():
     assert Schedule(10, 2, 2, 2, 4, None, 1.0, 0).total_steps == 4
 
 
+def test_decay_steps_set_where_the_rate_reaches_zero_apart_from_where_training_stops():
+    # Stopped at step 4 by --max-steps, decaying toward step 8: the rate is still half its peak at the end.
+    later = Schedule(10, 2, 2, 2, max_steps=4, warmup=2, lr=1.0, seed=0, decay_steps=8)
+    assert later.total_steps == 4 and later.horizon == 8
+    assert [later.lr_at(s) for s in range(4)] == [0.5, 1.0, 1.0, 5 / 6]
+    # Before the epochs end: training stops there, since every later step would train at rate 0.
+    sooner = Schedule(10, 2, 2, 2, max_steps=None, warmup=2, lr=1.0, seed=0, decay_steps=4)
+    assert sooner.total_steps == sooner.horizon == 4
+    assert [sooner.lr_at(s) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    # Unset, the schedule is the one without the setting: decay ends at the last step.
+    assert Schedule(10, 2, 2, 2, 4, 2, 1.0, 0).horizon == 4
+    for bad in (0, -3, 2.5):
+        with pytest.raises(LorapError, match="decay steps must be a positive integer"):
+            RecoveryConfig(decay_steps=bad).validate()
+
+
 def test_recovery_lowers_the_loss_keeps_the_count_and_reloads(compressed_dir, tmp_path, corpus, tiny_tokenizer):
     out = tmp_path / "recovered"
     result = recover(compressed_dir, out, data=corpus, max_steps=9, **FAST)
@@ -339,7 +355,7 @@ def test_a_run_started_before_data_mix_resumes_as_pooled_by_size(compressed_dir,
     recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, data_mix="size", **settings)
     run_file = tmp_path / ".out.recovery" / "run.json"
     run = json.loads(run_file.read_text())
-    del run["settings"]["data_mix"]  # what a version before --data-mix wrote
+    del run["settings"]["data_mix"], run["settings"]["decay_steps"]  # what a version before --data-mix wrote
     run_file.write_text(json.dumps(run))
     with pytest.raises(LorapError, match="add --data-mix size"):
         recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)  # equal by default
@@ -376,11 +392,12 @@ def test_cli_recover(compressed_dir, tmp_path, corpus, capsys):
     notes.write_text(" ".join(f"note {i} of the list" for i in range(200)))
     code = main([
         "recover", str(compressed_dir), "--out", str(out), "--data", f"{corpus}+{notes}",  # equal shares by default
-        "--max-steps", "2", "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
+        "--max-steps", "2", "--decay-steps", "50", "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
     ])
     assert code == 0
     recovery = json.loads((out / "config.json").read_text())["lorap"]["recovery"]
     assert recovery["settings"]["lora_r"] == 4 and recovery["settings"]["data_mix"] == "equal"
+    assert recovery["settings"]["decay_steps"] == 50 and recovery["steps"] == 2
     printed = capsys.readouterr().out
     assert "validation loss" in printed
     shares = [part["train_share"] for part in recovery["data"]["sources"]]

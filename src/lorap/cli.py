@@ -391,6 +391,9 @@ def _add_recover(sub):
     p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
     p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (all resumptions together)")
+    p.add_argument("--decay-steps", type=int,
+                   help="the learning rate reaches zero at step N (default: at the last step); training never runs "
+                   "past it, and stops before it when --max-steps or --max-minutes is reached first")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
@@ -433,6 +436,7 @@ def _run_recover(args):
         epochs=args.epochs,
         max_steps=args.max_steps,
         max_minutes=args.max_minutes,
+        decay_steps=args.decay_steps,
         lr=args.lr,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,

@@ -20,6 +20,7 @@ class RecoveryConfig:
     epochs: int = 2
     max_steps: int | None = None  # the schedule ends here (warmup and decay are fitted to it)
     max_minutes: float | None = None  # training time budget, over all resumptions
+    decay_steps: int | None = None  # the learning rate reaches zero here; None: at the schedule's last step
     lr: float = 1e-4
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -55,7 +56,7 @@ class RecoveryConfig:
             "eval_every": self.eval_every,
             "save_every": self.save_every,
         }
-        for name in ("max_steps", "val_size", "max_examples"):
+        for name in ("max_steps", "decay_steps", "val_size", "max_examples"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():

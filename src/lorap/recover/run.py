@@ -41,6 +41,9 @@ RECOVERY_REPORT_FILE = "recovery_report.json"
 ADAPTER_FOLDER = "adapter"
 # Settings that change no trained weight: they may differ between a run and its resumption.
 RESUME_FREE_SETTINGS = ("max_minutes", "save_every", "device")
+# Settings newer than some work folders, and what a run started before each existed did: its
+# resumption compares as if it had been given that value.
+SETTINGS_ADDED_LATER = {"data_mix": "size", "decay_steps": None}
 
 
 @dataclass
@@ -120,7 +123,7 @@ def recover(
     info(f"recovery data: {data_source} (cutoff {config.cutoff} tokens)")
     data = prepare_data(tokenizer, data_source, config)
     schedule = Schedule(len(data.train), config.batch_size, config.grad_accum, config.epochs, config.max_steps,
-                        config.warmup_steps, config.lr, config.seed)
+                        config.warmup_steps, config.lr, config.seed, config.decay_steps)
     run = {
         "source": str(source),
         "source_weights": _weights_signature(source),
@@ -251,8 +254,9 @@ def _check_resume(work: WorkFolder, run: dict, resume: bool):
             "or delete that folder to start over"
         )
     saved = work.read_run()
-    if saved and "data_mix" in run["settings"]:
-        saved.get("settings", {}).setdefault("data_mix", "size")  # started before --data-mix: pooled by size
+    for name, before in SETTINGS_ADDED_LATER.items():  # a run started before a setting existed did `before`
+        if saved and name in run["settings"]:
+            saved.get("settings", {}).setdefault(name, before)
     if saved != run:
         changed = sorted(k for k in set(run) | set(saved or {}) if (saved or {}).get(k) != run.get(k))
         if "settings" in changed:

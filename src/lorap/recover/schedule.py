@@ -16,6 +16,8 @@ class Schedule:
     warmup: int | None
     lr: float
     seed: int
+    decay_steps: int | None = None  # where the learning rate reaches zero; None: at the last step
+
 
     @property
     def steps_per_epoch(self) -> int:
@@ -23,8 +25,14 @@ class Schedule:
 
     @property
     def total_steps(self) -> int:
-        total = self.epochs * self.steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps is not None else total
+        ends = [self.epochs * self.steps_per_epoch, self.max_steps, self.decay_steps]
+        return min(end for end in ends if end is not None)  # a step past the decay's end would train at rate 0
+
+    @property
+    def horizon(self) -> int:
+        """The step at which the learning rate reaches zero: the last step unless --decay-steps sets
+        a later one (training then stops, by --max-steps or the time budget, before the decay ends)."""
+        return self.decay_steps if self.decay_steps is not None else self.total_steps
 
     @property
     def warmup_steps(self) -> int:
@@ -47,8 +55,8 @@ class Schedule:
         return [chosen[i : i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup to lr, then linear decay to zero at the last step (0-based step)."""
-        warmup, total = self.warmup_steps, self.total_steps
+        """Linear warmup to lr, then linear decay to zero at the horizon (0-based step)."""
+        warmup, horizon = self.warmup_steps, self.horizon
         if step < warmup:
             return self.lr * (step + 1) / warmup
-        return self.lr * max(0.0, (total - step) / max(1, total - warmup))
+        return self.lr * max(0.0, (horizon - step) / max(1, horizon - warmup))
