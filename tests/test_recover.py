@@ -17,7 +17,7 @@ from lorap.modeling_lorap import LowRankLinear
 from lorap.recover.config import RecoveryConfig
 from lorap.recover.data import load_examples, prepare_data, resolve_data
 from lorap.recover.lora import attach_lora, lora_target_names
-from lorap.recover.run import recover
+from lorap.recover.run import format_recovery, recover
 from lorap.recover.schedule import Schedule
 from test_compress import SMALL, assert_reloads_without_lorap
 
@@ -260,6 +260,20 @@ def test_decay_steps_set_where_the_rate_reaches_zero_apart_from_where_training_s
             RecoveryConfig(decay_steps=bad).validate()
 
 
+def test_a_time_budget_holds_the_rate_to_the_share_of_it_left():
+    schedule = Schedule(400, 1, 1, 1, max_steps=None, warmup=None, lr=1.0, seed=0)  # 400 steps, warmup 40
+    assert schedule.warmup_steps == 40
+    assert schedule.lr_within_budget(100, elapsed_s=50, budget_s=100) == 0.5  # the step decay alone: 300/360
+    assert schedule.lr_within_budget(100, elapsed_s=100, budget_s=100) == 0.0
+    assert schedule.lr_within_budget(390, elapsed_s=10, budget_s=100) == schedule.lr_at(390)  # the steps end first
+    # The default warmup ends after 40 steps or 10% of the budget, whichever comes first ...
+    assert schedule.lr_within_budget(3, elapsed_s=5, budget_s=100) == 0.5
+    assert schedule.lr_within_budget(3, elapsed_s=20, budget_s=100) == 0.8
+    # ... and one the user set is kept.
+    given = Schedule(400, 1, 1, 1, max_steps=None, warmup=40, lr=1.0, seed=0)
+    assert given.lr_within_budget(3, elapsed_s=20, budget_s=100) == given.lr_at(3) == 0.1
+
+
 def test_recovery_lowers_the_loss_keeps_the_count_and_reloads(compressed_dir, tmp_path, corpus, tiny_tokenizer):
     out = tmp_path / "recovered"
     result = recover(compressed_dir, out, data=corpus, max_steps=9, **FAST)
@@ -341,6 +355,12 @@ def test_time_budget_stops_early_keeps_the_work_and_resume_continues(compressed_
     settings = dict(data=corpus, max_steps=6, **FAST)
     first = recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, **settings)
     assert first.report["stopped_by"] == "max_minutes" and first.report["steps"] == 1
+    # The budget was spent (by the held-out loss before training) before the step: it trained at rate 0.
+    assert first.report["learning_rate"] == {"peak": 2e-2, "warmup_steps": 0, "decay_ends_at_step": 6,
+                                             "with_time_budget": True, "last": 0.0}
+    assert "decaying to zero at step 6 or as the 1e-06-minute budget runs out" in format_recovery(first.report)
+    plain = recover(compressed_dir, tmp_path / "plain", max_minutes=1e-6, budget_decay=False, **settings)
+    assert plain.report["learning_rate"]["last"] == 2e-2 and not plain.report["learning_rate"]["with_time_budget"]
     assert first.report["history"]["validation"][-1][0] == 1  # the last step is validated before stopping
     assert (tmp_path / ".out.recovery" / "checkpoint").is_dir() and (tmp_path / "out" / "config.json").is_file()
     second = recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)

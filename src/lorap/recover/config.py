@@ -21,6 +21,7 @@ class RecoveryConfig:
     max_steps: int | None = None  # the schedule ends here (warmup and decay are fitted to it)
     max_minutes: float | None = None  # training time budget, over all resumptions
     decay_steps: int | None = None  # the learning rate reaches zero here; None: at the schedule's last step
+    budget_decay: bool = True  # with max_minutes: the rate also falls with the time left, to zero as it runs out
     lr: float = 1e-4
     lora_r: int = 8
     lora_alpha: float = 16.0

@@ -12,6 +12,7 @@ def format_recovery(report: dict) -> str:
         *_pooled(data),
         f"steps: {report['steps']} of {report['total_steps']} ({report['epochs_done']} epochs, "
         f"{report['tokens_seen']:,} tokens, stopped by {report['stopped_by']}), {minutes:.1f} min of training",
+        *_learning_rate(report),
         f"trained: {_trained(report)}; loss: {_loss(report['loss'])}",
         f"validation loss: {report['validation_loss_before']:.4f} before -> "
         f"{report['best_validation_loss']:.4f} best (step {report['best_step']}, "
@@ -26,6 +27,18 @@ def format_recovery(report: dict) -> str:
         lines.insert(-1, f"held-out next-token loss: {report['validation_nll_before']:.4f} before -> "
                          f"{report['best_validation_nll']:.4f} at the best step")
     return "\n".join(lines)
+
+
+def _learning_rate(report: dict) -> list:
+    """One line on the schedule the run followed (none for a report written before it was recorded)."""
+    if "learning_rate" not in report:
+        return []
+    rate = report["learning_rate"]
+    ends = f"decaying to zero at step {rate['decay_ends_at_step']}"
+    if rate["with_time_budget"]:
+        ends += f" or as the {report['settings']['max_minutes']:g}-minute budget runs out, whichever comes first"
+    last = f"; {rate['last']:.2g} at the last step" if rate["last"] is not None else ""
+    return [f"learning rate: peak {rate['peak']:g}, {rate['warmup_steps']} warmup steps, {ends}{last}"]
 
 
 def _pooled(data: dict) -> list:

@@ -43,7 +43,7 @@ ADAPTER_FOLDER = "adapter"
 RESUME_FREE_SETTINGS = ("max_minutes", "save_every", "device")
 # Settings newer than some work folders, and what a run started before each existed did: its
 # resumption compares as if it had been given that value.
-SETTINGS_ADDED_LATER = {"data_mix": "size", "decay_steps": None}
+SETTINGS_ADDED_LATER = {"data_mix": "size", "decay_steps": None, "budget_decay": False}
 
 
 @dataclass
@@ -195,6 +195,9 @@ def recover(
         "epochs_done": round(state.step / schedule.steps_per_epoch, 4),
         "tokens_seen": state.tokens_seen,
         "stopped_by": stopped_by,
+        "learning_rate": {"peak": config.lr, "warmup_steps": schedule.warmup_steps, "decay_ends_at_step": schedule.horizon,
+                          "with_time_budget": config.max_minutes is not None and config.budget_decay,
+                          "last": state.last_lr},
         "validation_loss_before": state.validation_history[0][1],
         "validation_nll_before": state.validation_history[0][2],
         "best_validation_nll": next(entry[2] for entry in state.validation_history if entry[0] == state.best_step),

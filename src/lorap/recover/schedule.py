@@ -2,6 +2,8 @@
 import math
 from dataclasses import dataclass
 
+WARMUP_SHARE = 0.1  # the default warmup's share of the steps, and of a time budget
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -36,7 +38,7 @@ class Schedule:
 
     @property
     def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else min(100, self.total_steps // 10)
+        return self.warmup if self.warmup is not None else min(100, int(self.total_steps * WARMUP_SHARE))
 
     def epoch_order(self, epoch: int) -> list:
         import torch
@@ -60,3 +62,13 @@ class Schedule:
         if step < warmup:
             return self.lr * (step + 1) / warmup
         return self.lr * max(0.0, (horizon - step) / max(1, horizon - warmup))
+
+    def lr_within_budget(self, step: int, elapsed_s: float, budget_s: float) -> float:
+        """The rate of a run with a time budget: the step schedule's, but never above the peak times
+        the share of the budget left. So the rate reaches zero as the budget runs out, however far
+        away the schedule's own end is; when the steps end first, their decay governs. The default
+        warmup (10% of the steps, at most 100) also ends once 10% of the budget is spent."""
+        rate = self.lr_at(step)
+        if self.warmup is None and step < self.warmup_steps:
+            rate = self.lr * max((step + 1) / self.warmup_steps, min(1.0, elapsed_s / (WARMUP_SHARE * budget_s)))
+        return min(rate, self.lr * max(0.0, 1.0 - elapsed_s / budget_s))

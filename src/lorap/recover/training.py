@@ -81,13 +81,15 @@ def train(objective, data: RecoveryData, config: RecoveryConfig, schedule: Sched
                 (terms.total / max(1, tokens)).backward()
                 step_loss += float(terms.total.detach())
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            lr = schedule.lr_at(state.step)
+            lr = (schedule.lr_within_budget(state.step, elapsed(), budget_s) if budget_s is not None
+                  and config.budget_decay else schedule.lr_at(state.step))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += tokens
+            state.last_lr = lr
             loss = step_loss / max(1, tokens)
             if not math.isfinite(loss):
                 raise LorapError(f"training diverged at step {state.step} (loss {loss}); try a lower --lr")

@@ -22,6 +22,7 @@ class TrainingState:
     validation_history: list = field(default_factory=list)  # [step, loss]
     sessions: int = 0
     tokens_seen: int = 0  # predicted (supervised) tokens trained on
+    last_lr: float | None = None  # the learning rate of the last step taken
 
 
 class WorkFolder:
