@@ -20,7 +20,6 @@ class Schedule:
     seed: int
     decay_steps: int | None = None  # where the learning rate reaches zero; None: at the last step
 
-
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.train_examples / (self.batch_size * self.grad_accum))
