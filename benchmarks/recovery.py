@@ -84,6 +84,7 @@ JUDGES = {
 EXTRA_CORPORA = ("perldoc", "fortunes")  # files that benchmarks/get_debian_text.sh writes
 DEFAULT_JUDGES = ",".join(JUDGES)
 SEQLENS = "128,2048"
+WARMUP = 10  # steps, in every recipe
 
 
 def recipe(name: str) -> tuple:
@@ -125,6 +126,15 @@ def schedule(rows: dict) -> str:
     return ("the default linear decay over 2 epochs, of which the budget covers at most "
             f"{max(report['steps'] / report['total_steps'] for report in default):.0%} (so the rate stays near its "
             "peak" + (f"; {ends} instead)" if fitted else ")"))
+
+
+def recover(source: Path, out: Path, data: str, eval_every: int, val_size: int, options: list) -> None:
+    """`lorap recover` as every recovery benchmark runs it: 10 warmup steps, the held-out loss every
+    `eval_every` steps on `val_size` windows, no periodic checkpoint, no progress bar. `options` come
+    last, so a recipe's own --max-steps overrides an earlier one."""
+    run([*LORAP, "recover", str(source), "--out", str(out), "--data", data, "--warmup-steps", str(WARMUP),
+         "--eval-every", str(eval_every), "--val-size", str(val_size), "--save-every", "100000", "--no-progress",
+         "--overwrite", *options])
 
 
 def default_model_dir() -> Path:
@@ -171,10 +181,8 @@ def measure(args) -> dict:
         if not (folder / "recovery_report.json").is_file():
             load = os.getloadavg()[0]
             source = default_model_dir() if name in CONTROLS else compressed
-            run([*LORAP, "recover", str(source), "--out", str(folder), "--data", training_data(name), "--max-minutes",
-                 str(args.minutes), "--max-steps", "100000", "--warmup-steps", "10", "--eval-every", str(args.eval_every),
-                 "--val-size", str(args.val_size), "--save-every", "100000", "--no-progress", "--overwrite",
-                 *recipe(name)[1]])
+            recover(source, folder, training_data(name), args.eval_every, args.val_size,
+                    ["--max-minutes", str(args.minutes), "--max-steps", "100000", *recipe(name)[1]])
             (folder / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
         results[name] = evaluate([str(folder), "--alone"], sources, args.seqlens, args.max_tokens,
                                  args.work / f"{name}-eval.json")
@@ -244,7 +252,7 @@ def page(args, measured: dict) -> str:
         f"One checkpoint (`lorap compress --preset {args.preset} --mode exact --ratio {args.ratio}`, {calibration}) "
         f"recovered by each recipe for {args.minutes:g} minutes of training on `wiki` train windows of 256 tokens (the "
         "`-wiki-perl` rows: `wiki` and Perl's documentation, pooled by size, or half each in the `-equal` rows), 4 a step, "
-        "10 warmup steps, then " + schedule(rows) + ", the best state by held-out loss kept "
+        f"{WARMUP} warmup steps, then " + schedule(rows) + ", the best state by held-out loss kept "
         f"(held-out loss on {args.val_size} windows of the train split every {args.eval_every} steps and at the end; "
         "its time counts in the minutes). "
         f"Perplexity on the first {args.max_tokens:,} test tokens of each judge: "

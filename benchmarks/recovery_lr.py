@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 from docsection import head_commit, machine_line, update_section
-from recovery import LORAP, ROOT, run, source_of
+from recovery import ROOT, WARMUP, recover, source_of
 
 DATA = "wiki+perldoc"
-WARMUP = 10
 
 
 def decays(args) -> list:
@@ -42,10 +41,9 @@ def measure(args) -> dict:
             folder = args.work / f"lr-sweep-{args.steps}-steps" / (f"lr-{lr}" if decay == args.steps
                                                                    else f"lr-{lr}-decay-{decay}")
             if not (folder / "recovery_report.json").is_file():
-                run([*LORAP, "recover", str(compressed), "--out", str(folder), "--data", source_of(DATA), "--data-mix",
-                     "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--decay-steps", str(decay),
-                     "--warmup-steps", str(WARMUP), "--eval-every", str(args.eval_every), "--val-size", str(args.val_size),
-                     "--save-every", "100000", "--no-progress", "--overwrite"])
+                recover(compressed, folder, source_of(DATA), args.eval_every, args.val_size,
+                        ["--data-mix", "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--decay-steps",
+                         str(decay)])
             report = json.loads((folder / "recovery_report.json").read_text())
             row = {key: report[key] for key in ("steps", "train_seconds", "best_validation_loss", "best_step")}
             row.update(lr=lr, decay=decay, validation=report["history"]["validation"],

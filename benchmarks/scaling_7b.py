@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from docsection import machine_line, update_section
+from docsection import head_commit, machine_line, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
@@ -150,7 +150,7 @@ def run_one(work: Path, preset: str, layers: int, corpus: Path) -> dict:
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - begin
     report = json.loads((out / "compression_report.json").read_text())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit(ROOT)
     row = {
         "preset": preset,
         "layers": layers,
