@@ -2,11 +2,12 @@
 
 Recovers one checkpoint that benchmarks/recovery.py compressed (its work folder's `compressed`) with
 `--full` at each learning rate for the same number of optimizer steps, on `wiki` and Perl's
-documentation in equal shares, the schedule decaying to zero at the last step (or, with
---decay-steps, at each step given: a later end is what a run stopped by its time budget gets), and
-ranks the settings by the held-out loss `lorap recover` already measures: windows of the training sources' train
-splits that no step trains on. No judge of docs/recovery.md (the `wiki` test split, `pydocs`,
-`fortunes`) is read, so the rate chosen here can be judged on them afterwards without having been
+documentation in equal shares (--data: other text), the schedule decaying to zero at the last step
+or, with --decay-steps, at each step given (a later end is what a run stopped by its time budget got
+before the budget shaped the rate: the rate still near its peak when training stops). The settings
+are ranked by the held-out loss `lorap recover` already measures: windows of the training sources'
+train splits that no step trains on. No judge of docs/recovery.md (the `wiki` test split, `pydocs`,
+`fortunes`) is read, so the setting chosen here can be judged on them afterwards without having been
 fitted to them. Steps, not minutes, bound each run: the comparison does not depend on machine load.
 
     .venv/bin/python benchmarks/recovery_lr.py --work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" \\
@@ -23,7 +24,12 @@ from pathlib import Path
 from docsection import head_commit, machine_line, update_section
 from recovery import ROOT, WARMUP, recover, source_of
 
-DATA = "wiki+perldoc"
+DATA = "wiki+perldoc"  # the default: what the 50% rows of docs/recovery.md train on
+
+
+def sweep_folder(args) -> Path:
+    """Where the runs of one sweep live, in the work folder: by step count, and by data when not the default."""
+    return args.work / (f"lr-sweep-{args.steps}-steps" + (f"-{args.data}" if args.data != DATA else ""))
 
 
 def decays(args) -> list:
@@ -38,10 +44,10 @@ def measure(args) -> dict:
     rows = {}
     for lr in args.lrs.split(","):
         for decay in decays(args):
-            folder = args.work / f"lr-sweep-{args.steps}-steps" / (f"lr-{lr}" if decay == args.steps
+            folder = sweep_folder(args) / (f"lr-{lr}" if decay == args.steps
                                                                    else f"lr-{lr}-decay-{decay}")
             if not (folder / "recovery_report.json").is_file():
-                recover(compressed, folder, source_of(DATA), args.eval_every, args.val_size,
+                recover(compressed, folder, source_of(args.data), args.eval_every, args.val_size,
                         ["--data-mix", "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--decay-steps",
                          str(decay)])
             report = json.loads((folder / "recovery_report.json").read_text())
@@ -95,7 +101,8 @@ def page(args, measured: dict) -> str:
                                         f"**{best}**" if key == chosen else best]) + " |")
     work = args.work.relative_to(ROOT) if args.work.is_relative_to(ROOT) else args.work
     command = (f'.venv/bin/python benchmarks/recovery_lr.py --work "{work}" --lrs {args.lrs} '
-               f"--steps {args.steps}" + (f" --decay-steps {args.decay_steps}" if args.decay_steps else "")
+               + (f"--data {args.data} " if args.data != DATA else "")
+               + f"--steps {args.steps}" + (f" --decay-steps {args.decay_steps}" if args.decay_steps else "")
                + f" --section {args.section}")
     decay = ("linear decay toward zero at the step each row names (the rate of the last step shows how far it got)"
              if schedules else f"linear decay to zero at step {args.steps}")
@@ -110,7 +117,8 @@ def page(args, measured: dict) -> str:
         machine_line() + " (the page written at that commit)", "",
         f"The checkpoint in that work folder, recovered with `--full` for {args.steps} optimizer steps at each "
         + ("setting" if schedules else "peak learning rate")
-        + f": 4 windows of 256 tokens a step from `{DATA}` in equal shares, {WARMUP} warmup steps, then {decay}. "
+        + f": 4 windows of 256 tokens a step from `{args.data}`{' in equal shares' if '+' in args.data else ''}, "
+        f"{WARMUP} warmup steps, then {decay}. "
         f"Each cell is the mean next-token loss on the {args.val_size} held-out windows of the training sources' "
         "train splits (step 0: before training); lower is better. No judge of this page is read here."
         + "".join(" " + sentence for sentence in borrowed),
@@ -126,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="a benchmarks/recovery.py work folder")
     parser.add_argument("--lrs", default="5e-5,2e-4,8e-4", help="peak learning rates, comma-separated")
+    parser.add_argument("--data", default=DATA, help=f"what the runs train on (default {DATA}, in equal shares)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of every run")
     parser.add_argument("--decay-steps", help="where the rate reaches zero, comma-separated (default: --steps); a "
                         "later step is the schedule of a run that the time budget stops first")
@@ -136,7 +145,7 @@ def main() -> None:
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from the work folder's results")
     args = parser.parse_args()
     args.work = args.work.resolve()
-    record = args.work / f"lr-sweep-{args.steps}-steps" / "measured.json"
+    record = sweep_folder(args) / "measured.json"
     measured = json.loads(record.read_text()) if args.page_only else measure(args)
     record.write_text(json.dumps(measured))
     update_section(args.page, args.section, page(args, measured))
