@@ -37,10 +37,7 @@ LORAP = [sys.executable, "-m", "lorap.cli"]
 RECIPES = {
     "lora": ("LoRA r 8, next-token loss (the paper's recovery)", ["--lr", "1e-4"]),
     "lora-kd": ("LoRA r 8, distillation from the dense model", ["--lr", "1e-4", "--teacher", "base"]),
-    "full": ("every weight, next-token loss", ["--full", "--lr", "5e-5", "--no-budget-decay"]),
-    # What `--full` does with a time budget since the budget shapes the rate: it anneals to zero as the
-    # budget runs out. `full` keeps the schedule its tables were measured with (before that change).
-    "full-budget-decay": ("every weight, next-token loss, the rate decaying with the time budget", ["--full", "--lr", "5e-5"]),
+    "full": ("every weight, next-token loss", ["--full", "--lr", "5e-5"]),
     "full-kd": ("every weight, distillation from the dense model", ["--full", "--lr", "5e-5", "--teacher", "base"]),
     "full-kd-mix": ("every weight, half distillation (T 2), half next-token",
                     ["--full", "--lr", "5e-5", "--teacher", "base", "--kd-weight", "0.5", "--kd-temperature", "2"]),
@@ -113,7 +110,7 @@ def trained_on(rows) -> str:
 def schedule(rows: dict) -> str:
     """How the learning rate of the rows moves, as each run's report records it: the default decay over
     two epochs, of which a budget in minutes covers a small part; a decay that ends at the step a recipe
-    names (`--max-steps`); or one held to the share of the time budget left (reports since that change)."""
+    names (`--max-steps`); or one held to the share of the time budget left (`--budget-decay`)."""
     fitted = {name: row["report"]["total_steps"] for name, row in rows.items() if "--max-steps" in recipe(name)[1]}
     budget = [name for name, row in rows.items() if name not in fitted
               and row["report"].get("learning_rate", {}).get("with_time_budget")]

@@ -355,12 +355,14 @@ def test_time_budget_stops_early_keeps_the_work_and_resume_continues(compressed_
     settings = dict(data=corpus, max_steps=6, **FAST)
     first = recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, **settings)
     assert first.report["stopped_by"] == "max_minutes" and first.report["steps"] == 1
-    # The budget was spent (by the held-out loss before training) before the step: it trained at rate 0.
     assert first.report["learning_rate"] == {"peak": 2e-2, "warmup_steps": 0, "decay_ends_at_step": 6,
-                                             "with_time_budget": True, "last": 0.0}
-    assert "decaying to zero at step 6 or as the 1e-06-minute budget runs out" in format_recovery(first.report)
-    plain = recover(compressed_dir, tmp_path / "plain", max_minutes=1e-6, budget_decay=False, **settings)
-    assert plain.report["learning_rate"]["last"] == 2e-2 and not plain.report["learning_rate"]["with_time_budget"]
+                                             "with_time_budget": False, "last": 2e-2}
+    assert "decaying to zero at step 6; 0.02 at the last step" in format_recovery(first.report)
+    # With --budget-decay the budget was spent (by the held-out loss before training) before the step:
+    # it trained at rate 0.
+    shaped = recover(compressed_dir, tmp_path / "shaped", max_minutes=1e-6, budget_decay=True, **settings)
+    assert shaped.report["learning_rate"]["last"] == 0.0 and shaped.report["learning_rate"]["with_time_budget"]
+    assert "decaying to zero at step 6 or as the 1e-06-minute budget runs out" in format_recovery(shaped.report)
     assert first.report["history"]["validation"][-1][0] == 1  # the last step is validated before stopping
     assert (tmp_path / ".out.recovery" / "checkpoint").is_dir() and (tmp_path / "out" / "config.json").is_file()
     second = recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)

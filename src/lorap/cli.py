@@ -394,9 +394,9 @@ def _add_recover(sub):
     p.add_argument("--decay-steps", type=int,
                    help="the learning rate reaches zero at step N (default: at the last step); training never runs "
                    "past it, and stops before it when --max-steps or --max-minutes is reached first")
-    p.add_argument("--no-budget-decay", dest="budget_decay", action="store_false",
-                   help="with --max-minutes, follow the step schedule alone (by default the rate is also held to the "
-                   "peak times the share of the budget left, so it reaches zero as the budget runs out)")
+    p.add_argument("--budget-decay", action="store_true",
+                   help="with --max-minutes, also hold the rate to the peak times the share of the budget left, so it "
+                   "reaches zero as the budget runs out (default: the step schedule alone)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
