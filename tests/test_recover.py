@@ -377,7 +377,8 @@ def test_a_run_started_before_data_mix_resumes_as_pooled_by_size(compressed_dir,
     recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, data_mix="size", **settings)
     run_file = tmp_path / ".out.recovery" / "run.json"
     run = json.loads(run_file.read_text())
-    del run["settings"]["data_mix"], run["settings"]["decay_steps"]  # what a version before --data-mix wrote
+    for newer in ("data_mix", "decay_steps", "budget_decay"):  # what a version before --data-mix wrote
+        del run["settings"][newer]
     run_file.write_text(json.dumps(run))
     with pytest.raises(LorapError, match="add --data-mix size"):
         recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)  # equal by default
@@ -414,12 +415,13 @@ def test_cli_recover(compressed_dir, tmp_path, corpus, capsys):
     notes.write_text(" ".join(f"note {i} of the list" for i in range(200)))
     code = main([
         "recover", str(compressed_dir), "--out", str(out), "--data", f"{corpus}+{notes}",  # equal shares by default
-        "--max-steps", "2", "--decay-steps", "50", "--cutoff", "64", "--val-size", "4", "--lora-r", "4", "--no-progress",
+        "--max-steps", "2", "--decay-steps", "50", "--budget-decay", "--cutoff", "64", "--val-size", "4", "--lora-r", "4",
+        "--no-progress",
     ])
     assert code == 0
     recovery = json.loads((out / "config.json").read_text())["lorap"]["recovery"]
     assert recovery["settings"]["lora_r"] == 4 and recovery["settings"]["data_mix"] == "equal"
-    assert recovery["settings"]["decay_steps"] == 50 and recovery["steps"] == 2
+    assert recovery["settings"]["decay_steps"] == 50 and recovery["settings"]["budget_decay"] and recovery["steps"] == 2
     printed = capsys.readouterr().out
     assert "validation loss" in printed
     shares = [part["train_share"] for part in recovery["data"]["sources"]]
