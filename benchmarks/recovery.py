@@ -108,16 +108,11 @@ def trained_on(rows) -> str:
 
 
 def schedule(rows: dict) -> str:
-    """How the learning rate of the rows moves, as each run's report records it: the default decay over
-    two epochs, of which a budget in minutes covers a small part; a decay that ends at the step a recipe
-    names (`--max-steps`); or one held to the share of the time budget left (`--budget-decay`)."""
+    """How the learning rate of the rows moves: the default decay over two epochs, of which a budget in
+    minutes covers a small part, or a decay that ends at the step a recipe names (`--max-steps`)."""
     fitted = {name: row["report"]["total_steps"] for name, row in rows.items() if "--max-steps" in recipe(name)[1]}
-    budget = [name for name, row in rows.items() if name not in fitted
-              and row["report"].get("learning_rate", {}).get("with_time_budget")]
-    default = [row["report"] for name, row in rows.items() if name not in fitted and name not in budget]
-    ends = "; ".join([*(f"`{name}`: linear decay to zero at step {steps}" for name, steps in fitted.items()),
-                      *(f"`{name}`: the rate held to the peak times the share of the budget left, so it decays "
-                        "linearly to zero as the budget runs out" for name in budget)])
+    default = [row["report"] for name, row in rows.items() if name not in fitted]
+    ends = "; ".join(f"`{name}`: linear decay to zero at step {steps}" for name, steps in fitted.items())
     if not default:
         return ends
     return ("the default linear decay over 2 epochs, of which the budget covers at most "

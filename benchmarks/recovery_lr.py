@@ -44,8 +44,7 @@ def measure(args) -> dict:
     rows = {}
     for lr in args.lrs.split(","):
         for decay in decays(args):
-            folder = sweep_folder(args) / (f"lr-{lr}" if decay == args.steps
-                                                                   else f"lr-{lr}-decay-{decay}")
+            folder = sweep_folder(args) / (f"lr-{lr}" if decay == args.steps else f"lr-{lr}-decay-{decay}")
             if not (folder / "recovery_report.json").is_file():
                 recover(compressed, folder, source_of(args.data), args.eval_every, args.val_size,
                         ["--data-mix", "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--decay-steps",
