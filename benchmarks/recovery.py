@@ -16,6 +16,7 @@ else may run beside them.
     .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
     .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl,full-wiki-perl-equal,dense-control-wiki-perl-equal --section recovery-two-domains
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes full-wiki-perl-equal,full-wiki-perl-equal-decayed --section recovery-best-50-decayed
+    .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes full-wiki-perl-equal,full-wiki-perl-equal-decayed,lora-wiki-perl-equal --section recovery-best-50-lora
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
 """
 import argparse
@@ -68,6 +69,9 @@ WIKI_PERL = {
                                      f"shares, peak rate {DECAYED_LR} decaying to zero at step {DECAYED_STEPS}",
                                      ["--full", "--lr", DECAYED_LR, "--data-mix", "equal",
                                       "--max-steps", str(DECAYED_STEPS)]),
+    # Today's recovery on the same text, for the 50% table: LoRA r 8 at its own default rate.
+    "lora-wiki-perl-equal": ("LoRA r 8, next-token loss (the paper's recovery), on `wiki` and Perl's documentation in "
+                             "equal shares", ["--lr", "1e-4", "--data-mix", "equal"]),
 }
 CONTROLS = (CONTROL, *[name for name in WIKI_PERL if name.startswith("dense-control")])
 # The judges: perplexity on each, by name. `wiki` is the training domain (its test split); the others
@@ -281,8 +285,13 @@ def main() -> None:
     args = parser.parse_args()
     calibrated = "" if args.calibration == "wiki" else f"-calibrated-{args.calibration}"
     args.work = args.work or ROOT / "runs" / f"bench-recovery-{args.preset}-{args.ratio}{calibrated}-{args.minutes:g}min"
-    measured = measure(args) if not args.page_only else json.loads((args.work / "measured.json").read_text())
-    (args.work / "measured.json").write_text(json.dumps(measured))
+    # One record per section: sections that share a work folder (and so its recoveries and evaluations)
+    # show different rows, and each must stay regenerable with --page-only.
+    record = args.work / f"measured-{args.section}.json"
+    if args.page_only and not record.is_file():
+        sys.exit(f"no {record.name} in {args.work}: run this section without --page-only first")
+    measured = json.loads(record.read_text()) if args.page_only else measure(args)
+    record.write_text(json.dumps(measured))
     update_section(args.page, args.section, page(args, measured))
     print(f"wrote {args.page} ({args.section})", file=sys.stderr)
 
