@@ -13,6 +13,7 @@ else may run beside them.
     .venv/bin/python benchmarks/recovery.py                       # 20%, 8 min a recipe and the dense control
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --minutes 60 --section recovery-best-50
     .venv/bin/python benchmarks/recovery.py --preset paper --recipes lora,full --section recovery-paper-20
+    .venv/bin/python benchmarks/recovery.py --recipes lora,full,full-2e-4 --section recovery-best-20-lora
     .venv/bin/python benchmarks/recovery.py --recipes full,full-wiki-perl,dense-control-wiki-perl --seqlens 128 --section recovery-wiki-perl
     .venv/bin/python benchmarks/recovery.py --calibration wiki+perldoc --minutes 30 --recipes full-wiki-perl,full-wiki-perl-equal,dense-control-wiki-perl-equal --section recovery-two-domains
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes full-wiki-perl-equal,full-wiki-perl-equal-decayed --section recovery-best-50-decayed
@@ -34,11 +35,12 @@ from debian_text import debian_text
 ROOT = Path(__file__).resolve().parent.parent
 LORAP = [sys.executable, "-m", "lorap.cli"]
 # name -> (what the row is, the recover options). Learning rates: LoRA at the paper's 1e-4; every
-# weight at 5e-5 (the probes).
+# weight at 5e-5 (the probes), or at 2e-4 (lorap's default for --full since the rate sweeps).
 RECIPES = {
     "lora": ("LoRA r 8, next-token loss (the paper's recovery)", ["--lr", "1e-4"]),
     "lora-kd": ("LoRA r 8, distillation from the dense model", ["--lr", "1e-4", "--teacher", "base"]),
     "full": ("every weight, next-token loss", ["--full", "--lr", "5e-5"]),
+    "full-2e-4": ("every weight, next-token loss, at the default rate of `--full` (2e-4)", ["--full", "--lr", "2e-4"]),
     "full-kd": ("every weight, distillation from the dense model", ["--full", "--lr", "5e-5", "--teacher", "base"]),
     "full-kd-mix": ("every weight, half distillation (T 2), half next-token",
                     ["--full", "--lr", "5e-5", "--teacher", "base", "--kd-weight", "0.5", "--kd-temperature", "2"]),

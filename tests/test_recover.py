@@ -260,6 +260,15 @@ def test_decay_steps_set_where_the_rate_reaches_zero_apart_from_where_training_s
             RecoveryConfig(decay_steps=bad).validate()
 
 
+def test_the_default_peak_rate_is_the_papers_for_lora_and_the_measured_one_for_full():
+    from lorap.recover.config import FULL_LR, LORA_LR
+
+    assert (LORA_LR, FULL_LR) == (1e-4, 2e-4)  # the paper's; docs/recovery.md's sweeps at 20% and 50%
+    assert RecoveryConfig().lr == LORA_LR and RecoveryConfig(full=True).lr == FULL_LR
+    assert RecoveryConfig(full=True, lr=5e-5).lr == 5e-5  # an explicit rate is kept
+    assert RecoveryConfig(full=True).to_dict()["lr"] == FULL_LR  # the recorded settings hold the rate used
+
+
 def test_a_time_budget_holds_the_rate_to_the_share_of_it_left():
     schedule = Schedule(400, 1, 1, 1, max_steps=None, warmup=None, lr=1.0, seed=0)  # 400 steps, warmup 40
     assert schedule.warmup_steps == 40
@@ -389,6 +398,16 @@ def test_a_run_started_before_data_mix_resumes_as_pooled_by_size(compressed_dir,
     assert "data_mix" not in json.loads((tmp_path / ".single.recovery" / "run.json").read_text())["settings"]
     assert recover(compressed_dir, tmp_path / "single", resume=True, overwrite=True, data=corpus, max_steps=3,
                    data_mix="size", **FAST).report["steps"] == 3
+
+
+def test_a_full_run_started_at_the_old_default_rate_is_told_which_rate_to_resume_with(compressed_dir, tmp_path,
+                                                                                         corpus):
+    settings = dict(data=corpus, max_steps=3, full=True, **{k: v for k, v in FAST.items() if k != "lr"})
+    recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, lr=1e-4, **settings)  # what --full did before
+    with pytest.raises(LorapError, match="started with --lr 0.0001: pass that again"):
+        recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)  # now 2e-4 by default
+    resumed = recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, lr=1e-4, **settings)
+    assert resumed.report["steps"] == 3 and resumed.report["learning_rate"]["peak"] == 1e-4
 
 
 def test_instruction_recovery_keeps_the_adapter(compressed_dir, tmp_path):

@@ -162,6 +162,7 @@ def test_cli_full_distillation(compressed_dir, tmp_path, corpus, capsys):
     printed = capsys.readouterr().out
     assert "full (every weight but the embeddings and LM head)" in printed and "0.8 x distillation (T 2)" in printed
     assert "held-out next-token loss" in printed
+    assert "learning rate: peak 0.0002" in printed  # --full without --lr: the default rate of full fine-tuning
     assert main(["recover", str(compressed_dir), "--out", str(tmp_path / "x"), "--kd-weight", "2",
                  "--teacher", "base"]) == 2
     assert "[0, 1]" in capsys.readouterr().err

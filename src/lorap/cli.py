@@ -374,7 +374,7 @@ def _add_recover(sub):
         description="Recovery after compression: LoRA on every linear layer of the decoder (dense projections and "
         "both factors of each factorized one), or every weight with --full; next-token loss, or distillation from "
         "the dense model with --teacher base. The best state by held-out loss is saved. "
-        "LoRA defaults follow the paper: r 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, cutoff 256.",
+        "LoRA defaults follow the paper: r 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, cutoff 256 (--full: lr 2e-4).",
     )
     p.add_argument("checkpoint", type=Path, help="lorap checkpoint folder (from `lorap compress`)")
     p.add_argument("--out", type=Path, required=True, help="recovered checkpoint folder to write")
@@ -397,7 +397,8 @@ def _add_recover(sub):
     p.add_argument("--budget-decay", action="store_true",
                    help="with --max-minutes, also hold the rate to the peak times the share of the budget left, so it "
                    "reaches zero as the budget runs out (default: the step schedule alone)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float,
+                   help="peak learning rate (default: 1e-4 for LoRA, 2e-4 with --full, chosen on held-out text)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")

@@ -8,12 +8,18 @@ from ..errors import LorapError
 # "size" keeps every example of each, so a large corpus dominates. Equal is the default because it
 # measured better in and out of domain (docs/recovery.md, "recovered 30 minutes ... on two domains").
 DATA_MIXES = ("equal", "size")
+# The peak learning rate when none is given. LoRA keeps the paper's 1e-4. Full fine-tuning takes the
+# rate that left the lowest held-out loss (windows of the training text's own train split) at both
+# 20% and 50% of the default model, among 5e-5, 2e-4 and 8e-4 (docs/recovery.md: recovery-lr-20,
+# recovery-lr-50).
+LORA_LR = 1e-4
+FULL_LR = 2e-4
 
 
 @dataclass
 class RecoveryConfig:
-    """One recovery run. Defaults follow method.md: r 8, alpha 16, dropout 0.05, lr 1e-4,
-    2 epochs, cutoff 256 tokens, 2000 held-out examples (at most 5% of the data)."""
+    """One recovery run. Defaults follow method.md: r 8, alpha 16, dropout 0.05, lr 1e-4 (2e-4 with
+    full), 2 epochs, cutoff 256 tokens, 2000 held-out examples (at most 5% of the data)."""
 
     data: str | None = None  # None: alpaca-cleaned when the hub can be reached, else wiki (train)
     data_mix: str = "equal"  # sources pooled with '+': "equal" shares, or "size" (each in proportion to its size)
@@ -25,7 +31,7 @@ class RecoveryConfig:
     # budget runs out. Off by default: at 430 steps of the 50% run, decaying to zero did no better on
     # held-out text than a rate that barely decays (docs/recovery.md, the schedule control).
     budget_decay: bool = False
-    lr: float = 1e-4
+    lr: float | None = None  # peak learning rate; None: LORA_LR, or FULL_LR with full (set when the run is made)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -45,6 +51,11 @@ class RecoveryConfig:
     kd_weight: float = 1.0  # share of the distillation term in the loss (the rest: next-token loss)
     kd_temperature: float = 1.0
     kd_hidden_weight: float = 0.0  # weight of the layer-output matching term (0: off)
+
+    def __post_init__(self):
+        # Resolved here, so the recorded settings (and a resumption's comparison with them) hold the rate used.
+        if self.lr is None:
+            self.lr = FULL_LR if self.full else LORA_LR
 
     @property
     def distills(self) -> bool:

@@ -271,5 +271,8 @@ def _check_resume(work: WorkFolder, run: dict, resume: bool):
             "or delete that folder to start over"
             + (" (a run started before --data-mix pooled its sources by size: add --data-mix size)"
                if "settings.data_mix" in changed else "")
+            # The default rate of --full changed (1e-4 to 2e-4): name the rate the run was started with.
+            + (f" (it was started with --lr {saved['settings']['lr']:g}: pass that again)"
+               if "settings.lr" in changed and "lr" in saved.get("settings", {}) else "")
         )
     return "checkpoint"
