@@ -273,6 +273,6 @@ def _check_resume(work: WorkFolder, run: dict, resume: bool):
                if "settings.data_mix" in changed else "")
             # The default rate of --full changed (1e-4 to 2e-4): name the rate the run was started with.
             + (f" (it was started with --lr {saved['settings']['lr']:g}: pass that again)"
-               if "settings.lr" in changed and "lr" in saved.get("settings", {}) else "")
+               if "settings.lr" in changed and "lr" in (saved or {}).get("settings", {}) else "")
         )
     return "checkpoint"
