@@ -404,7 +404,7 @@ def test_a_full_run_started_at_the_old_default_rate_is_told_which_rate_to_resume
                                                                                          corpus):
     settings = dict(data=corpus, max_steps=3, full=True, **{k: v for k, v in FAST.items() if k != "lr"})
     recover(compressed_dir, tmp_path / "out", max_minutes=1e-6, lr=1e-4, **settings)  # what --full did before
-    with pytest.raises(LorapError, match="started with --lr 0.0001: pass that again"):
+    with pytest.raises(LorapError, match="lr differ; it was started with lr=0.0001"):
         recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, **settings)  # now 2e-4 by default
     resumed = recover(compressed_dir, tmp_path / "out", resume=True, overwrite=True, lr=1e-4, **settings)
     assert resumed.report["steps"] == 3 and resumed.report["learning_rate"]["peak"] == 1e-4

@@ -262,17 +262,19 @@ def _check_resume(work: WorkFolder, run: dict, resume: bool):
             saved.get("settings", {}).setdefault(name, before)
     if saved != run:
         changed = sorted(k for k in set(run) | set(saved or {}) if (saved or {}).get(k) != run.get(k))
+        started = ""
         if "settings" in changed:
             old, new = (saved or {}).get("settings", {}), run["settings"]
-            changed += [f"settings.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            settings = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changed += [f"settings.{k}" for k in settings]
+            # The values to pass again, e.g. a default that changed since (--lr of --full: 1e-4, now 2e-4).
+            if any(k in old for k in settings):
+                started = "; it was started with " + ", ".join(f"{k}={old[k]!r}" for k in settings if k in old)
         raise LorapError(
-            f"cannot resume: the run in {work.path} was started differently ({', '.join(changed)} differ). "
+            f"cannot resume: the run in {work.path} was started differently ({', '.join(changed)} differ{started}). "
             "Use the same source, data and settings (only --max-minutes and --save-every may change), "
             "or delete that folder to start over"
             + (" (a run started before --data-mix pooled its sources by size: add --data-mix size)"
                if "settings.data_mix" in changed else "")
-            # The default rate of --full changed (1e-4 to 2e-4): name the rate the run was started with.
-            + (f" (it was started with --lr {saved['settings']['lr']:g}: pass that again)"
-               if "settings.lr" in changed and "lr" in (saved or {}).get("settings", {}) else "")
         )
     return "checkpoint"
