@@ -13,7 +13,10 @@ averaged over the rows, is within TOLERANCE of the best candidate's: larger mult
 (a coarser grid of ranks), so they must buy speed to be chosen.
 
     .venv/bin/python benchmarks/align_choice.py            # section align-choice of docs/speed.md
-    .venv/bin/python benchmarks/align_choice.py --device cuda
+    python benchmarks/align_choice.py --device cuda --dtype bfloat16
+
+On CUDA every sweep also runs at 4096 tokens (eight 512-token sequences): shorter GEMMs of these
+shapes are too small to keep a GPU busy, so the tile sizes the multiple is about show there.
 """
 import argparse
 import os
@@ -28,6 +31,7 @@ from docsection import machine_line, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES = (1, 8, 16, 32, 64, 128)
+GPU_TOKENS = 4096  # the token count every sweep adds on CUDA
 TOLERANCE = 0.01
 # (label, hidden size, first width, how many consecutive widths, kind, token counts)
 SWEEPS = [
@@ -109,7 +113,7 @@ def main() -> None:
         f"## Which multiple to align to ({args.device}, {args.dtype})",
         "",
         "Written by `benchmarks/align_choice.py"
-        + (f" --device {args.device}" if args.device != "cpu" else "") + "`: consecutive ranks or FFN widths of real "
+        + (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "") + "`: consecutive ranks or FFN widths of real "
         "shapes timed as a compressed model runs them (medians of "
         f"{args.repeats} sweeps, every width visited in each). A cell is how much faster per unit of width the "
         "multiples of N run than the average width: 1.10 means the multiples of N are 10% faster. The default is "
@@ -123,7 +127,7 @@ def main() -> None:
     rows = []
     load_before = os.getloadavg()[0]
     for label, hidden, first, count, kind, token_counts in SWEEPS:
-        for tokens in token_counts:
+        for tokens in token_counts + ((GPU_TOKENS,) if device.type == "cuda" else ()):
             print(f"{label}, {tokens} tokens", file=sys.stderr, flush=True)
             row = gains(_sweep(hidden, first, count, kind, tokens, args.repeats, dtype, device))
             rows.append(row)

@@ -1,4 +1,5 @@
 """Write one benchmark's table into its own marked section of a docs page, leaving the rest alone."""
+import os
 import platform
 import re
 import subprocess
@@ -6,8 +7,15 @@ from pathlib import Path
 
 
 def head_commit(cwd=None) -> str:
-    """The short hash of the checked-out commit ('' outside a git checkout)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd).stdout.strip()
+    """The short hash of the checked-out commit: $LORAP_COMMIT where set (a copy of the tree without
+    its git folder, as on a borrowed GPU machine), else git's answer ('' outside a git checkout)."""
+    if os.environ.get("LORAP_COMMIT"):
+        return os.environ["LORAP_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=cwd).stdout.strip()
+    except OSError:  # no git on this machine
+        return ""
 
 
 def machine_line() -> str:
@@ -26,8 +34,9 @@ def machine_line() -> str:
     except OSError:
         pass
     commit = head_commit()
+    gpu = f"GPU {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no GPU"
     return (
-        f"Machine: {cpu}, {torch.get_num_threads()} threads, no GPU. lorap {__version__} (commit {commit or 'unknown'}), "
+        f"Machine: {cpu}, {torch.get_num_threads()} threads, {gpu}. lorap {__version__} (commit {commit or 'unknown'}), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}."
     )
 

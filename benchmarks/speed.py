@@ -15,6 +15,11 @@ importable (benchmarks/plain_transformers_speed.py).
 
     .venv/bin/python benchmarks/speed.py                      # every section into docs/speed.md
     .venv/bin/python benchmarks/speed.py --only speed         # one section
+    python benchmarks/speed.py --only speed-cuda              # on a machine with a GPU: section speed-cuda
+
+Section `speed-cuda`: the same comparison on a GPU, whole models in bf16 (LLaMA-2-7B and
+LLaMA-3-8B fit there), prefill at 512 and 2048 tokens (batch 1 and 8) and decode, each row in its
+own process; the section is rewritten after every row, so a run cut short keeps what it measured.
 The multiple --align defaults to is chosen by benchmarks/align_choice.py (same page).
 """
 import argparse
@@ -31,6 +36,7 @@ LORAP = [sys.executable, "-m", "lorap.cli"]
 CONFIGS = ROOT / "benchmarks" / "configs"
 
 LLAMA2, LLAMA3 = str(CONFIGS / "llama-2-7b.json"), str(CONFIGS / "llama-3-8b.json")
+SMOLLM2 = str(CONFIGS / "smollm2-135m.json")  # the built-in model's shapes, for machines without its weights
 ONE_LAYER = ["--layers", "1"]
 # (label, model argument, plan arguments, extra bench arguments)
 SPEED_ROWS = [
@@ -49,6 +55,20 @@ SPEED_ROWS = [
     ("SmolLM2-135M, best exact 20%, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"],
      ["--dtype", "bfloat16"]),
 ]
+# On a GPU: whole models, bf16. --align 64 is written out, not "auto", so that a row says what it ran
+# whatever the default of the day. (label, model, plan arguments, extra bench arguments)
+CUDA_ROWS = [
+    ("LLaMA-2-7B, paper 20%", LLAMA2, ["--ratio", "0.2"], []),
+    ("LLaMA-2-7B, paper 20%, --align 64", LLAMA2, ["--ratio", "0.2", "--align", "64"], []),
+    ("LLaMA-2-7B, paper 20%, --align 64, factor pairs unfused", LLAMA2, ["--ratio", "0.2", "--align", "64"], ["--unfused"]),
+    ("LLaMA-2-7B, paper 50%, --align 64", LLAMA2, ["--ratio", "0.5", "--align", "64"], []),
+    ("LLaMA-2-7B, best 20%, --align 64", LLAMA2, ["--ratio", "0.2", "--preset", "best", "--align", "64"], []),
+    ("LLaMA-3-8B (GQA), paper 20%, --align 64", LLAMA3, ["--ratio", "0.2", "--align", "64"], []),
+    ("SmolLM2-135M shapes, best exact 20%", SMOLLM2, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], []),
+]
+# 64 new tokens, not 128: a borrowed GPU's minutes are few, and eager decode on a GPU is steady
+CUDA_TIMING = ["--device", "cuda", "--dtype", "bfloat16", "--prefill", "512,2048", "--batch", "1,8", "--warmup", "1",
+               "--new-tokens", "64"]
 # (preset, --align): the built-in model at exact 20%, unaligned and at the device's default ("auto", which
 # also keeps dense a factor pair too large to run faster; best's default, not the paper's)
 QUALITY_ROWS = [("paper", "1"), ("paper", "auto"), ("best", "1"), ("best", "auto")]
@@ -59,7 +79,7 @@ def run(command: list) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def _predicted(model, plan_args: list, work: Path, index: int) -> dict:
+def _predicted(model, plan_args: list, work: Path, index) -> dict:
     """What `lorap plan` predicts for the whole model (its micro-benchmark of the plan's layers)."""
     out = work / f"plan-{index}.json"
     done = subprocess.run([*LORAP, "plan", *([model] if model else []), *plan_args, "--json"], check=True, cwd=ROOT,
@@ -129,6 +149,55 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
             f"| {guess} | {load['before']:.1f} / {load['after']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def cuda_section(work: Path, repeats: int, page: Path) -> None:
+    """Section speed-cuda, rewritten after every row (a failed row says so and the rest go on)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--only speed-cuda needs a machine with a CUDA GPU")
+    head = [
+        "## Dense vs compressed on a GPU, whole models, bf16",
+        "",
+        "Written by `benchmarks/speed.py --only speed-cuda` (`lorap bench --device cuda --dtype bfloat16`, random "
+        "weights in the plan's shapes, every decoder layer: the whole model is timed). Dense and compressed are "
+        f"timed interleaved in one process, {repeats} rounds after one warm-up, by CUDA events; speedups are paired "
+        "as in the CPU table above, with the quartiles of the per-round ratios in brackets, and `layers` is the "
+        "decoder layers alone (CUDA events recorded by forward hooks, no synchronisation inside the forward). "
+        "Runtime: plain transformers eager mode (no CUDA graphs, no compilation), q/k/v's right factors fused "
+        "unless a row says unfused. `predicted` is `lorap plan`'s micro-benchmark on the same GPU (prefill 512 / "
+        "decode).",
+        "",
+        machine_line(),
+        "",
+        "| model and method | parameters, dense -> compressed | prefill 512 | prefill 2048 | prefill 8 x 2048 "
+        "| decode (64 after 128) | predicted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines = []
+    for index, (label, model, plan_args, bench_args) in enumerate(CUDA_ROWS):
+        out = work / f"speed-cuda-{index}.json"
+        try:
+            predicted = _predicted(model, plan_args, work, f"cuda-{index}")
+            run([*LORAP, "bench", model, *plan_args, *bench_args, *CUDA_TIMING, "--repeats", str(repeats),
+                 "--json", str(out)])
+        except subprocess.CalledProcessError as error:
+            print(error.stderr or "", file=sys.stderr)
+            lines.append(f"| {label} | failed (exit status {error.returncode}); see the run's log | | | | | |")
+            update_section(page, "speed-cuda", "\n".join(head + lines))
+            continue
+        report = json.loads(out.read_text())
+        params = report["parameters"]
+        cells = [_cell(report["prefill"][key]) if key in report["prefill"] else "-" for key in ("1x512", "1x2048", "8x2048")]
+        guess = (f"{predicted['prefill']['speedup']:.2f}x / {predicted['decode']['speedup']:.2f}x"
+                 if "skipped" not in predicted else "-")
+        lines.append(
+            f"| {label} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
+            f"({params['dense'] / params['compressed']:.2f}x fewer) | {' | '.join(cells)} | {_cell(report['decode'])} "
+            f"| {guess} |"
+        )
+        update_section(page, "speed-cuda", "\n".join(head + lines))
 
 
 def real_section(work: Path, repeats: int) -> str:
@@ -225,7 +294,7 @@ def _ranks(layers: list, name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["speed", "align-quality", "real"])
+    parser.add_argument("--only", choices=["speed", "align-quality", "real", "speed-cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
@@ -240,6 +309,8 @@ def main() -> None:
         update_section(args.page, "align-quality", quality_section(args.work, args.max_tokens, args.samples))
     if args.only in (None, "real"):
         update_section(args.page, "real", real_section(args.work, args.repeats))
+    if args.only == "speed-cuda":  # never part of a run of every section: it needs a GPU
+        cuda_section(args.work, args.repeats, args.page)
     if args.only in (None, "speed"):
         timing = ["--prefill", "128,512", "--batch", "1", "--repeats", str(args.repeats), "--warmup", "1"]
         update_section(args.page, "speed", speed_section(args.work, timing, args.rows))

@@ -159,3 +159,41 @@ def test_first_layers_keeps_the_rest_of_the_config():
     config = tiny_config("llama_gqa", num_hidden_layers=3)
     cut = first_layers(config, 1)
     assert cut.num_hidden_layers == 1 and config.num_hidden_layers == 3 and cut.hidden_size == config.hidden_size
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+def test_random_models_are_built_on_the_gpu_with_the_plans_shapes():
+    config = tiny_config("llama_gqa", num_hidden_layers=3)
+    plan = make_plan(config, config_for("paper", ratio=0.4).plan_settings())
+    compressed = random_model(config, torch.bfloat16, torch.device("cuda"), layout=plan.layout(), fuse=True)
+    assert {p.device.type for p in compressed.parameters()} == {"cuda"}
+    assert {p.dtype for p in compressed.parameters()} == {torch.bfloat16}
+    assert count_parameters(compressed) == plan.compressed_parameters
+
+
+@needs_gpu
+def test_layer_clock_on_the_gpu_reads_events_inside_the_forward():
+    config = tiny_config("llama_gqa", num_hidden_layers=3)
+    model = random_model(config, torch.float32, torch.device("cuda"))
+    device = torch.device("cuda")
+    clock = timing.LayerClock(model.model.layers, device)
+    ids = timing.prompt_ids(config.vocab_size, 64, device)
+    whole = [timing.prefill_seconds(model, ids) for _ in range(3)]
+    inside = clock.seconds(64)
+    clock.remove()
+    assert len(inside) == 3 and all(len(times) == 3 for times in clock.per_layer)
+    assert all(0 < layers < total for layers, total in zip(inside, whole))
+
+
+@needs_gpu
+def test_bench_on_the_gpu_times_with_cuda_events(config_file, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(config_file), "--ratio", "0.4", "--device", "cuda", "--dtype", "bfloat16", *QUICK,
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["protocol"]["timer"] == "CUDA events" and report["device"]["type"] == "cuda"
+    for row in [*report["prefill"].values(), report["decode"]]:
+        assert row["speedup"] > 0 and all(ms > 0 for ms in row["layers_ms"].values())

@@ -37,11 +37,15 @@ def random_model(config, dtype: torch.dtype, device, layout: list | None = None,
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    architecture = Architecture(config).record()
-    if layout is not None:
-        apply_layout(model, layout[: config.num_hidden_layers], architecture)
-    model.to(device).eval()
+    # Built where it runs: on a GPU, initialising two 7B models' random weights on the host and
+    # copying them over takes minutes; on the device, seconds. (apply_layout's new modules follow
+    # the weights they replace.)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        architecture = Architecture(config).record()
+        if layout is not None:
+            apply_layout(model, layout[: config.num_hidden_layers], architecture)
+    model.eval()
     if fuse:
-        fuse_factor_pairs(model, architecture)  # after the move: fusing binds the weights where they are
+        fuse_factor_pairs(model, architecture)  # on its device: fusing binds the weights where they are
     return model

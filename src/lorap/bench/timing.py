@@ -120,39 +120,72 @@ def lockstep_decode(models: dict, prompt: torch.Tensor, new_tokens: int) -> dict
 
 
 class LayerClock:
-    """Seconds spent inside each decoder layer, by forward hooks (synchronised on CUDA).
+    """Seconds spent inside each decoder layer, by forward hooks.
 
     `forwards` holds one entry per forward of the model: (tokens it carried, seconds inside all of
     its layers), so the time compression can change is told apart from what it never touches
     (embeddings, LM head, generation's bookkeeping). `per_layer` holds each layer's own times.
+
+    On a CPU the hooks read the clock. On CUDA they record events instead and never synchronise:
+    a synchronisation per layer would stall the host between layers, and on a GPU whose decode
+    is bound by how fast the host launches kernels that would time the hooks, not the layers.
+    The events are read when a result is asked for.
     """
 
     def __init__(self, layers, device):
         self.device, self.layers = device, list(layers)
-        self.forwards, self.per_layer, self._started, self._handles = [], [[] for _ in self.layers], {}, []
+        self._on_gpu = device.type == "cuda"
+        self._forwards, self._per_layer, self._pending, self._started, self._handles = [], [], [], {}, []
+        self.clear()
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._start(index), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._stop(index)))
+
+    def _now(self):
+        if self._on_gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     def _start(self, index):
         def hook(module, args, kwargs):
             if index == 0:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                self.forwards.append([hidden.shape[-2], 0.0])
-            sync(self.device)
-            self._started[index] = time.perf_counter()
+                self._forwards.append([hidden.shape[-2], 0.0])
+            self._started[index] = self._now()
         return hook
 
     def _stop(self, index):
         def hook(module, args, output):
-            sync(self.device)
-            seconds = time.perf_counter() - self._started[index]
-            self.per_layer[index].append(seconds)
-            self.forwards[-1][1] += seconds
+            # (which forward, which layer, start, stop): resolved into seconds by _settle
+            self._pending.append((len(self._forwards) - 1, index, self._started[index], self._now()))
         return hook
 
+    def _settle(self) -> None:
+        """Turn the recorded starts and stops into seconds (on CUDA, after the events completed)."""
+        if not self._pending:
+            return
+        if self._on_gpu:
+            self._pending[-1][3].synchronize()
+        for forward, index, start, stop in self._pending:
+            seconds = start.elapsed_time(stop) / 1000 if self._on_gpu else stop - start
+            self._per_layer[index].append(seconds)
+            self._forwards[forward][1] += seconds
+        self._pending = []
+
+    @property
+    def forwards(self) -> list:
+        self._settle()
+        return self._forwards
+
+    @property
+    def per_layer(self) -> list:
+        self._settle()
+        return self._per_layer
+
     def clear(self) -> None:
-        self.forwards, self.per_layer = [], [[] for _ in self.layers]
+        self._forwards, self._per_layer, self._pending = [], [[] for _ in self.layers], []
 
     def seconds(self, tokens: int, skip: int = 0) -> list[float]:
         """Seconds inside the layers of each forward that carried `tokens` tokens, in order, after

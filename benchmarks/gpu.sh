@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything lorap measures and tests on a GPU, in one go (a machine with CUDA and lorap's
+# requirements; the CPU machines CI and the default job run on never need it):
+#   - the tests that need CUDA (skipped elsewhere);
+#   - docs/speed.md's GPU sections: which multiple --align should default to on CUDA
+#     (align-choice-cuda), when a factor pair beats its dense matrix there (pair-break-even-cuda),
+#     and dense against compressed whole models (speed-cuda).
+#
+#   bash benchmarks/gpu.sh [RESULTS_DIR]
+#
+# PYTHON picks the interpreter (default python3). Each step runs even when one before it failed;
+# the exit status says whether every step passed. With RESULTS_DIR, the log, docs/speed.md and the
+# benchmarks' JSON records (one archive) are copied there as each step ends.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${1:-}
+WORK=runs/bench-speed
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$WORK"
+status=0
+
+save() {
+    [ -n "$RESULTS" ] || return 0
+    mkdir -p "$RESULTS"
+    cp docs/speed.md "$RESULTS/speed.md"
+    tar -czf "$RESULTS/records.tar.gz" -C "$WORK" . 2>/dev/null
+}
+
+step() {
+    echo "== $* ($(date -u +%T))"
+    "$@" || { echo "== FAILED ($?): $*"; status=1; }
+    save
+}
+
+step nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+step "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), '| transformers', transformers.__version__)"
+step timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_bench.py tests/test_streaming.py -k "gpu or cuda"
+step timeout 150 "$PY" benchmarks/align_choice.py --device cuda --dtype bfloat16
+step timeout 120 "$PY" benchmarks/pair_break_even.py --device cuda --dtype bfloat16
+step "$PY" benchmarks/speed.py --only speed-cuda --repeats 3 --work "$WORK"
+exit $status
