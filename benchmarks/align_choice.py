@@ -3,22 +3,27 @@
 A rank or width the GEMM kernels handle badly wastes the saving (issue: rank 1228 prefilled 1.04x
 faster than dense where 1216 gave 1.25x). This sweeps consecutive ranks / widths of real shapes,
 times the matrices exactly as a compressed model runs them, and asks, for each candidate multiple
-N: how much faster per unit of width are the multiples of N than the average width?
+N: how much faster are the multiples of N than the widths around them?
 
-    speed gain of N = mean over all widths w of (time(w) / w)  /  mean over multiples of N of (time(w) / w)
+    speed gain of N = mean over multiples m of N of  (m / time(m)) / (mean of w / time(w) over w within N/2 of m)
 
 Times are medians of `--repeats` sweeps, each sweep visiting every width in turn (so a slow spell
 of the shared machine falls on all widths alike). The default N is the smallest candidate whose gain,
 averaged over the rows, is within TOLERANCE of the best candidate's: larger multiples cost quality
 (a coarser grid of ranks), so they must buy speed to be chosen.
 
-    .venv/bin/python benchmarks/align_choice.py            # section align-choice of docs/speed.md
+    .venv/bin/python benchmarks/align_choice.py            # section align-choice-cpu of docs/speed.md
     python benchmarks/align_choice.py --device cuda --dtype bfloat16
+    .venv/bin/python benchmarks/align_choice.py --device cuda --page-only   # from the stored record
+
+Every run stores the medians of every width (runs/bench-align/align-choice-DEVICE.json, with the
+machine it ran on), so the section can be rewritten without measuring again.
 
 On CUDA every sweep also runs at 4096 tokens (eight 512-token sequences): shorter GEMMs of these
 shapes are too small to keep a GPU busy, so the tile sizes the multiple is about show there.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -87,10 +92,29 @@ def _timed(x, weights, kind, calls, device) -> float:
 
 
 def gains(times: dict) -> dict:
-    per_width = {w: t / w for w, t in times.items()}
-    average = statistics.mean(per_width.values())
-    return {n: average / statistics.mean(v for w, v in per_width.items() if w % n == 0)
-            for n in CANDIDATES if any(w % n == 0 for w in per_width)}
+    """{N: how much more width per second the multiples of N run than the widths around them}.
+
+    For each multiple m of N: its width per second (m / time) over the mean width per second of
+    the widths within N/2 of m (a window symmetric about m, narrowed at the row's ends); then the
+    mean of that over the multiples. Comparing each multiple with its neighbours, not with the
+    row's average, leaves a row whose time does not depend on the width at 1 for every N (a GPU
+    launching kernels too small to fill it), and a row whose time grows evenly with the width too:
+    a large N has few multiples, and against the average they would win or lose by where they lie.
+    """
+    widths = sorted(times)
+    first, last = widths[0], widths[-1]
+    result = {}
+    for n in CANDIDATES:
+        ratios = []
+        for m in widths:
+            reach = min(n // 2, m - first, last - m)
+            if m % n or (n > 1 and reach == 0):  # a multiple at the row's very end has no neighbours
+                continue
+            around = [w / times[w] for w in range(m - reach, m + reach + 1) if w in times]
+            ratios.append((m / times[m]) / statistics.mean(around))
+        if ratios:
+            result[n] = statistics.mean(ratios)
+    return result
 
 
 def choose(rows: list) -> int:
@@ -99,47 +123,76 @@ def choose(rows: list) -> int:
     return min(n for n, gain in mean_gain.items() if gain >= best * (1 - TOLERANCE))
 
 
+def measure(device, dtype, repeats: int) -> dict:
+    """The record a section is written from: what was timed, where, and every width's median."""
+    rows = []
+    load_before = os.getloadavg()[0]
+    for label, hidden, first, count, kind, token_counts in SWEEPS:
+        for tokens in token_counts + ((GPU_TOKENS,) if device.type == "cuda" else ()):
+            print(f"{label}, {tokens} tokens", file=sys.stderr, flush=True)
+            seconds = _sweep(hidden, first, count, kind, tokens, repeats, dtype, device)
+            rows.append({"label": f"{label}, widths {first}-{first + count - 1}", "tokens": tokens,
+                         "seconds": {str(w): t for w, t in seconds.items()}})
+    return {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
+            "machine": machine_line(), "load_average": [load_before, os.getloadavg()[0]], "rows": rows}
+
+
+def section(record: dict) -> tuple[str, int]:
+    """(the markdown section, the chosen N) of a measured record."""
+    device, dtype = record["device"], record["dtype"]
+    lines = [
+        f"## Which multiple to align to ({device}, {dtype})",
+        "",
+        "Written by `benchmarks/align_choice.py" + (f" --device {device} --dtype {dtype}" if device != "cpu" else "")
+        + "`: consecutive ranks or FFN widths of real shapes timed as a compressed model runs them (medians of "
+        f"{record['repeats']} sweeps, every width visited in each). A cell is how much more width per second the multiples of N "
+        "run than the widths around them (within N/2): 1.10 means the multiples of N are 10% faster per unit of "
+        "width than their neighbours. The default is the smallest N within "
+        f"{TOLERANCE:.0%} of the best average gain.",
+        "",
+        record["machine"],
+        "",
+        "| shapes | tokens | " + " | ".join(f"N = {n}" for n in CANDIDATES) + " |",
+        "|---|---:|" + "---:|" * len(CANDIDATES),
+    ]
+    rows = []
+    for measured in record["rows"]:
+        row = gains({int(w): t for w, t in measured["seconds"].items()})
+        rows.append(row)
+        lines.append(f"| {measured['label']} | {measured['tokens']} | "
+                     + " | ".join(f"{row[n]:.3f}" if n in row else "-" for n in CANDIDATES) + " |")
+    chosen = choose(rows)
+    mean_gain = {n: statistics.mean(row[n] for row in rows if n in row) for n in CANDIDATES}
+    lines.append("| **mean** | | " + " | ".join(f"**{mean_gain[n]:.3f}**" for n in CANDIDATES) + " |")
+    before, after = record["load_average"]
+    lines += ["", f"Chosen default for {device}: **N = {chosen}**. Load average (1 minute): {before:.1f} before, "
+              f"{after:.1f} after."]
+    return "\n".join(lines), chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--record", type=Path, help="the measured record (default: runs/bench-align/align-choice-DEVICE.json)")
+    parser.add_argument("--page-only", action="store_true",
+                        help="rewrite the section from the record of an earlier run instead of measuring")
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    header = "| shapes | tokens | " + " | ".join(f"N = {n}" for n in CANDIDATES) + " |"
-    lines = [
-        f"## Which multiple to align to ({args.device}, {args.dtype})",
-        "",
-        "Written by `benchmarks/align_choice.py"
-        + (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "") + "`: consecutive ranks or FFN widths of real "
-        "shapes timed as a compressed model runs them (medians of "
-        f"{args.repeats} sweeps, every width visited in each). A cell is how much faster per unit of width the "
-        "multiples of N run than the average width: 1.10 means the multiples of N are 10% faster. The default is "
-        f"the smallest N within {TOLERANCE:.0%} of the best average gain.",
-        "",
-        machine_line(),
-        "",
-        header,
-        "|---|---:|" + "---:|" * len(CANDIDATES),
-    ]
-    rows = []
-    load_before = os.getloadavg()[0]
-    for label, hidden, first, count, kind, token_counts in SWEEPS:
-        for tokens in token_counts + ((GPU_TOKENS,) if device.type == "cuda" else ()):
-            print(f"{label}, {tokens} tokens", file=sys.stderr, flush=True)
-            row = gains(_sweep(hidden, first, count, kind, tokens, args.repeats, dtype, device))
-            rows.append(row)
-            lines.append(f"| {label}, widths {first}-{first + count - 1} | {tokens} | "
-                         + " | ".join(f"{row[n]:.3f}" if n in row else "-" for n in CANDIDATES) + " |")
-    chosen = choose(rows)
-    mean_gain = {n: statistics.mean(row[n] for row in rows if n in row) for n in CANDIDATES}
-    lines.append("| **mean** | | " + " | ".join(f"**{mean_gain[n]:.3f}**" for n in CANDIDATES) + " |")
-    lines += ["", f"Chosen default for {args.device}: **N = {chosen}**. Load average (1 minute): "
-              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after."]
-    update_section(args.page, f"align-choice-{args.device}", "\n".join(lines))
-    print(f"chosen N = {chosen}; wrote {args.page}", file=sys.stderr)
+    record_file = args.record or ROOT / "runs" / "bench-align" / f"align-choice-{args.device}.json"
+    if args.page_only:
+        if not record_file.exists():
+            raise SystemExit(f"--page-only needs the record of an earlier run: {record_file} is missing")
+        record = json.loads(record_file.read_text())
+    else:
+        torch.manual_seed(0)
+        record = measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=1))
+    text, chosen = section(record)
+    update_section(args.page, f"align-choice-{record['device']}", text)
+    print(f"chosen N = {chosen}; wrote {args.page} (record: {record_file})", file=sys.stderr)
 
 
 if __name__ == "__main__":

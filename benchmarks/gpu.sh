@@ -9,22 +9,22 @@
 #   bash benchmarks/gpu.sh [RESULTS_DIR]
 #
 # PYTHON picks the interpreter (default python3). Each step runs even when one before it failed;
-# the exit status says whether every step passed. With RESULTS_DIR, the log, docs/speed.md and the
-# benchmarks' JSON records (one archive) are copied there as each step ends.
+# the exit status says whether every step passed. With RESULTS_DIR, docs/speed.md and the benchmarks'
+# JSON records (one archive: runs/bench-speed-cuda, runs/bench-align) are copied there as each step ends.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RESULTS=${1:-}
-WORK=runs/bench-speed
+WORK=runs/bench-speed-cuda
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-mkdir -p "$WORK"
+mkdir -p "$WORK" runs/bench-align
 status=0
 
 save() {
     [ -n "$RESULTS" ] || return 0
     mkdir -p "$RESULTS"
     cp docs/speed.md "$RESULTS/speed.md"
-    tar -czf "$RESULTS/records.tar.gz" -C "$WORK" . 2>/dev/null
+    tar -czf "$RESULTS/records.tar.gz" runs/bench-speed-cuda runs/bench-align 2>/dev/null
 }
 
 step() {

@@ -13,8 +13,11 @@ The plan keeps a projection dense where its pair's size fraction is above the de
     .venv/bin/python benchmarks/pair_break_even.py     # section pair-break-even-cpu of docs/speed.md
     python benchmarks/pair_break_even.py --device cuda --dtype bfloat16   # pair-break-even-cuda
 
-On CUDA each sample is synchronised before and after its calls, and a third token count is timed
-(4096, eight 512-token sequences): at 512 tokens a 4096-wide GEMM is still too short for a GPU.
+On CUDA each sample is synchronised before and after its calls; the weights rotate over copies
+larger than the L2 cache; 4096 tokens (eight 512-token sequences) are timed too, since at 512 a
+4096-wide GEMM is still too short for a GPU; and decode (1 and 16 tokens) is also timed replayed
+as a CUDA graph, as serving engines run it, besides eager PyTorch, whose per-kernel launch cost
+makes any second kernel as dear as the first at one token.
 """
 import argparse
 import os
@@ -38,41 +41,81 @@ SHAPES = [
     ("LLaMA-7B q/k/v/o (4096 -> 4096)", 4096, 4096),
     ("LLaMA-3-8B k/v (4096 -> 1024)", 4096, 1024),
 ]
-TOKENS = {"cpu": (1, 512), "cuda": (1, 512, 4096)}
+# (tokens, replayed as a CUDA graph) timed on each device
+TOKENS = {"cpu": ((1, False), (512, False)),
+          "cuda": ((1, False), (1, True), (16, True), (512, False), (4096, False))}
+# On CUDA the weights rotate over copies of at least this many bytes in all, more than the GPU's L2
+# cache (60 MB on an H200): a decode step reads every layer's weights once, never the same ones twice.
+ROTATE_BYTES = 256 * 2**20
+MAX_COPIES = 512
 
 
 def _timed(function, calls: int, device) -> float:
+    """Seconds per call of `function(i)` over calls i = 0 .. calls - 1."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     begin = time.perf_counter()
-    for _ in range(calls):
-        function()
+    for i in range(calls):
+        function(i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - begin) / calls
 
 
-def speedups(in_features, out_features, tokens, repeats, dtype, device) -> dict:
+def _graphed(function, calls: int, device):
+    """`function(i)` for i = 0 .. calls - 1, captured once as a CUDA graph, as a function of the
+    same form that replays the graph on i = 0 (and does nothing otherwise). A replay launches
+    every kernel at once, as serving engines run decode (vLLM, TensorRT-LLM): the host's cost per
+    kernel launch, which dominates eager PyTorch at one token, is gone."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # a warm-up outside the capture: the GEMM library picks its kernels
+        for i in range(min(calls, 3)):
+            function(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            function(i)
+    return lambda i: graph.replay() if i == 0 else None
+
+
+def speedups(in_features, out_features, tokens, repeats, dtype, device, graphed: bool = False) -> dict:
     """{size fraction: median dense time / pair time} over ranks at FRACTIONS of r*."""
+    def weights(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device) * 0.02
+
+    dense_bytes = out_features * in_features * torch.tensor([], dtype=dtype).element_size()
+    copies = 1 if device.type == "cpu" else min(MAX_COPIES, -(-ROTATE_BYTES // dense_bytes))
     x = torch.randn(1, tokens, in_features, dtype=dtype, device=device)
-    dense = torch.randn(out_features, in_features, dtype=dtype, device=device) * 0.02
+    dense = [weights(out_features, in_features) for _ in range(copies)]
     break_even = in_features * out_features / (in_features + out_features)
     ranks = sorted({max(MULTIPLE, int(f * break_even) // MULTIPLE * MULTIPLE) for f in FRACTIONS})
-    pairs = {r: (torch.randn(r, in_features, dtype=dtype, device=device) * 0.02,
-                 torch.randn(out_features, r, dtype=dtype, device=device) * 0.02) for r in ranks}
+    pairs = {r: [(weights(r, in_features), weights(out_features, r)) for _ in range(copies)] for r in ranks}
     times = {r: [] for r in ranks}
 
-    def run_dense():
-        F.linear(x, dense)
+    def run_dense(i):
+        F.linear(x, dense[i % copies])
+
+    def run_pair(rank):
+        def run(i):
+            right, left = pairs[rank][i % copies]
+            F.linear(F.linear(x, right), left)
+        return run
 
     with torch.no_grad():
         calls = max(1, min(200, round(0.01 / max(_timed(run_dense, 3, device), 1e-7))))
+        runs = {"dense": run_dense, **{r: run_pair(r) for r in ranks}}
+        if graphed:
+            runs = {key: _graphed(run, calls, device) for key, run in runs.items()}
+
+        def per_call(run):
+            return _timed(run, 1, device) / calls if graphed else _timed(run, calls, device)
+
         for _ in range(repeats):
             for r in ranks:  # dense right before each pair: a slow spell hits both
-                right, left = pairs[r]
-                dense_time = _timed(run_dense, calls, device)
-                pair_time = _timed(lambda: F.linear(F.linear(x, right), left), calls, device)
-                times[r].append(dense_time / pair_time)
+                dense_time = per_call(runs["dense"])
+                times[r].append(dense_time / per_call(runs[r]))
     return {r * (in_features + out_features) / (in_features * out_features): statistics.median(times[r]) for r in ranks}
 
 
@@ -116,12 +159,12 @@ def main() -> None:
     ]
     crossovers = []
     for label, in_features, out_features in SHAPES:
-        for tokens in TOKENS[args.device]:
-            print(f"{label}, {tokens} tokens", file=sys.stderr, flush=True)
-            row = speedups(in_features, out_features, tokens, args.repeats, dtype, device)
+        for tokens, graphed in TOKENS[args.device]:
+            print(f"{label}, {tokens} tokens{', CUDA graph' if graphed else ''}", file=sys.stderr, flush=True)
+            row = speedups(in_features, out_features, tokens, args.repeats, dtype, device, graphed)
             crossovers.append(crossover(row))
             cells = ", ".join(f"{f:.2f}: {s:.2f}x" for f, s in sorted(row.items()))
-            lines.append(f"| {label} | {tokens} | {cells} | {crossovers[-1]:.2f} |")
+            lines.append(f"| {label} | {tokens}{' (CUDA graph)' if graphed else ''} | {cells} | {crossovers[-1]:.2f} |")
     lines += ["", f"Smallest crossover: **{min(crossovers):.2f}**, median {statistics.median(crossovers):.2f}. "
               f"Load average (1 minute): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."]
     update_section(args.page, f"pair-break-even-{args.device}", "\n".join(lines))
