@@ -14,10 +14,16 @@ fitted to them. Steps, not minutes, bound each run: the comparison does not depe
         --lrs 5e-5,2e-4,8e-4 --steps 60 --section recovery-lr-50
     .venv/bin/python benchmarks/recovery_lr.py --work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" \\
         --lrs 2e-4 --steps 430 --decay-steps 430,7458 --section recovery-schedule-50
+
+--judge pydocs adds, for each run, the perplexity on the validation split of the Python
+documentation (its train half): a second domain that recovery never trains on and that the page's
+judges never read (they read its test half), so a rate can be chosen by how it generalises out of
+domain without fitting the test. Runs already trained are only evaluated.
 """
 import argparse
 import datetime
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,11 +31,35 @@ from docsection import head_commit, machine_line, update_section
 from recovery import ROOT, WARMUP, recover, source_of
 
 DATA = "wiki+perldoc"  # the default: what the 50% rows of docs/recovery.md train on
+JUDGE_TOKENS = 16384  # --judge: validation tokens read per run
 
 
 def sweep_folder(args) -> Path:
     """Where the runs of one sweep live, in the work folder: by step count, and by data when not the default."""
     return args.work / (f"lr-sweep-{args.steps}-steps" + (f"-{args.data}" if args.data != DATA else ""))
+
+
+def run_folder(args, lr: str, decay: int) -> Path:
+    """One run of the sweep: its recovered checkpoint and report."""
+    return sweep_folder(args) / (f"lr-{lr}" if decay == args.steps else f"lr-{lr}-decay-{decay}")
+
+
+def validation_perplexity(folder: Path, corpus: str) -> float:
+    """Perplexity at 128 tokens on the first JUDGE_TOKENS of `corpus`'s validation split (kept in the folder)."""
+    out = folder / f"validation-{corpus}.json"
+    if not out.is_file():
+        subprocess.run([sys.executable, "-m", "lorap.cli", "eval", str(folder), "--alone", "--ppl", corpus, "--split",
+                        "validation", "--seqlen", "128", "--max-tokens", str(JUDGE_TOKENS), "--tasks", "none",
+                        "--json", str(out)], check=True, cwd=ROOT)
+    return json.loads(out.read_text())["perplexity"][corpus]["128"]
+
+
+def judge(args, measured: dict) -> None:
+    """Add each run's (and the unrecovered checkpoint's) perplexity on --judge's validation split."""
+    measured["judge"] = {"corpus": args.judge, "tokens": JUDGE_TOKENS,
+                         "before": validation_perplexity(args.work / "compressed", args.judge)}
+    for row in measured["rows"].values():
+        row["judged"] = validation_perplexity(run_folder(args, row["lr"], row["decay"]), args.judge)
 
 
 def decays(args) -> list:
@@ -41,11 +71,12 @@ def measure(args) -> dict:
     compressed = args.work / "compressed"
     if not (compressed / "config.json").is_file():
         sys.exit(f"no compressed checkpoint in {args.work}: run benchmarks/recovery.py with that work folder first")
-    rows = {}
+    rows, trained = {}, False
     for lr in args.lrs.split(","):
         for decay in decays(args):
-            folder = sweep_folder(args) / (f"lr-{lr}" if decay == args.steps else f"lr-{lr}-decay-{decay}")
+            folder = run_folder(args, lr, decay)
             if not (folder / "recovery_report.json").is_file():
+                trained = True
                 recover(compressed, folder, source_of(args.data), args.eval_every, args.val_size,
                         ["--data-mix", "equal", "--full", "--lr", lr, "--max-steps", str(args.steps), "--decay-steps",
                          str(decay)])
@@ -54,8 +85,10 @@ def measure(args) -> dict:
             row.update(lr=lr, decay=decay, validation=report["history"]["validation"],
                        budget_minutes=report["settings"]["max_minutes"])
             rows[f"{lr}, decay {decay}"] = row
-    commit = head_commit(ROOT)
-    return {"rows": rows, "commit": commit}
+    record = sweep_folder(args) / "measured.json"
+    if not trained and record.is_file():  # every run was there: they were measured at the recorded commit
+        return {"rows": rows, "commit": json.loads(record.read_text())["commit"]}
+    return {"rows": rows, "commit": head_commit(ROOT)}
 
 
 MAX_STEP_COLUMNS = 7  # a long run shows evenly spaced validation steps, not every one
@@ -87,9 +120,11 @@ def page(args, measured: dict) -> str:
     schedules = len({row["decay"] for row in rows.values()}) > 1
     checkpoints = shown_steps(rows)
     header = (["peak learning rate"] + (["decays to zero at step", "rate at the last step"] if schedules else [])
-              + ["steps", "minutes"] + [f"step {step}" for step in checkpoints] + ["best"])
+              + ["steps", "minutes"] + [f"step {step}" for step in checkpoints] + ["best"]
+              + ([f"`{measured['judge']['corpus']}` validation, PPL @ 128"] if "judge" in measured else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     chosen = min(rows, key=lambda key: rows[key]["best_validation_loss"])
+    judged = min(rows, key=lambda key: rows[key]["judged"]) if "judge" in measured else None
     for key, row in rows.items():
         by_step = {step: loss for step, loss, *_ in row["validation"]}
         best = f"{row['best_validation_loss']:.3f} (step {row['best_step']})"
@@ -97,17 +132,28 @@ def page(args, measured: dict) -> str:
         schedule = [str(row["decay"]), f"{rate_at_end(row, args.steps):.2g}"] if schedules else []
         lines.append("| " + " | ".join([lr, *schedule, str(row["steps"]), f"{row['train_seconds'] / 60:.1f}",
                                         *[f"{by_step[s]:.3f}" if s in by_step else "" for s in checkpoints],
-                                        f"**{best}**" if key == chosen else best]) + " |")
+                                        f"**{best}**" if key == chosen else best,
+                                        *([f"**{row['judged']:.2f}**" if key == judged else f"{row['judged']:.2f}"]
+                                          if judged else [])]) + " |")
     work = args.work.relative_to(ROOT) if args.work.is_relative_to(ROOT) else args.work
     command = (f'.venv/bin/python benchmarks/recovery_lr.py --work "{work}" --lrs {args.lrs} '
                + (f"--data {args.data} " if args.data != DATA else "")
                + f"--steps {args.steps}" + (f" --decay-steps {args.decay_steps}" if args.decay_steps else "")
+               + (f" --judge {measured['judge']['corpus']}" if "judge" in measured else "")
                + f" --section {args.section}")
     decay = ("linear decay toward zero at the step each row names (the rate of the last step shows how far it got)"
              if schedules else f"linear decay to zero at step {args.steps}")
     borrowed = [f"The row decaying at step {row['decay']} is the run benchmarks/recovery.py made with these settings "
                 f"and a {row['budget_minutes']:g}-minute budget (its report copied into this sweep's folder), which the "
                 "schedule ended first." for row in rows.values() if row.get("budget_minutes")]
+    judge_sentences = []
+    if judged:
+        corpus = measured["judge"]["corpus"]
+        judge_sentences = [
+            f" The last column is each recovered checkpoint's perplexity on the first {measured['judge']['tokens']:,} "
+            f"tokens of `{corpus}`'s validation split at 128 tokens: text of another domain that recovery never "
+            "trains on, and not the test split this page judges on. Before recovery the checkpoint scores "
+            f"{measured['judge']['before']:.2f} there."]
     return "\n".join([
         f"### The {'schedule' if schedules else 'learning rate'} of `--full` for `--preset {compression['preset']}` at "
         f"{compression['ratio']:.0%}, chosen on held-out training text",
@@ -119,13 +165,15 @@ def page(args, measured: dict) -> str:
         + f": 4 windows of 256 tokens a step from `{args.data}`{' in equal shares' if '+' in args.data else ''}, "
         f"{WARMUP} warmup steps, then {decay}. "
         f"Each cell is the mean next-token loss on the {args.val_size} held-out windows of the training sources' "
-        "train splits (step 0: before training); lower is better. No judge of this page is read here."
-        + "".join(" " + sentence for sentence in borrowed),
+        "train splits (step 0: before training); lower is better. No test split this page judges on is read here."
+        + "".join(" " + sentence for sentence in borrowed) + "".join(judge_sentences),
         "",
         *lines,
         "",
         f"Lowest held-out loss: peak learning rate {rows[chosen]['lr']}"
-        + (f", decaying to zero at step {rows[chosen]['decay']}." if schedules else "."),
+        + (f", decaying to zero at step {rows[chosen]['decay']}." if schedules else ".")
+        + (f" Lowest `{measured['judge']['corpus']}` validation perplexity: peak learning rate {rows[judged]['lr']}"
+           + (f", decaying to zero at step {rows[judged]['decay']}." if schedules else ".") if judged else ""),
     ])
 
 
@@ -142,10 +190,14 @@ def main() -> None:
     parser.add_argument("--section", default="recovery-lr-50")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "recovery.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from the work folder's results")
+    parser.add_argument("--judge", help="also score every run on this corpus's validation split (pydocs: a second "
+                        "domain, never trained on), to choose by text of another domain")
     args = parser.parse_args()
     args.work = args.work.resolve()
     record = sweep_folder(args) / "measured.json"
     measured = json.loads(record.read_text()) if args.page_only else measure(args)
+    if args.judge and not args.page_only:
+        judge(args, measured)
     record.write_text(json.dumps(measured))
     update_section(args.page, args.section, page(args, measured))
     print(f"wrote {args.page} ({args.section})", file=sys.stderr)
