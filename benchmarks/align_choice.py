@@ -117,8 +117,15 @@ def gains(times: dict) -> dict:
     return result
 
 
+def mean_gains(rows: list) -> dict:
+    """{N: mean gain over the rows} for the N every row measured (a row too narrow to hold a
+    multiple of N with neighbours on both sides says nothing of N, and a mean over the other rows
+    would not be comparable)."""
+    return {n: statistics.mean(row[n] for row in rows) for n in CANDIDATES if all(n in row for row in rows)}
+
+
 def choose(rows: list) -> int:
-    mean_gain = {n: statistics.mean(row[n] for row in rows if n in row) for n in CANDIDATES}
+    mean_gain = mean_gains(rows)
     best = max(mean_gain.values())
     return min(n for n, gain in mean_gain.items() if gain >= best * (1 - TOLERANCE))
 
@@ -147,8 +154,9 @@ def section(record: dict) -> tuple[str, int]:
         + "`: consecutive ranks or FFN widths of real shapes timed as a compressed model runs them (medians of "
         f"{record['repeats']} sweeps, every width visited in each). A cell is how much more width per second the multiples of N "
         "run than the widths around them (within N/2): 1.10 means the multiples of N are 10% faster per unit of "
-        "width than their neighbours. The default is the smallest N within "
-        f"{TOLERANCE:.0%} of the best average gain.",
+        "width than their neighbours; `-` where no multiple of N lies inside the row with a neighbour on each "
+        f"side. The default is the smallest N within {TOLERANCE:.0%} of the best mean gain, over the N every row "
+        "measured.",
         "",
         record["machine"],
         "",
@@ -162,10 +170,16 @@ def section(record: dict) -> tuple[str, int]:
         lines.append(f"| {measured['label']} | {measured['tokens']} | "
                      + " | ".join(f"{row[n]:.3f}" if n in row else "-" for n in CANDIDATES) + " |")
     chosen = choose(rows)
-    mean_gain = {n: statistics.mean(row[n] for row in rows if n in row) for n in CANDIDATES}
-    lines.append("| **mean** | | " + " | ".join(f"**{mean_gain[n]:.3f}**" for n in CANDIDATES) + " |")
+    mean_gain = mean_gains(rows)
+    lines.append("| **mean** | | " + " | ".join(f"**{mean_gain[n]:.3f}**" if n in mean_gain else "-" for n in CANDIDATES)
+                 + " |")
     before, after = record["load_average"]
-    lines += ["", f"Chosen default for {device}: **N = {chosen}**. Load average (1 minute): {before:.1f} before, "
+    from lorap.plan.alignment import DEFAULT_ALIGN
+
+    default = DEFAULT_ALIGN.get(device)
+    verdict = (f"lorap's default on {device}" if default == chosen else
+               f"lorap's default on {device} is {default}, for the reasons plan/alignment.py gives")
+    lines += ["", f"The rule picks **N = {chosen}**: {verdict}. Load average (1 minute): {before:.1f} before, "
               f"{after:.1f} after."]
     return "\n".join(lines), chosen
 

@@ -198,10 +198,13 @@ def test_the_pair_limit_is_recorded_in_the_checkpoint(tiny_model_dir, tmp_path, 
     assert compression["pair_limit"] == "cpu" and compression["align"] > 1
 
 
-def test_the_cpu_pair_limit_follows_the_measured_sizes():
+def test_the_pair_limits_follow_the_measured_sizes():
     from lorap.plan.alignment import pair_max_fraction
 
-    assert pair_max_fraction("none", 4096 * 4096) == pair_max_fraction("cuda", 64) == 1.0
+    assert pair_max_fraction("none", 4096 * 4096) == 1.0
+    # cuda: measured on LLaMA shapes only; a smaller matrix takes the smallest one's limit
+    assert pair_max_fraction("cuda", 64) == pair_max_fraction("cuda", 4096 * 1024) == 0.84
+    assert 0.84 < pair_max_fraction("cuda", 4096 * 2048) < 0.93 and pair_max_fraction("cuda", 8192 * 8192) == 0.93
     assert pair_max_fraction("cpu", 64 * 64) == 0.57  # below the smallest measured: clamped
     assert 0.57 < pair_max_fraction("cpu", 576 * 192 * 2) < 0.62  # between two measured sizes
     assert pair_max_fraction("cpu", 8192 * 8192) == 0.90
