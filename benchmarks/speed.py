@@ -65,6 +65,8 @@ CUDA_ROWS = [
     ("LLaMA-2-7B, best 20%, --align 64", LLAMA2, ["--ratio", "0.2", "--preset", "best", "--align", "64"], []),
     ("LLaMA-3-8B (GQA), paper 20%, --align 64", LLAMA3, ["--ratio", "0.2", "--align", "64"], []),
     ("SmolLM2-135M shapes, best exact 20%", SMOLLM2, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], []),
+    ("LLaMA-2-7B, paper 20%, --align 8", LLAMA2, ["--ratio", "0.2", "--align", "8"], []),
+    ("LLaMA-2-7B, best 20%, --align auto (CUDA: 8 and its pair limit)", LLAMA2, ["--ratio", "0.2", "--preset", "best"], []),
 ]
 # 64 new tokens, not 128: a borrowed GPU's minutes are few, and eager decode on a GPU is steady
 CUDA_TIMING = ["--device", "cuda", "--dtype", "bfloat16", "--prefill", "512,2048", "--batch", "1,8", "--warmup", "1",
@@ -151,8 +153,9 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-def cuda_section(work: Path, repeats: int, page: Path) -> None:
-    """Section speed-cuda, rewritten after every row (a failed row says so and the rest go on)."""
+def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
+    """Section speed-cuda, rewritten after every row (a failed row says so and the rest go on); a row
+    not in `rows` is shown from the record an earlier run left in `work`, if any."""
     import torch
 
     if not torch.cuda.is_available():
@@ -177,16 +180,21 @@ def cuda_section(work: Path, repeats: int, page: Path) -> None:
     ]
     lines = []
     for index, (label, model, plan_args, bench_args) in enumerate(CUDA_ROWS):
-        out = work / f"speed-cuda-{index}.json"
-        try:
-            predicted = _predicted(model, plan_args, work, f"cuda-{index}")
-            run([*LORAP, "bench", model, *plan_args, *bench_args, *CUDA_TIMING, "--repeats", str(repeats),
-                 "--json", str(out)])
-        except subprocess.CalledProcessError as error:
-            print(error.stderr or "", file=sys.stderr)
-            lines.append(f"| {label} | failed (exit status {error.returncode}); see the run's log | | | | | |")
-            update_section(page, "speed-cuda", "\n".join(head + lines))
-            continue
+        out, planned = work / f"speed-cuda-{index}.json", work / f"plan-cuda-{index}.json"
+        if index not in rows:
+            if not (out.is_file() and planned.is_file()):
+                continue
+            predicted = json.loads(planned.read_text())["predicted_speed"]
+        else:
+            try:
+                predicted = _predicted(model, plan_args, work, f"cuda-{index}")
+                run([*LORAP, "bench", model, *plan_args, *bench_args, *CUDA_TIMING, "--repeats", str(repeats),
+                     "--json", str(out)])
+            except subprocess.CalledProcessError as error:
+                print(error.stderr or "", file=sys.stderr)
+                lines.append(f"| {label} | failed (exit status {error.returncode}); see the run's log | | | | | |")
+                update_section(page, "speed-cuda", "\n".join(head + lines))
+                continue
         report = json.loads(out.read_text())
         params = report["parameters"]
         cells = [_cell(report["prefill"][key]) if key in report["prefill"] else "-" for key in ("1x512", "1x2048", "8x2048")]
@@ -299,7 +307,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--rows", type=lambda text: [int(i) for i in text.split(",")],
-                        default=list(range(len(SPEED_ROWS))), help="which SPEED_ROWS, by index (default: all)")
+                        help="which rows to measure, by index in SPEED_ROWS (or CUDA_ROWS with --only speed-cuda, "
+                        "whose other rows are shown from earlier records) (default: all)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-speed")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
     args = parser.parse_args()
@@ -310,10 +319,12 @@ def main() -> None:
     if args.only in (None, "real"):
         update_section(args.page, "real", real_section(args.work, args.repeats))
     if args.only == "speed-cuda":  # never part of a run of every section: it needs a GPU
-        cuda_section(args.work, args.repeats, args.page)
+        cuda_section(args.work, args.repeats, args.page,
+                     args.rows if args.rows is not None else list(range(len(CUDA_ROWS))))
     if args.only in (None, "speed"):
         timing = ["--prefill", "128,512", "--batch", "1", "--repeats", str(args.repeats), "--warmup", "1"]
-        update_section(args.page, "speed", speed_section(args.work, timing, args.rows))
+        update_section(args.page, "speed", speed_section(args.work, timing,
+                                                         args.rows if args.rows is not None else range(len(SPEED_ROWS))))
     print(f"wrote {args.page}", file=sys.stderr)
 
 
