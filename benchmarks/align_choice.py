@@ -8,9 +8,10 @@ N: how much faster are the multiples of N than the widths around them?
     speed gain of N = mean over multiples m of N of  (m / time(m)) / (mean of w / time(w) over w within N/2 of m)
 
 Times are medians of `--repeats` sweeps, each sweep visiting every width in turn (so a slow spell
-of the shared machine falls on all widths alike). The default N is the smallest candidate whose gain,
-averaged over the rows, is within TOLERANCE of the best candidate's: larger multiples cost quality
-(a coarser grid of ranks), so they must buy speed to be chosen.
+of the shared machine falls on all widths alike). The rule picks the smallest candidate whose gain,
+averaged over the rows (over the N every row measured), is within TOLERANCE of the best candidate's:
+larger multiples cost quality (a coarser grid of ranks), so they must buy speed to be chosen. lorap's
+default per device (plan/alignment.py) follows the rule, or says why not.
 
     .venv/bin/python benchmarks/align_choice.py            # section align-choice-cpu of docs/speed.md
     python benchmarks/align_choice.py --device cuda --dtype bfloat16

@@ -38,5 +38,5 @@ step "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cu
 step timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_bench.py tests/test_streaming.py -k "gpu or cuda"
 step timeout 150 "$PY" benchmarks/align_choice.py --device cuda --dtype bfloat16
 step timeout 120 "$PY" benchmarks/pair_break_even.py --device cuda --dtype bfloat16
-step "$PY" benchmarks/speed.py --only speed-cuda --repeats 3 --work "$WORK"
+step "$PY" benchmarks/speed.py --only speed-cuda --repeats 3
 exit $status

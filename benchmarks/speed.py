@@ -55,8 +55,8 @@ SPEED_ROWS = [
     ("SmolLM2-135M, best exact 20%, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"],
      ["--dtype", "bfloat16"]),
 ]
-# On a GPU: whole models, bf16. --align 64 is written out, not "auto", so that a row says what it ran
-# whatever the default of the day. (label, model, plan arguments, extra bench arguments)
+# On a GPU: whole models, bf16. The alignment is written out in each label, so that a row says what it
+# ran whatever the default of the day. (label, model, plan arguments, extra bench arguments)
 CUDA_ROWS = [
     ("LLaMA-2-7B, paper 20%", LLAMA2, ["--ratio", "0.2"], []),
     ("LLaMA-2-7B, paper 20%, --align 64", LLAMA2, ["--ratio", "0.2", "--align", "64"], []),
@@ -309,9 +309,11 @@ def main() -> None:
     parser.add_argument("--rows", type=lambda text: [int(i) for i in text.split(",")],
                         help="which rows to measure, by index in SPEED_ROWS (or CUDA_ROWS with --only speed-cuda, "
                         "whose other rows are shown from earlier records) (default: all)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-speed")
+    parser.add_argument("--work", type=Path, help="where records go (default: runs/bench-speed, or "
+                        "runs/bench-speed-cuda with --only speed-cuda)")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
     args = parser.parse_args()
+    args.work = args.work or ROOT / "runs" / ("bench-speed-cuda" if args.only == "speed-cuda" else "bench-speed")
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.only in (None, "align-quality"):
