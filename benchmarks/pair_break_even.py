@@ -12,6 +12,10 @@ The plan keeps a projection dense where its pair's size fraction is above the de
 
     .venv/bin/python benchmarks/pair_break_even.py     # section pair-break-even-cpu of docs/speed.md
     python benchmarks/pair_break_even.py --device cuda --dtype bfloat16   # pair-break-even-cuda
+    .venv/bin/python benchmarks/pair_break_even.py --device cuda --page-only   # from the stored record
+
+Every run stores its speedups and machine line (runs/bench-align/pair-break-even-DEVICE.json), so the
+section can be rewritten without measuring again.
 
 On CUDA each sample is synchronised before and after its calls; the weights rotate over copies
 larger than the L2 cache; 4096 tokens (eight 512-token sequences) are timed too, since at 512 a
@@ -20,6 +24,7 @@ as a CUDA graph, as serving engines run it, besides eager PyTorch, whose per-ker
 makes any second kernel as dear as the first at one token.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -132,43 +137,74 @@ def crossover(row: dict) -> float:
     return best if best or not points or points[0][1] < 1.0 else points[0][0]
 
 
+def measure(device, dtype, repeats: int) -> dict:
+    """The record a section is written from: what was timed, where, and every speedup."""
+    rows = []
+    load_before = os.getloadavg()[0]
+    for label, in_features, out_features in SHAPES:
+        for tokens, graphed in TOKENS[device.type]:
+            print(f"{label}, {tokens} tokens{', CUDA graph' if graphed else ''}", file=sys.stderr, flush=True)
+            row = speedups(in_features, out_features, tokens, repeats, dtype, device, graphed)
+            rows.append({"label": label, "tokens": tokens, "graphed": graphed,
+                         "speedups": [[fraction, speedup] for fraction, speedup in sorted(row.items())]})
+    return {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
+            "machine": machine_line(), "load_average": [load_before, os.getloadavg()[0]], "rows": rows}
+
+
+def section(record: dict) -> str:
+    device, dtype = record["device"], record["dtype"]
+    command = "benchmarks/pair_break_even.py" + (f" --device {device} --dtype {dtype}" if device != "cpu" else "")
+    lines = [
+        f"## When a factor pair is faster than its dense matrix ({device}, {dtype})",
+        "",
+        f"Written by `{command}`: a factor pair in -> r -> out against the dense matrix, "
+        f"interleaved, medians of {record['repeats']}; ranks are multiples of {MULTIPLE} at 30% to 100% of the "
+        "parameter break-even rank. A cell is `size fraction: speedup`, where the size fraction is the pair's "
+        "weights over the dense matrix's (its share of the multiply-adds) and speedup = dense time / pair time. "
+        "`crossover` is the largest size fraction at which the pair is still at least as fast.",
+        "",
+        record["machine"],
+        "",
+        "| shape | tokens | speedup at each size fraction | crossover |",
+        "|---|---:|---|---:|",
+    ]
+    crossovers = []
+    for row in record["rows"]:
+        speedups_by_fraction = dict(row["speedups"])
+        crossovers.append(crossover(speedups_by_fraction))
+        cells = ", ".join(f"{f:.2f}: {s:.2f}x" for f, s in sorted(speedups_by_fraction.items()))
+        lines.append(f"| {row['label']} | {row['tokens']}{' (CUDA graph)' if row['graphed'] else ''} | {cells} | "
+                     f"{crossovers[-1]:.2f} |")
+    before, after = record["load_average"]
+    lines += ["", f"Smallest crossover: **{min(crossovers):.2f}**, median {statistics.median(crossovers):.2f}. "
+              f"Load average (1 minute): {before:.1f} before, {after:.1f} after."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--record", type=Path,
+                        help="the measured record (default: runs/bench-align/pair-break-even-DEVICE.json)")
+    parser.add_argument("--page-only", action="store_true",
+                        help="rewrite the section from the record of an earlier run instead of measuring")
     args = parser.parse_args()
-    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-    torch.manual_seed(0)
-    load_before = os.getloadavg()[0]
-    command = "benchmarks/pair_break_even.py" + (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "")
-    lines = [
-        f"## When a factor pair is faster than its dense matrix ({args.device}, {args.dtype})",
-        "",
-        f"Written by `{command}`: a factor pair in -> r -> out against the dense matrix, "
-        f"interleaved, medians of {args.repeats}; ranks are multiples of {MULTIPLE} at 30% to 100% of the "
-        "parameter break-even rank. A cell is `size fraction: speedup`, where the size fraction is the pair's "
-        "weights over the dense matrix's (its share of the multiply-adds) and speedup = dense time / pair time. "
-        "`crossover` is the largest size fraction at which the pair is still at least as fast.",
-        "",
-        machine_line(),
-        "",
-        "| shape | tokens | speedup at each size fraction | crossover |",
-        "|---|---:|---|---:|",
-    ]
-    crossovers = []
-    for label, in_features, out_features in SHAPES:
-        for tokens, graphed in TOKENS[args.device]:
-            print(f"{label}, {tokens} tokens{', CUDA graph' if graphed else ''}", file=sys.stderr, flush=True)
-            row = speedups(in_features, out_features, tokens, args.repeats, dtype, device, graphed)
-            crossovers.append(crossover(row))
-            cells = ", ".join(f"{f:.2f}: {s:.2f}x" for f, s in sorted(row.items()))
-            lines.append(f"| {label} | {tokens}{' (CUDA graph)' if graphed else ''} | {cells} | {crossovers[-1]:.2f} |")
-    lines += ["", f"Smallest crossover: **{min(crossovers):.2f}**, median {statistics.median(crossovers):.2f}. "
-              f"Load average (1 minute): {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."]
-    update_section(args.page, f"pair-break-even-{args.device}", "\n".join(lines))
-    print("\n".join(lines[-1:]), file=sys.stderr)
+    record_file = args.record or ROOT / "runs" / "bench-align" / f"pair-break-even-{args.device}.json"
+    if args.page_only:
+        if not record_file.exists():
+            raise SystemExit(f"--page-only needs the record of an earlier run: {record_file} is missing")
+        record = json.loads(record_file.read_text())
+    else:
+        torch.manual_seed(0)
+        record = measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=1))
+    text = section(record)
+    update_section(args.page, f"pair-break-even-{record['device']}", text)
+    print(text.splitlines()[-1], file=sys.stderr)
 
 
 if __name__ == "__main__":
