@@ -24,7 +24,6 @@ On CUDA every sweep also runs at 4096 tokens (eight 512-token sequences): shorte
 shapes are too small to keep a GPU busy, so the tile sizes the multiple is about show there.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from docsection import machine_line, update_section
+from docsection import add_record_options, machine_line, measured_record, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES = (1, 8, 16, 32, 64, 128)
@@ -191,20 +190,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
-    parser.add_argument("--record", type=Path, help="the measured record (default: runs/bench-align/align-choice-DEVICE.json)")
-    parser.add_argument("--page-only", action="store_true",
-                        help="rewrite the section from the record of an earlier run instead of measuring")
+    add_record_options(parser, "align-choice-DEVICE")
     args = parser.parse_args()
     record_file = args.record or ROOT / "runs" / "bench-align" / f"align-choice-{args.device}.json"
-    if args.page_only:
-        if not record_file.exists():
-            raise SystemExit(f"--page-only needs the record of an earlier run: {record_file} is missing")
-        record = json.loads(record_file.read_text())
-    else:
+
+    def measured() -> dict:
         torch.manual_seed(0)
-        record = measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
-        record_file.parent.mkdir(parents=True, exist_ok=True)
-        record_file.write_text(json.dumps(record, indent=1))
+        return measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
+
+    record = measured_record(record_file, args.page_only, measured)
     text, chosen = section(record)
     update_section(args.page, f"align-choice-{record['device']}", text)
     print(f"chosen N = {chosen}; wrote {args.page} (record: {record_file})", file=sys.stderr)

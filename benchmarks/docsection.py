@@ -1,4 +1,5 @@
 """Write one benchmark's table into its own marked section of a docs page, leaving the rest alone."""
+import json
 import os
 import platform
 import re
@@ -49,3 +50,22 @@ def update_section(page: Path, name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text)
+
+
+def add_record_options(parser, default_name: str) -> None:
+    """--record and --page-only, for a benchmark that keeps what it measured (runs/bench-align/NAME.json)."""
+    parser.add_argument("--record", type=Path, help=f"the measured record (default: runs/bench-align/{default_name}.json)")
+    parser.add_argument("--page-only", action="store_true",
+                        help="rewrite the section from the record of an earlier run instead of measuring")
+
+
+def measured_record(record_file: Path, page_only: bool, measure) -> dict:
+    """The record of an earlier run (`page_only`), or `measure()`'s, stored in `record_file` first."""
+    if page_only:
+        if not record_file.exists():
+            raise SystemExit(f"--page-only needs the record of an earlier run: {record_file} is missing")
+        return json.loads(record_file.read_text())
+    record = measure()
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    record_file.write_text(json.dumps(record, indent=1))
+    return record

@@ -24,7 +24,6 @@ as a CUDA graph, as serving engines run it, besides eager PyTorch, whose per-ker
 makes any second kernel as dear as the first at one token.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from docsection import machine_line, update_section
+from docsection import add_record_options, machine_line, measured_record, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # of the parameter break-even rank r*
@@ -187,21 +186,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
-    parser.add_argument("--record", type=Path,
-                        help="the measured record (default: runs/bench-align/pair-break-even-DEVICE.json)")
-    parser.add_argument("--page-only", action="store_true",
-                        help="rewrite the section from the record of an earlier run instead of measuring")
+    add_record_options(parser, "pair-break-even-DEVICE")
     args = parser.parse_args()
     record_file = args.record or ROOT / "runs" / "bench-align" / f"pair-break-even-{args.device}.json"
-    if args.page_only:
-        if not record_file.exists():
-            raise SystemExit(f"--page-only needs the record of an earlier run: {record_file} is missing")
-        record = json.loads(record_file.read_text())
-    else:
+
+    def measured() -> dict:
         torch.manual_seed(0)
-        record = measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
-        record_file.parent.mkdir(parents=True, exist_ok=True)
-        record_file.write_text(json.dumps(record, indent=1))
+        return measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
+
+    record = measured_record(record_file, args.page_only, measured)
     text = section(record)
     update_section(args.page, f"pair-break-even-{record['device']}", text)
     print(text.splitlines()[-1], file=sys.stderr)
