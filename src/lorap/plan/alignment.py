@@ -15,8 +15,8 @@ measurement:
         best` checkpoint, and with it every table of best in docs/.
   cuda  8, measured on an H200 in bf16 by `benchmarks/align_choice.py --device cuda` (table
         "align-choice-cuda"): on LLaMA shapes the multiples of 8 run 2.3-3.2x more width per second
-        than their neighbours at 128 tokens and more (GEMMs whose sizes are not multiples of 8 leave
-        the tensor cores); 16 and 32 do no better, and 64 under 1% better.
+        than their neighbours at 128 tokens and more (bf16 tensor-core kernels want multiples of 8);
+        16 and 32 do no better, and 64 under 1% better.
 
 With the multiple comes a limit on factor pairs: a pair runs two thin GEMMs where its dense
 matrix runs one, so a pair just smaller than the matrix is slower than it. A pair larger than
