@@ -28,13 +28,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from docsection import add_record_options, machine_line, measured_record, update_section
+from lorap.bench.timing import sync
 
-ROOT = Path(__file__).resolve().parent.parent
+from docsection import device_sweep, machine_line, update_section
+
 CANDIDATES = (1, 8, 16, 32, 64, 128)
 GPU_TOKENS = 4096  # the token count every sweep adds on CUDA
 TOLERANCE = 0.01
@@ -81,13 +81,11 @@ def _sweep(hidden, first, count, kind, tokens, repeats, dtype, device) -> dict:
 
 
 def _timed(x, weights, kind, calls, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     begin = time.perf_counter()
     for _ in range(calls):
         _run(x, weights, kind)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - begin
 
 
@@ -187,18 +185,7 @@ def section(record: dict) -> tuple[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
-    add_record_options(parser, "align-choice-DEVICE")
-    args = parser.parse_args()
-    record_file = args.record or ROOT / "runs" / "bench-align" / f"align-choice-{args.device}.json"
-
-    def measured() -> dict:
-        torch.manual_seed(0)
-        return measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
-
-    record = measured_record(record_file, args.page_only, measured)
+    record, record_file, args = device_sweep(parser, "align-choice", 3, measure)
     text, chosen = section(record)
     update_section(args.page, f"align-choice-{record['device']}", text)
     print(f"chosen N = {chosen}; wrote {args.page} (record: {record_file})", file=sys.stderr)

@@ -52,20 +52,30 @@ def update_section(page: Path, name: str, body: str) -> None:
     page.write_text(text)
 
 
-def add_record_options(parser, default_name: str) -> None:
-    """--record and --page-only, for a benchmark that keeps what it measured (runs/bench-align/NAME.json)."""
-    parser.add_argument("--record", type=Path, help=f"the measured record (default: runs/bench-align/{default_name}.json)")
+def device_sweep(parser, name: str, repeats: int, measure) -> tuple:
+    """(record, record file, args) of a benchmark that sweeps shapes on one device.
+
+    Adds --dtype, --repeats, --page, --record and --page-only to `parser`, which already has
+    --device, and parses it. The record is `measure(device, dtype, repeats)`'s, stored first in
+    runs/bench-align/NAME-DEVICE.json. With --page-only it is the one an earlier run stored there, so
+    a section can be rewritten without measuring again (a borrowed GPU's minutes are few)."""
+    import torch
+
+    root = Path(__file__).resolve().parent.parent
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--page", type=Path, default=root / "docs" / "speed.md")
+    parser.add_argument("--record", type=Path, help=f"the measured record (default: runs/bench-align/{name}-DEVICE.json)")
     parser.add_argument("--page-only", action="store_true",
                         help="rewrite the section from the record of an earlier run instead of measuring")
-
-
-def measured_record(record_file: Path, page_only: bool, measure) -> dict:
-    """The record of an earlier run (`page_only`), or `measure()`'s, stored in `record_file` first."""
-    if page_only:
+    args = parser.parse_args()
+    record_file = args.record or root / "runs" / "bench-align" / f"{name}-{args.device}.json"
+    if args.page_only:
         if not record_file.exists():
             raise SystemExit(f"--page-only needs the record of an earlier run: {record_file} is missing")
-        return json.loads(record_file.read_text())
-    record = measure()
+        return json.loads(record_file.read_text()), record_file, args
+    torch.manual_seed(0)
+    record = measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
     record_file.parent.mkdir(parents=True, exist_ok=True)
     record_file.write_text(json.dumps(record, indent=1))
-    return record
+    return record, record_file, args

@@ -28,14 +28,14 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from docsection import add_record_options, machine_line, measured_record, update_section
+from lorap.bench.timing import sync
 
-ROOT = Path(__file__).resolve().parent.parent
+from docsection import device_sweep, machine_line, update_section
+
 FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # of the parameter break-even rank r*
 MULTIPLE = 16
 # (label, in_features, out_features)
@@ -56,13 +56,11 @@ MAX_COPIES = 512
 
 def _timed(function, calls: int, device) -> float:
     """Seconds per call of `function(i)` over calls i = 0 .. calls - 1."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     begin = time.perf_counter()
     for i in range(calls):
         function(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - begin) / calls
 
 
@@ -183,18 +181,7 @@ def section(record: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
-    add_record_options(parser, "pair-break-even-DEVICE")
-    args = parser.parse_args()
-    record_file = args.record or ROOT / "runs" / "bench-align" / f"pair-break-even-{args.device}.json"
-
-    def measured() -> dict:
-        torch.manual_seed(0)
-        return measure(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
-
-    record = measured_record(record_file, args.page_only, measured)
+    record, record_file, args = device_sweep(parser, "pair-break-even", 7, measure)
     text = section(record)
     update_section(args.page, f"pair-break-even-{record['device']}", text)
     print(text.splitlines()[-1], file=sys.stderr)

@@ -148,12 +148,12 @@ def run(command: list) -> float:
     return time.perf_counter() - started
 
 
-def evaluate(model: list, sources: dict, seqlens: str, max_tokens: int, out: Path) -> dict:
+def evaluate(model: list, sources: dict, seqlens: str, max_tokens: int, out: Path, split: str = "test") -> dict:
     """Perplexity by judge name and window length; `sources` maps each judge to what lorap reads (the
-    evaluation names a file corpus by its path)."""
+    evaluation names a file corpus by its path). Kept in `out`: an existing file is read, not re-measured."""
     if not out.is_file():
-        run([*LORAP, "eval", *model, "--ppl", ",".join(sources.values()), "--seqlen", seqlens, "--max-tokens",
-             str(max_tokens), "--tasks", "none", "--json", str(out)])
+        run([*LORAP, "eval", *model, "--ppl", ",".join(sources.values()), "--split", split, "--seqlen", seqlens,
+             "--max-tokens", str(max_tokens), "--tasks", "none", "--json", str(out)])
     by_source = json.loads(out.read_text())["perplexity"]
     return {"perplexity": {judge: by_source[source] for judge, source in sources.items()}}
 

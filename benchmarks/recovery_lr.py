@@ -23,12 +23,11 @@ domain without fitting the test. Runs already trained are only evaluated.
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from docsection import head_commit, machine_line, update_section
-from recovery import ROOT, WARMUP, recover, source_of
+from recovery import ROOT, WARMUP, evaluate, perplexity, recover, source_of
 
 DATA = "wiki+perldoc"  # the default: what the 50% rows of docs/recovery.md train on
 JUDGE_TOKENS = 16384  # --judge: validation tokens read per run
@@ -46,12 +45,9 @@ def run_folder(args, lr: str, decay: int) -> Path:
 
 def validation_perplexity(folder: Path, corpus: str) -> float:
     """Perplexity at 128 tokens on the first JUDGE_TOKENS of `corpus`'s validation split (kept in the folder)."""
-    out = folder / f"validation-{corpus}.json"
-    if not out.is_file():
-        subprocess.run([sys.executable, "-m", "lorap.cli", "eval", str(folder), "--alone", "--ppl", corpus, "--split",
-                        "validation", "--seqlen", "128", "--max-tokens", str(JUDGE_TOKENS), "--tasks", "none",
-                        "--json", str(out)], check=True, cwd=ROOT)
-    return json.loads(out.read_text())["perplexity"][corpus]["128"]
+    evaluation = evaluate([str(folder), "--alone"], {corpus: source_of(corpus)}, "128", JUDGE_TOKENS,
+                          folder / f"validation-{corpus}.json", split="validation")
+    return perplexity(evaluation, corpus, 128)
 
 
 def judge(args, measured: dict) -> None:

@@ -135,8 +135,8 @@ class LayerClock:
     def __init__(self, layers, device):
         self.device, self.layers = device, list(layers)
         self._on_gpu = device.type == "cuda"
-        self._forwards, self._per_layer, self._pending, self._started, self._handles = [], [], [], {}, []
-        self.clear()
+        self._started, self._handles = {}, []
+        self.clear()  # the recorded times: _forwards, _per_layer, _pending
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._start(index), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._stop(index)))
