@@ -3,8 +3,8 @@
     python benchmarks/plain_transformers_speed.py DENSE_DIR LORAP_DIR [LORAP_DIR ...] --json OUT
 
 Every model is loaded with `AutoModelForCausalLM.from_pretrained` (lorap checkpoints through their
-own modeling file, `trust_remote_code=True`, then `model.fuse_factor_pairs()`, the one call the
-README tells users to make for inference); `lorap` itself cannot be imported here. The models are
+own modeling file, `trust_remote_code=True`, then `model.optimize_for_inference()`, the one call
+the README tells users to make for inference; `fuse_factor_pairs()` in checkpoints written before it); `lorap` itself cannot be imported here. The models are
 timed interleaved (round-robin, the order reversed every other round): prefill of 1 x N tokens
 without a cache, and decode of 128 greedy tokens with the KV cache after a 128-token prompt, the
 models generating in lockstep (one token each in turn). Reports medians with min and max, and the
@@ -27,7 +27,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 def load(folder: str):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    if hasattr(model, "fuse_factor_pairs"):
+    if hasattr(model, "optimize_for_inference"):
+        model.optimize_for_inference()
+    elif hasattr(model, "fuse_factor_pairs"):
         model.fuse_factor_pairs()
     return model
 

@@ -4,7 +4,7 @@ Section `speed`: `lorap bench` (dense and compressed timed interleaved, random w
 plan's shapes) on LLaMA-2-7B and LLaMA-3-8B shapes (the first decoder layer plus embeddings and LM
 head, as the whole model does not fit in this machine's memory in fp32) and on the built-in
 SmolLM2-135M shapes: the paper's method at 20% and 50% with and without --align, best (aligned by
-default), fused and unfused factor pairs, fp32 and bf16; beside each fp32 row, what `lorap plan`
+default), with lorap's runtime for factor pairs and with the pairs as saved, fp32 and bf16; beside each fp32 row, what `lorap plan`
 predicted.
 
 Section `align-quality`: perplexity of the built-in model at exact 20% of the whole model, with and
@@ -44,13 +44,17 @@ SPEED_ROWS = [
     ("LLaMA-2-7B, paper 20%, --align auto", LLAMA2, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
     ("LLaMA-2-7B, paper 20%, --align auto, bf16", LLAMA2, ["--ratio", "0.2", "--align", "auto"],
      [*ONE_LAYER, "--dtype", "bfloat16"]),
+    ("LLaMA-2-7B, paper 20%, --align auto, factor pairs as saved", LLAMA2, ["--ratio", "0.2", "--align", "auto"],
+     [*ONE_LAYER, "--unfused"]),
     ("LLaMA-2-7B, paper 50%, --align auto", LLAMA2, ["--ratio", "0.5", "--align", "auto"], ONE_LAYER),
+    ("LLaMA-2-7B, paper 50%, --align auto, factor pairs as saved", LLAMA2, ["--ratio", "0.5", "--align", "auto"],
+     [*ONE_LAYER, "--unfused"]),
     ("LLaMA-2-7B, best 20% (aligned by default)", LLAMA2, ["--ratio", "0.2", "--preset", "best"], ONE_LAYER),
     ("LLaMA-3-8B (GQA), paper 20%, --align auto", LLAMA3, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
     ("SmolLM2-135M, paper exact 20%", None, ["--ratio", "0.2", "--mode", "exact"], []),
     ("SmolLM2-135M, paper exact 20%, --align auto", None, ["--ratio", "0.2", "--mode", "exact", "--align", "auto"], []),
     ("SmolLM2-135M, best exact 20% (aligned by default)", None, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], []),
-    ("SmolLM2-135M, best exact 20%, factor pairs unfused", None,
+    ("SmolLM2-135M, best exact 20%, factor pairs as saved", None,
      ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], ["--unfused"]),
     ("SmolLM2-135M, best exact 20%, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"],
      ["--dtype", "bfloat16"]),
@@ -112,8 +116,9 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
         f"{repeats} rounds after one warm-up, batch 1, fp32 unless said. A speedup is paired: the median over rounds "
         "of dense time / compressed time measured back to back (decode: over the 128 x "
         f"{repeats} tokens, the two models generating in lockstep, a token each in turn), with the quartiles of "
-        "those ratios in brackets; q/k/v's right factors fused into one GEMM (the runtime checkpoints load with) unless a row says "
-        "unfused. LLaMA rows time the first decoder layer plus embeddings and LM head (`--layers 1`, the whole "
+        "those ratios in brackets. Compressed models run as checkpoints load (`optimize_for_inference`: q/k/v's right "
+        "factors in one GEMM, left factors stored column by column) unless a row says `as saved` (each pair's two "
+        "GEMMs on its weights as saved, `--unfused`). LLaMA rows time the first decoder layer plus embeddings and LM head (`--layers 1`, the whole "
         "model does not fit in memory here): the bold figure is that model's, diluted by the LM head that "
         "compression never touches; `layers` is the decoder layer alone (timed by forward hooks in the same "
         "runs), and `whole model extrapolated` adds the measured time outside the layers to the layer's time "
@@ -225,7 +230,7 @@ def real_section(work: Path, repeats: int) -> str:
         "",
         "Written by `benchmarks/speed.py --only real` (after `--only align-quality`, whose exact-20% checkpoints "
         "it times): `benchmarks/plain_transformers_speed.py` loads each with `from_pretrained(..., "
-        "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.fuse_factor_pairs()`, "
+        "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.optimize_for_inference()`, "
         f"and times the dense model and every checkpoint interleaved (medians of {repeats} repeats after a warm-up, "
         "batch 1, fp32, min-max in round brackets; decode with the models generating in lockstep, a token each in "
         "turn). Speedups are paired: the median over rounds (decode: over tokens) of the dense time over the "

@@ -1,5 +1,6 @@
-"""The checkpoint's faster runtime: one GEMM for the right factors of q/k/v (fuse_factor_pairs).
-It must compute what the unfused model computes, keep parameters and saved tensors as they were,
+"""The checkpoint's faster runtime (optimize_for_inference): one GEMM for the right factors of q/k/v
+(fuse_factor_pairs), and left factors stored column by column on the CPU (column_major_left_factors).
+It must compute what the plain model computes, keep parameters and saved tensors as they were,
 stand aside for training (gradients, PEFT) and for a model moved after fusing, and work where
 lorap is not installed."""
 import subprocess
@@ -12,7 +13,7 @@ from conftest import build_tiny_model, tiny_config
 from lorap.architectures import Architecture
 from lorap.bench.models import random_model
 from lorap.methods.presets import config_for
-from lorap.modeling_lorap import LowRankLinear, SharedRightFactors, fuse_factor_pairs
+from lorap.modeling_lorap import LowRankLinear, SharedRightFactors, column_major_left_factors, fuse_factor_pairs
 from lorap.plan.plan import make_plan
 
 
@@ -43,6 +44,25 @@ def test_fused_model_computes_the_same_logits(tiny_arch):
     # The saved tensors do not share storage with each other (safetensors would refuse them).
     pointers = [value.data_ptr() for name, value in after.items() if name.endswith("right.weight")]
     assert len(set(pointers)) == len(pointers)
+
+
+def test_column_major_left_factors_compute_the_same_and_save_as_before():
+    plain, laid, _ = _compressed_pair("llama_gqa")
+    before = {name: value.clone() for name, value in laid.state_dict().items()}
+    pairs = [m for m in laid.modules() if isinstance(m, LowRankLinear)]
+    parameters = [pair.left.weight for pair in pairs]
+    assert column_major_left_factors(laid) == len(pairs) > 0
+    for pair, parameter in zip(pairs, parameters):
+        assert pair.left.weight is parameter  # the same parameter, so optimizers and PEFT still hold it
+        assert pair.left.weight.stride() == (1, pair.left.out_features)  # stored column by column
+    assert column_major_left_factors(laid) == 0  # already laid out: nothing to do twice
+    with torch.no_grad():
+        assert torch.allclose(laid(_inputs()).logits, plain(_inputs()).logits, atol=1e-5, rtol=1e-5)
+    after = laid.state_dict()
+    assert after.keys() == before.keys()
+    assert all(value.is_contiguous() and torch.equal(value, before[name]) for name, value in after.items())
+    laid(_inputs()).logits.sum().backward()  # training still reaches every left factor
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in parameters)
 
 
 def _calls_of_shared_gemm(model, inputs) -> int:
@@ -103,11 +123,12 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eva
 inputs = torch.randint(0, 500, (1, 12))
 with torch.no_grad():
     expected = model(inputs).logits
-    groups = model.fuse_factor_pairs()
+    done = model.optimize_for_inference()
     diff = (model(inputs).logits - expected).abs().max().item()
-assert groups == model.config.num_hidden_layers, groups
+assert done["fused_groups"] == model.config.num_hidden_layers, done
+assert done["column_major_left_factors"] > 0, done
 assert diff <= 1e-5, diff
-model.save_pretrained(sys.argv[2])  # a fused model still saves plain tensors
+model.save_pretrained(sys.argv[2])  # a fused, column-major model still saves plain tensors
 shutil.copyfile(f"{folder}/modeling_lorap.py", f"{sys.argv[2]}/modeling_lorap.py")  # save_pretrained leaves it out
 again = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
 with torch.no_grad():

@@ -69,13 +69,14 @@ def compress(
 
 
 def load(folder, fuse=True, **kwargs):
-    """Load a lorap checkpoint (model, tokenizer) with lorap's classes; with `fuse`, q/k/v's right
-    factors share one GEMM at inference (modeling_lorap.fuse_factor_pairs; move the model first)."""
+    """Load a lorap checkpoint (model, tokenizer) with lorap's classes; with `fuse`, the faster runtime
+    (q/k/v's right factors in one GEMM, left factors column-major on the CPU:
+    modeling_lorap.optimize_for_inference; move the model first)."""
     from transformers import AutoTokenizer
 
     from .io.checkpoint import load_checkpoint_model
 
     model = load_checkpoint_model(folder, **kwargs)
     if fuse:
-        model.fuse_factor_pairs()
+        model.optimize_for_inference()
     return model, AutoTokenizer.from_pretrained(folder)

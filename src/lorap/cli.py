@@ -553,7 +553,8 @@ def _add_bench(sub):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--unfused", action="store_true",
-                   help="time the compressed model without fusing q/k/v's right factors into one GEMM (shows that gain)")
+                   help="time the compressed model's factor pairs as saved: no fused q/k/v right factors, no column-major "
+                   "left factors (shows that runtime's gain)")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--markdown", type=Path, help="write the table as markdown here")
     p.set_defaults(run=_run_bench)

@@ -246,6 +246,45 @@ def fuse_factor_pairs(model, architecture=None) -> int:
     return fused
 
 
+def _contiguous_weight(module, state_dict, prefix, local_metadata):
+    """Saved tensors stay in the plain row-major layout, whatever layout inference gave them."""
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].contiguous()
+    return state_dict
+
+
+def column_major_left_factors(model) -> int:
+    """Store each factor pair's left factor (out x rank) column by column, on the CPU; returns how
+    many. The values, shape and saved layout stay as they were.
+
+    Why: at one token the left product is a matrix-vector product over rows only `rank` long, and
+    the CPU's kernel streams short rows at about half the bandwidth of long ones. Stored column by
+    column, the same product reads the weight as the dense matrix's long rows are read (measured on
+    2 threads, fp32, one token: 4096 x 512 1.11 -> 0.57 ms, 4096 x 1216 2.13 -> 1.72 ms, 576 x 192
+    0.089 -> 0.068 ms; 512-token prefill within 2%). Not applied on a GPU, where it is unmeasured."""
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LowRankLinear) or type(module.left) is not nn.Linear:
+            continue
+        weight = module.left.weight
+        if weight.device.type != "cpu" or not weight.is_contiguous() or weight.shape[1] == 1:
+            continue
+        weight.data = weight.data.t().contiguous().t()  # same Parameter object, new strides
+        module.left._register_state_dict_hook(_contiguous_weight)
+        count += 1
+    return count
+
+
+def optimize_for_inference(model, architecture=None) -> dict:
+    """The runtime lorap loads checkpoints with: q/k/v's right factors in one GEMM (fuse_factor_pairs)
+    and, on the CPU, left factors stored column by column (column_major_left_factors). Call it after
+    the model is on its device and in its dtype; parameters, gradients and saved tensors keep their
+    values, names and layout."""
+    return {"fused_groups": fuse_factor_pairs(model, architecture),
+            "column_major_left_factors": column_major_left_factors(model)}
+
+
 class _LorapMixin:
     """Builds the base architecture, then narrows it to the recorded compressed shapes."""
 
@@ -259,6 +298,12 @@ class _LorapMixin:
         """One GEMM for the right factors of q/k/v in each layer (faster prefill); see fuse_factor_pairs."""
         lorap = getattr(self.config, "lorap", None) or {}
         return fuse_factor_pairs(self, lorap.get("architecture"))
+
+    def optimize_for_inference(self) -> dict:
+        """The faster runtime (fused right factors, column-major left factors on the CPU); see
+        optimize_for_inference. Call it once the model is on its device and in its dtype."""
+        lorap = getattr(self.config, "lorap", None) or {}
+        return optimize_for_inference(self, lorap.get("architecture"))
 
 
 class LorapLlamaForCausalLM(_LorapMixin, LlamaForCausalLM):

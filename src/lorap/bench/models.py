@@ -11,7 +11,7 @@ import torch
 
 from ..architectures import Architecture
 from ..errors import LorapError
-from ..modeling_lorap import apply_layout, fuse_factor_pairs
+from ..modeling_lorap import apply_layout, optimize_for_inference
 
 
 def first_layers(config, layers: int | None):
@@ -33,7 +33,7 @@ def first_layers(config, layers: int | None):
 def random_model(config, dtype: torch.dtype, device, layout: list | None = None, seed: int = 0, fuse: bool = False):
     """A model of `config`'s shapes with random weights; with `layout` (Plan.layout()), narrowed to
     the compressed shapes exactly as a checkpoint of that plan is on load (and, with `fuse`, given
-    the runtime lorap loads checkpoints with: modeling_lorap.fuse_factor_pairs)."""
+    the runtime lorap loads checkpoints with: modeling_lorap.optimize_for_inference)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -47,5 +47,5 @@ def random_model(config, dtype: torch.dtype, device, layout: list | None = None,
             apply_layout(model, layout[: config.num_hidden_layers], architecture)
     model.eval()
     if fuse:
-        fuse_factor_pairs(model, architecture)  # on its device: fusing binds the weights where they are
+        optimize_for_inference(model, architecture)  # on its device: fusing binds the weights where they are
     return model

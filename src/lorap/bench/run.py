@@ -71,7 +71,8 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
           warmup: int = 1, repeats: int = 5, fuse: bool = True) -> dict:
     """Time dense and compressed side by side; `config` is a CompressionConfig (its plan's shapes),
     or None for a lorap checkpoint (its own shapes and weights). `fuse` False times the compressed
-    model without the shared right-factor GEMM (modeling_lorap.fuse_factor_pairs), to show its gain."""
+    model as its pairs are saved (no shared right-factor GEMM, left factors row-major:
+    modeling_lorap.optimize_for_inference), to show that runtime's gain."""
     if dtype not in DTYPES:
         raise LorapError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = resolve_device(device)
@@ -89,7 +90,8 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         "settings": config.to_dict() if built["weights"] != "real" else compressed.config.lorap["compression"],
         "dtype": dtype,
         "parameters": {label: count_parameters(m) for label, m in models.items()},
-        "runtime": "q/k/v right factors fused into one GEMM" if fuse else "every factor pair runs its own two GEMMs",
+        "runtime": ("q/k/v right factors fused into one GEMM, left factors column-major on the CPU" if fuse else
+                    "every factor pair runs its own two GEMMs on its weights as saved"),
         "protocol": {"warmup": warmup, "repeats": repeats, "interleaved": True, "prompt_tokens": prompt_tokens,
                      "new_tokens": new_tokens, "threads": torch.get_num_threads(),
                      "speedup": "median of dense / compressed over rounds timed back to back; decode: over tokens "

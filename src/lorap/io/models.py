@@ -123,7 +123,7 @@ def check_tokenizer_files(folder: Path) -> None:
 def load_model(spec: str | None = None, dtype=None, device: str | None = None, device_map=None, fuse: bool = True):
     """Load (model, tokenizer, source). dtype None keeps the checkpoint's own dtype.
 
-    A lorap checkpoint gets its faster runtime (modeling_lorap.fuse_factor_pairs) unless `fuse` is
+    A lorap checkpoint gets its faster runtime (modeling_lorap.optimize_for_inference) unless `fuse` is
     False: it only changes how inference runs, never a parameter, a gradient or a saved tensor."""
     import torch
     from safetensors import SafetensorError
@@ -163,7 +163,7 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
         model.to(device)
     model.eval()
     if fuse and source.kind == "lorap":
-        model.fuse_factor_pairs()
+        model.optimize_for_inference()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, source
