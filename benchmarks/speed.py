@@ -7,6 +7,10 @@ SmolLM2-135M shapes: the paper's method at 20% and 50% with and without --align,
 default), with lorap's runtime for factor pairs and with the pairs as saved, fp32 and bf16; beside each fp32 row, what `lorap plan`
 predicted.
 
+Section `runtime`: the rows issue #12's CPU targets name (LLaMA-2-7B paper 20% and 50% aligned, the
+built-in model's best at exact 20%), each with lorap's runtime for factor pairs and with the pairs as
+saved, prefill 512 and decode.
+
 Section `align-quality`: perplexity of the built-in model at exact 20% of the whole model, with and
 without --align, paper and best presets (real compression, wiki calibration, wiki test tokens).
 
@@ -44,11 +48,7 @@ SPEED_ROWS = [
     ("LLaMA-2-7B, paper 20%, --align auto", LLAMA2, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
     ("LLaMA-2-7B, paper 20%, --align auto, bf16", LLAMA2, ["--ratio", "0.2", "--align", "auto"],
      [*ONE_LAYER, "--dtype", "bfloat16"]),
-    ("LLaMA-2-7B, paper 20%, --align auto, factor pairs as saved", LLAMA2, ["--ratio", "0.2", "--align", "auto"],
-     [*ONE_LAYER, "--unfused"]),
     ("LLaMA-2-7B, paper 50%, --align auto", LLAMA2, ["--ratio", "0.5", "--align", "auto"], ONE_LAYER),
-    ("LLaMA-2-7B, paper 50%, --align auto, factor pairs as saved", LLAMA2, ["--ratio", "0.5", "--align", "auto"],
-     [*ONE_LAYER, "--unfused"]),
     ("LLaMA-2-7B, best 20% (aligned by default)", LLAMA2, ["--ratio", "0.2", "--preset", "best"], ONE_LAYER),
     ("LLaMA-3-8B (GQA), paper 20%, --align auto", LLAMA3, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
     ("SmolLM2-135M, paper exact 20%", None, ["--ratio", "0.2", "--mode", "exact"], []),
@@ -58,6 +58,19 @@ SPEED_ROWS = [
      ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], ["--unfused"]),
     ("SmolLM2-135M, best exact 20%, bf16", None, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"],
      ["--dtype", "bfloat16"]),
+]
+# Section `runtime`: the CPU rows that issue #12's targets name, with lorap's runtime for factor pairs
+# (optimize_for_inference) and with the pairs as saved, prefill 512 and decode only (no prediction),
+# so that the runtime's gain is measured in one shorter run. (label, model, plan arguments, extra bench arguments)
+AS_SAVED = "factor pairs as saved"
+RUNTIME_ROWS = [
+    (label + suffix, model, plan_args, bench_args + extra)
+    for label, model, plan_args, bench_args in [
+        ("LLaMA-2-7B, paper 20%, --align auto", LLAMA2, ["--ratio", "0.2", "--align", "auto"], ONE_LAYER),
+        ("LLaMA-2-7B, paper 50%, --align auto", LLAMA2, ["--ratio", "0.5", "--align", "auto"], ONE_LAYER),
+        ("SmolLM2-135M, best exact 20%", None, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], []),
+    ]
+    for suffix, extra in (("", []), (f", {AS_SAVED}", ["--unfused"]))
 ]
 # On a GPU: whole models, bf16. The alignment is written out in each label, so that a row says what it
 # ran whatever the default of the day. (label, model, plan arguments, extra bench arguments)
@@ -104,6 +117,36 @@ def _cell(row: dict) -> str:
     extra = [f"layers {paired('layers_speedup')}"] + ([f"whole model extrapolated {whole:.2f}x"] if whole else [])
     return f"**{row['speedup']:.2f}x** [{row['speedup_quartiles'][0]:.2f}-{row['speedup_quartiles'][1]:.2f}] " \
            f"({'; '.join(extra)})"
+
+
+def runtime_section(work: Path, repeats: int) -> str:
+    timing = ["--prefill", "512", "--batch", "1", "--repeats", str(repeats), "--warmup", "1"]
+    lines = [
+        "## What lorap's runtime for factor pairs gains on the CPU",
+        "",
+        "Written by `benchmarks/speed.py --only runtime` (`lorap bench`, random weights in the plan's shapes, batch 1, "
+        f"fp32, {repeats} rounds after one warm-up, dense and compressed interleaved and paired as in the table above; "
+        "LLaMA rows time the first decoder layer plus embeddings and LM head, `layers` the decoder layer alone). Each "
+        "configuration is timed twice: as checkpoints load (`optimize_for_inference`: q/k/v's right factors in one "
+        "GEMM, each left factor stored column by column) and with its factor pairs as saved (`--unfused`: each pair's "
+        "two GEMMs on row-major weights, the runtime before the column-major layout). Load is the 1-minute load "
+        "average before and after.",
+        "",
+        machine_line(),
+        "",
+        "| model and method | parameters timed, dense -> compressed | prefill 512 | decode (128 after 128) | load |",
+        "|---|---|---|---|---|",
+    ]
+    for index, (label, model, plan_args, bench_args) in enumerate(RUNTIME_ROWS):
+        out = work / f"runtime-{index}.json"
+        run([*LORAP, "bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", str(out)])
+        report = json.loads(out.read_text())
+        params, load = report["parameters"], report["load_average"]
+        prefill = next(row for row in report["prefill"].values() if row["batch"] == 1 and row["tokens"] == 512)
+        lines.append(f"| {label} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
+                     f"({params['dense'] / params['compressed']:.2f}x fewer) | {_cell(prefill)} | "
+                     f"{_cell(report['decode'])} | {load['before']:.1f} / {load['after']:.1f} |")
+    return "\n".join(lines)
 
 
 def speed_section(work: Path, timing: list, rows: list) -> str:
@@ -307,7 +350,7 @@ def _ranks(layers: list, name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["speed", "align-quality", "real", "speed-cuda"])
+    parser.add_argument("--only", choices=["speed", "runtime", "align-quality", "real", "speed-cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
@@ -325,6 +368,8 @@ def main() -> None:
         update_section(args.page, "align-quality", quality_section(args.work, args.max_tokens, args.samples))
     if args.only in (None, "real"):
         update_section(args.page, "real", real_section(args.work, args.repeats))
+    if args.only in (None, "runtime"):
+        update_section(args.page, "runtime", runtime_section(args.work, args.repeats))
     if args.only == "speed-cuda":  # never part of a run of every section: it needs a GPU
         cuda_section(args.work, args.repeats, args.page,
                      args.rows if args.rows is not None else list(range(len(CUDA_ROWS))))
