@@ -4,10 +4,11 @@
 
 Every model is loaded with `AutoModelForCausalLM.from_pretrained` (lorap checkpoints through their
 own modeling file, `trust_remote_code=True`, then `model.optimize_for_inference()`, the one call
-the README tells users to make for inference; `fuse_factor_pairs()` in checkpoints written before it); `lorap` itself cannot be imported here. The models are
-timed interleaved (round-robin, the order reversed every other round): prefill of 1 x N tokens
-without a cache, and decode of 128 greedy tokens with the KV cache after a 128-token prompt, the
-models generating in lockstep (one token each in turn). Reports medians with min and max, and the
+the README tells users to make for inference, or `fuse_factor_pairs()` in checkpoints written
+before it); `lorap` itself cannot be imported here. The models are timed interleaved (round-robin,
+the order reversed every other round): prefill of 1 x N tokens without a cache, and decode of 128
+greedy tokens with the KV cache after a 128-token prompt, the models generating in lockstep (one
+token each in turn). Reports medians with min and max, and the
 speedup of each compressed model over the dense one, paired: the median over rounds (decode: over
 tokens) of the dense time over the compressed time measured back to back, with its quartiles.
 (lorap's own timing code, bench/timing.py, does the same; this harness may not import it.)
