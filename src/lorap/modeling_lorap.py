@@ -259,10 +259,10 @@ def column_major_left_factors(model) -> int:
     many. The values, shape and saved layout stay as they were.
 
     Why: at one token the left product is a matrix-vector product over rows only `rank` long, and
-    the CPU's kernel streams short rows at about half the bandwidth of long ones. Stored column by
-    column, the same product reads the weight as the dense matrix's long rows are read (measured on
-    2 threads, fp32, one token: 4096 x 512 1.11 -> 0.57 ms, 4096 x 1216 2.13 -> 1.72 ms, 576 x 192
-    0.089 -> 0.068 ms; 512-token prefill within 2%). Not applied on a GPU, where it is unmeasured."""
+    the CPU's kernel streams short rows more slowly than long ones. Stored column by column, the
+    same product reads the weight along `out` (benchmarks/left_layout.py, 2 threads, fp32, one
+    token: 4096 x 512 0.96 -> 0.55 ms, 4096 x 1216 1.77 -> 1.39 ms, 576 x 192 0.075 -> 0.052 ms; a
+    512-token prefill within 3%). Not applied on a GPU, where it is unmeasured."""
     count = 0
     for module in model.modules():
         if not isinstance(module, LowRankLinear) or type(module.left) is not nn.Linear:
