@@ -19,6 +19,7 @@ else may run beside them.
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes full-wiki-perl-equal,full-wiki-perl-equal-decayed --section recovery-best-50-decayed
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes full-wiki-perl-equal,full-wiki-perl-equal-decayed,lora-wiki-perl-equal --section recovery-best-50-lora
     .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes full-wiki-perl-equal-decayed,lora-wiki-perl-equal,full-kd-wiki-perl-equal --section recovery-best-50-kd
+    .venv/bin/python benchmarks/recovery.py --ratio 0.5 --calibration wiki+perldoc --minutes 60 --recipes lora-kd-wiki-perl-equal --section recovery-best-50-lora-kd
     .venv/bin/python benchmarks/recovery.py --page-only           # rewrite the page from the last run
 """
 import argparse
@@ -80,6 +81,11 @@ WIKI_PERL = {
     "full-kd-wiki-perl-equal": ("every weight, distillation from the dense model (rate 2e-4, weight 1, temperature 1), "
                                 "on `wiki` and Perl's documentation in equal shares",
                                 ["--full", "--lr", "2e-4", "--teacher", "base", "--data-mix", "equal"]),
+    # LoRA with distillation at 50%: the `lora-wiki-perl-equal` row with the dense model as teacher, and
+    # nothing else changed, like `lora-kd` beside `lora` at 20%.
+    "lora-kd-wiki-perl-equal": ("LoRA r 8, distillation from the dense model (rate 1e-4, weight 1, temperature 1), on "
+                                "`wiki` and Perl's documentation in equal shares",
+                                ["--lr", "1e-4", "--teacher", "base", "--data-mix", "equal"]),
 }
 CONTROLS = (CONTROL, *[name for name in WIKI_PERL if name.startswith("dense-control")])
 # The judges: perplexity on each, by name. `wiki` is the training domain (its test split); the others
