@@ -1,0 +1,130 @@
+"""Benchmark: what lorap's runtime for factor pairs does to one compressed layer, three models in one process.
+
+Section `runtime` of docs/speed.md times each configuration in two `lorap bench` runs, one with the
+runtime checkpoints load with (`optimize_for_inference`: q/k/v's right factors in one GEMM, left
+factors stored column by column) and one with the pairs as saved. Those runs are minutes apart, and
+on this shared CPU a 20% row's prefill moved by more than the runtime could. Here the dense layer,
+the compressed layer with the runtime and the same compressed layer as saved (the same random
+weights: one seed) are timed interleaved in one process, the order reversed every other round, so
+`runtime / as saved` is a paired ratio of its own. Decoder layer alone (forward hooks), LLaMA-2-7B
+shapes, the paper's plan at `--align auto`, fp32, batch 1: prefill of 512 tokens, and decode (128
+tokens after a 128-token prompt, the three models generating in lockstep).
+
+    .venv/bin/python benchmarks/runtime_ab.py                 # section runtime-ab of docs/speed.md
+    .venv/bin/python benchmarks/runtime_ab.py --page-only     # rewrite it from the stored record
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from docsection import head_commit, machine_line, update_section
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA2 = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
+ROWS = [("LLaMA-2-7B, paper 20%, --align auto", 0.2), ("LLaMA-2-7B, paper 50%, --align auto", 0.5)]
+PREFILL, PROMPT, NEW_TOKENS = 512, 128, 128
+# (numerator, denominator) of each paired ratio: a speedup over the denominator's time
+RATIOS = [("dense", "runtime"), ("dense", "as saved"), ("as saved", "runtime")]
+RECORD = ROOT / "runs" / "bench-speed" / "runtime-ab.json"
+
+
+def layer_models(ratio: float) -> dict:
+    """{label: one-layer model}: dense, and the paper's plan at `ratio` with and without the runtime."""
+    from lorap.bench.models import first_layers, random_model
+    from lorap.io.models import load_config
+    from lorap.methods.presets import config_for
+    from lorap.plan.plan import make_plan
+
+    model_config = load_config(str(LLAMA2))
+    layout = make_plan(model_config, config_for("paper", ratio=ratio, align="auto").plan_settings()).layout()
+    timed = first_layers(model_config, 1)
+    cpu = torch.device("cpu")
+    return {"dense": random_model(timed, torch.float32, cpu),
+            "runtime": random_model(timed, torch.float32, cpu, layout=layout, fuse=True),
+            "as saved": random_model(timed, torch.float32, cpu, layout=layout, fuse=False)}
+
+
+def measure_row(ratio: float, repeats: int, decode_repeats: int) -> dict:
+    """Milliseconds inside the decoder layer, each round (prefill) or token (decode), by model."""
+    from lorap.architectures import Architecture
+    from lorap.bench.timing import LayerClock, decode_throughputs, prefill_latencies
+
+    models = layer_models(ratio)
+    clocks = {label: LayerClock(Architecture(m.config).decoder_layers(m), torch.device("cpu"))
+              for label, m in models.items()}
+    try:
+        prefill_latencies(models, PREFILL, 1, warmup=1, repeats=repeats)
+        prefill = {label: [s * 1000 for s in clock.seconds(PREFILL, skip=1)] for label, clock in clocks.items()}
+        for clock in clocks.values():
+            clock.clear()
+        decode = decode_throughputs(models, PROMPT, NEW_TOKENS, warmup=1, repeats=decode_repeats)
+        # the clocks saw the warm-up tokens too, as many for each model: the timed ones are the last
+        steps = {label: [s * 1000 for s in clock.seconds(1)][-len(decode[label]["steps_ms"]):]
+                 for label, clock in clocks.items()}
+    finally:
+        for clock in clocks.values():
+            clock.remove()
+    return {"prefill_ms": prefill, "decode_ms": steps}
+
+
+def measure(repeats: int, decode_repeats: int) -> dict:
+    load = os.getloadavg()[0]
+    rows = {label: measure_row(ratio, repeats, decode_repeats) for label, ratio in ROWS}
+    return {"rows": rows, "repeats": repeats, "decode_repeats": decode_repeats, "load": [load, os.getloadavg()[0]],
+            "commit": head_commit(ROOT), "machine": machine_line()}
+
+
+def _cell(samples: dict, numerator: str, denominator: str) -> str:
+    from lorap.bench.timing import paired_ratio
+
+    ratio = paired_ratio(samples[numerator], samples[denominator])
+    return f"{ratio['median']:.2f}x [{ratio['low_quartile']:.2f}-{ratio['high_quartile']:.2f}]"
+
+
+def section(record: dict) -> str:
+    header = [f"{a} / {b}" for a, b in RATIOS]
+    lines = [
+        "## lorap's runtime against the pairs as saved, in one run",
+        "",
+        "Written by `benchmarks/runtime_ab.py`: one LLaMA-2-7B decoder layer (random weights, the paper's plan at "
+        "`--align auto`, fp32, batch 1) timed three ways, interleaved in one process with the order reversed every "
+        "other round: dense; compressed with lorap's runtime (`optimize_for_inference`); and the same compressed "
+        "weights with their factor pairs as saved. Time inside the decoder layer (forward hooks): prefill of "
+        f"{PREFILL} tokens, {record['repeats']} rounds after one warm-up; decode, {NEW_TOKENS} tokens after a "
+        f"{PROMPT}-token prompt, {record['decode_repeats']} times. Each cell is a paired ratio, the first model's time "
+        "over the second's (a speedup of the second): the median over rounds (decode: tokens) with its quartiles.",
+        "",
+        record["machine"] + f" Measured at commit {record['commit']}.",
+        "",
+        "| layer | timed | " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * len(header),
+    ]
+    for label, row in record["rows"].items():
+        for timed, key in ((f"prefill {PREFILL}", "prefill_ms"), ("decode", "decode_ms")):
+            lines.append(f"| {label} | {timed} | " + " | ".join(_cell(row[key], a, b) for a, b in RATIOS) + " |")
+    lines += ["", f"Load average (1 minute): {record['load'][0]:.1f} before, {record['load'][1]:.1f} after."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="prefill rounds")
+    parser.add_argument("--decode-repeats", type=int, default=4, help="decode runs of 128 tokens")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--page-only", action="store_true", help="rewrite the section from the stored record")
+    args = parser.parse_args()
+    if args.page_only and not RECORD.is_file():
+        sys.exit(f"no {RECORD}: run without --page-only first")
+    record = json.loads(RECORD.read_text()) if args.page_only else measure(args.repeats, args.decode_repeats)
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RECORD.write_text(json.dumps(record))
+    update_section(args.page, "runtime-ab", section(record))
+    print(f"wrote {args.page} (runtime-ab)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
