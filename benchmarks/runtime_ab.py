@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from docsection import head_commit, machine_line, update_section
+from docsection import machine_line, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA2 = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
@@ -75,7 +75,7 @@ def measure(repeats: int, decode_repeats: int) -> dict:
     load = os.getloadavg()[0]
     rows = {label: measure_row(ratio, repeats, decode_repeats) for label, ratio in ROWS}
     return {"rows": rows, "repeats": repeats, "decode_repeats": decode_repeats, "load": [load, os.getloadavg()[0]],
-            "commit": head_commit(ROOT), "machine": machine_line()}
+            "machine": machine_line()}
 
 
 def _cell(samples: dict, numerator: str, denominator: str) -> str:
@@ -98,7 +98,7 @@ def section(record: dict) -> str:
         f"{PROMPT}-token prompt, {record['decode_repeats']} times. Each cell is a paired ratio, the first model's time "
         "over the second's (a speedup of the second): the median over rounds (decode: tokens) with its quartiles.",
         "",
-        record["machine"] + f" Measured at commit {record['commit']}.",
+        record["machine"],
         "",
         "| layer | timed | " + " | ".join(header) + " |",
         "|---|---|" + "---:|" * len(header),
