@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA2 = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
 ROWS = [("LLaMA-2-7B, paper 20%, --align auto", 0.2), ("LLaMA-2-7B, paper 50%, --align auto", 0.5)]
 PREFILL, PROMPT, NEW_TOKENS = 512, 128, 128
-# (numerator, denominator) of each paired ratio: a speedup over the denominator's time
+# (numerator, denominator) of each paired ratio: the numerator's time over the denominator's, so the
+# denominator's speedup
 RATIOS = [("dense", "runtime"), ("dense", "as saved"), ("as saved", "runtime")]
 RECORD = ROOT / "runs" / "bench-speed" / "runtime-ab.json"
 
