@@ -51,25 +51,11 @@ def layer_models(ratio: float) -> dict:
 
 def measure_row(ratio: float, repeats: int, decode_repeats: int) -> dict:
     """Milliseconds inside the decoder layer, each round (prefill) or token (decode), by model."""
-    from lorap.architectures import Architecture
-    from lorap.bench.timing import LayerClock, decode_throughputs, prefill_latencies
+    from lorap.bench.run import time_inside_layers
 
-    models = layer_models(ratio)
-    clocks = {label: LayerClock(Architecture(m.config).decoder_layers(m), torch.device("cpu"))
-              for label, m in models.items()}
-    try:
-        prefill_latencies(models, PREFILL, 1, warmup=1, repeats=repeats)
-        prefill = {label: [s * 1000 for s in clock.seconds(PREFILL, skip=1)] for label, clock in clocks.items()}
-        for clock in clocks.values():
-            clock.clear()
-        decode = decode_throughputs(models, PROMPT, NEW_TOKENS, warmup=1, repeats=decode_repeats)
-        # the clocks saw the warm-up tokens too, as many for each model: the timed ones are the last
-        steps = {label: [s * 1000 for s in clock.seconds(1)][-len(decode[label]["steps_ms"]):]
-                 for label, clock in clocks.items()}
-    finally:
-        for clock in clocks.values():
-            clock.remove()
-    return {"prefill_ms": prefill, "decode_ms": steps}
+    prefill, (_, decode) = time_inside_layers(layer_models(ratio), torch.device("cpu"), [(1, PREFILL)], PROMPT,
+                                              NEW_TOKENS, 1, repeats, decode_repeats)
+    return {"prefill_ms": prefill[(1, PREFILL)][1], "decode_ms": decode}
 
 
 def measure(repeats: int, decode_repeats: int) -> dict:

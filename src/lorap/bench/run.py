@@ -112,31 +112,42 @@ def time_side_by_side(models: dict, device, prefill_seqlens=PREFILL_SEQLENS, bat
     interleaved, with paired speedups for the whole forward and for the decoder layers alone (by
     hooks); `scale` (model layers / timed layers) > 1 adds the whole model extrapolated."""
     limit = getattr(models["dense"].config, "max_position_embeddings", None) or max(prefill_seqlens)
+    shapes = [(batch, seqlen) for batch in batches for seqlen in prefill_seqlens if seqlen <= limit]
+    timed_prefills, (decode, decode_inside) = time_inside_layers(models, device, shapes, prompt_tokens, new_tokens,
+                                                                 warmup, repeats, max(1, repeats))
+    prefill = {}
+    for (batch, seqlen), (timed, inside) in timed_prefills.items():
+        rounds = {label: timed[label]["rounds_ms"] for label in models}
+        prefill[f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed, **_paired_speedups(rounds, inside, scale)}
+    steps = {label: decode[label]["steps_ms"] for label in models}
+    decode.update(_paired_speedups(steps, decode_inside, scale))
+    return prefill, decode
+
+
+def time_inside_layers(models: dict, device, prefill_shapes, prompt_tokens: int, new_tokens: int, warmup: int,
+                       repeats: int, decode_repeats: int) -> tuple[dict, tuple]:
+    """Any number of models timed interleaved, whole and inside their decoder layers (forward hooks):
+    ({(batch, tokens): (prefill_latencies' report, {label: ms inside the layers, each timed round})},
+    (decode_throughputs' report, {label: ms inside the layers, each timed token}))."""
     clocks = {label: LayerClock(Architecture(m.config).decoder_layers(m), device) for label, m in models.items()}
     prefill = {}
     try:
-        for batch in batches:
-            for seqlen in prefill_seqlens:
-                if seqlen > limit:
-                    continue
-                info(f"prefill: batch {batch} x {seqlen} tokens")
-                timed = prefill_latencies(models, seqlen, batch, warmup, repeats)
-                rounds = {label: timed[label]["rounds_ms"] for label in models}
-                inside = {label: [s * 1000 for s in clock.seconds(seqlen, skip=warmup)] for label, clock in clocks.items()}
-                prefill[f"{batch}x{seqlen}"] = {"batch": batch, "tokens": seqlen, **timed,
-                                                **_paired_speedups(rounds, inside, scale)}
-                for clock in clocks.values():
-                    clock.clear()
+        for batch, seqlen in prefill_shapes:
+            info(f"prefill: batch {batch} x {seqlen} tokens")
+            timed = prefill_latencies(models, seqlen, batch, warmup, repeats)
+            prefill[(batch, seqlen)] = timed, {label: [s * 1000 for s in clock.seconds(seqlen, skip=warmup)]
+                                               for label, clock in clocks.items()}
+            for clock in clocks.values():
+                clock.clear()
         info(f"decode: {new_tokens} tokens after a {prompt_tokens}-token prompt, the models in lockstep")
-        decode = decode_throughputs(models, prompt_tokens, new_tokens, warmup, max(1, repeats))
-        steps = {label: decode[label]["steps_ms"] for label in models}
+        decode = decode_throughputs(models, prompt_tokens, new_tokens, warmup, decode_repeats)
         # The clocks saw the warm-up tokens too, as many for each model: the timed ones are the last.
-        inside = {label: [s * 1000 for s in clock.seconds(1)][-len(steps[label]):] for label, clock in clocks.items()}
-        decode.update(_paired_speedups(steps, inside, scale))
+        inside = {label: [s * 1000 for s in clock.seconds(1)][-len(decode[label]["steps_ms"]):]
+                  for label, clock in clocks.items()}
     finally:
         for clock in clocks.values():
             clock.remove()
-    return prefill, decode
+    return prefill, (decode, inside)
 
 
 def _paired_speedups(totals: dict, inside: dict, scale: float) -> dict:
