@@ -6,9 +6,12 @@ Every model is loaded with `AutoModelForCausalLM.from_pretrained` (lorap checkpo
 own modeling file, `trust_remote_code=True`, then `model.optimize_for_inference()`, the one call
 the README tells users to make for inference, or `fuse_factor_pairs()` in checkpoints written
 before it); `lorap` itself cannot be imported here. The models are timed interleaved (round-robin,
-the order reversed every other round): prefill of 1 x N tokens without a cache, and decode of 128
+the order reversed every other round): prefill of 1 x N tokens without a cache (logits at every
+position, as a scoring pass computes them); the first token after N, as `generate()` computes it
+(filling the KV cache, logits at the last position only: `logits_to_keep=1`); and decode of 128
 greedy tokens with the KV cache after a 128-token prompt, the models generating in lockstep (one
-token each in turn). Reports medians with min and max, and the
+token each in turn). One more lockstep decode, untimed, splits a token's time by forward hooks
+into the attention blocks, the FFN blocks, the LM head and the rest. Reports medians with min and max, and the
 speedup of each compressed model over the dense one, paired: the median over rounds (decode: over
 tokens) of the dense time over the compressed time measured back to back, with its quartiles.
 (lorap's own timing code, bench/timing.py, does the same; this harness may not import it.)
@@ -47,6 +50,15 @@ def prefill(model, tokens) -> float:
 
 
 @torch.no_grad()
+def first_token(model, tokens) -> float:
+    """The prompt's pass as generate() runs it: the cache filled, the vocabulary projected at the last
+    position only (the LM head over every position is most of the difference from `prefill`)."""
+    begin = time.perf_counter()
+    model(input_ids=tokens, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    return time.perf_counter() - begin
+
+
+@torch.no_grad()
 def lockstep_decode(models: dict, prompt, new_tokens: int) -> dict:
     """{label: [seconds of each new token]}, the models taking turns a token at a time."""
     state = {}
@@ -63,6 +75,53 @@ def lockstep_decode(models: dict, prompt, new_tokens: int) -> dict:
             state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
             steps[label].append(time.perf_counter() - begin)
     return steps
+
+
+PARTS = ("attention", "FFN", "LM head")
+
+
+def parts_of(model) -> dict:
+    """{part: its modules} of a LLaMA-family causal LM: every layer's attention block, every layer's FFN
+    block, the vocabulary projection."""
+    layers = model.model.layers
+    return {"attention": [layer.self_attn for layer in layers], "FFN": [layer.mlp for layer in layers],
+            "LM head": [model.lm_head]}
+
+
+def decode_shares(models: dict, prompt, new_tokens: int) -> dict:
+    """{label: {part: ms per decode token}, with "total" and "rest"} from one more lockstep decode with
+    forward hooks on the parts (on the CPU a module's wall time is its compute). Kept out of the timed
+    runs, so the hooks cost those nothing. `rest` is everything else: embeddings, norms, residual adds,
+    the layer loop, picking the token."""
+    spent = {label: dict.fromkeys(PARTS, 0.0) for label in models}
+    handles = []
+    for label, model in models.items():
+        for part, modules in parts_of(model).items():
+            for module in modules:
+                def start(module, args, started=[None]):
+                    started[0] = time.perf_counter()
+                    module._started = started
+                def stop(module, args, output, label=label, part=part):
+                    first = output[0] if isinstance(output, tuple) else output
+                    if first.shape[1] == 1:  # a decode step's token; the prompt's pass is not counted
+                        spent[label][part] += time.perf_counter() - module._started[0]
+                handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    try:
+        steps = lockstep_decode(models, prompt, new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    shares = {}
+    for label in models:
+        total = sum(steps[label]) * 1000 / new_tokens
+        parts = {part: seconds * 1000 / new_tokens for part, seconds in spent[label].items()}
+        shares[label] = {**parts, "rest": total - sum(parts.values()), "total": total}
+    return shares
+
+
+def part_parameters(model) -> dict:
+    return {part: sum(p.numel() for module in modules for p in module.parameters())
+            for part, modules in parts_of(model).items()}
 
 
 def interleaved(models: dict, call, repeats: int) -> dict:
@@ -98,14 +157,16 @@ def main() -> None:
     torch.manual_seed(0)
     models = {"dense": load(args.dense), **{folder: load(folder) for folder in args.compressed}}
     vocab = models["dense"].config.vocab_size
-    report = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "prefill": {}, "decode": {},
-              "speedup": {label: {"prefill": {}} for label in args.compressed}}
+    passes = {"prefill": prefill, "first_token": first_token}
+    report = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], **{kind: {} for kind in passes},
+              "decode": {}, "speedup": {label: {kind: {} for kind in passes} for label in args.compressed}}
     for length in map(int, args.prefill.split(",")):
         tokens = ids(vocab, length)
-        times = interleaved(models, lambda model: prefill(model, tokens), args.repeats)
-        report["prefill"][length] = {label: summary([t * 1000 for t in values]) for label, values in times.items()}
-        for label in args.compressed:
-            report["speedup"][label]["prefill"][length] = paired(times["dense"], times[label])
+        for kind, timed_pass in passes.items():
+            times = interleaved(models, lambda model: timed_pass(model, tokens), args.repeats)
+            report[kind][length] = {label: summary([t * 1000 for t in values]) for label, values in times.items()}
+            for label in args.compressed:
+                report["speedup"][label][kind][length] = paired(times["dense"], times[label])
     prompt = ids(vocab, 128)
     lockstep_decode(models, prompt, 8)  # warm-up
     runs = [lockstep_decode(models, prompt, args.new_tokens) for _ in range(args.repeats)]
@@ -113,6 +174,8 @@ def main() -> None:
     for label in args.compressed:
         report["speedup"][label]["decode"] = paired([t for run in runs for t in run["dense"]],
                                                     [t for run in runs for t in run[label]])
+    report["decode_shares"] = decode_shares(models, prompt, args.new_tokens)
+    report["part_parameters"] = {label: part_parameters(model) for label, model in models.items()}
     report["new_tokens"] = args.new_tokens
     report["load_after"] = os.getloadavg()[0]
     report["parameters"] = {label: sum(p.numel() for p in model.parameters()) for label, model in models.items()}

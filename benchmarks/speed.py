@@ -276,13 +276,17 @@ def real_section(work: Path, repeats: int) -> str:
         "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.optimize_for_inference()`, "
         f"and times the dense model and every checkpoint interleaved (medians of {repeats} repeats after a warm-up, "
         "batch 1, fp32, min-max in round brackets; decode with the models generating in lockstep, a token each in "
-        "turn). Speedups are paired: the median over rounds (decode: over tokens) of the dense time over the "
-        "checkpoint's, measured back to back, with the quartiles of those ratios in square brackets.",
+        "turn). `prefill N` is one pass over N tokens without a cache, logits at every position (as a scoring pass "
+        "computes them, and as `lorap bench` times prefill); `first token after N` is the prompt's pass as "
+        "`generate()` runs it, the KV cache filled and the vocabulary projected at the last position only "
+        "(`logits_to_keep=1`). Speedups are paired: the median over rounds (decode: over tokens) of the dense time "
+        "over the checkpoint's, measured back to back, with the quartiles of those ratios in square brackets.",
         "",
         machine_line(),
         "",
-        "| model | parameters | prefill 128 | prefill 512 | decode tokens/s (128 after 128) |",
-        "|---|---:|---|---|---|",
+        "| model | parameters | prefill 128 | prefill 512 | first token after 128 | first token after 512 | "
+        "decode tokens/s (128 after 128) |",
+        "|---|---:|---|---|---|---|---|",
     ]
     dense_label = next(iter(report["parameters"]))
     def speedup(key, *where) -> str:
@@ -295,14 +299,48 @@ def real_section(work: Path, repeats: int) -> str:
 
     for label, key in [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]]:
         cells = []
-        for length in ("128", "512"):
-            mine = report["prefill"][length][key]
-            cells.append(f"{mine['median']:.0f} ms ({mine['min']:.0f}-{mine['max']:.0f})" + speedup(key, "prefill", length))
+        for kind in ("prefill", "first_token"):
+            for length in ("128", "512"):
+                mine = report[kind][length][key]
+                cells.append(f"{mine['median']:.0f} ms ({mine['min']:.0f}-{mine['max']:.0f})" + speedup(key, kind, length))
         rate = report["decode"][key]
         cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})" + speedup(key, "decode"))
         lines.append(f"| {label} | {report['parameters'][key]:,} | {' | '.join(cells)} |")
-    lines += ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after."]
+    lines += ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after.", "",
+              *_decode_shares(report, [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]])]
     return "\n".join(lines)
+
+
+DECODE_PARTS = ("attention", "FFN", "LM head", "rest")
+
+
+def _decode_shares(report: dict, labelled: list) -> list:
+    """Where a decode token's time goes, by model, and what a parameter cut could give at most."""
+    shares, params = report["decode_shares"], report["part_parameters"]
+    dense_label = labelled[0][1]
+    dense = shares[dense_label]
+    lines = [
+        f"Where a decode token's time goes, in ms a token (means over the {report['new_tokens']} tokens of one more "
+        "lockstep decode, after the timed ones, with forward hooks on every layer's attention block and FFN block "
+        "and on the LM head; `rest` is the embeddings, norms, residual adds, the layer loop and picking the token: the step's time "
+        "less the parts). In brackets, the dense model's time for that part over the checkpoint's. `if parts "
+        "scaled` is the speedup the whole token would get if the attention and FFN blocks ran faster by exactly "
+        "their parameter cut (dense parameters over the checkpoint's) and the LM head and the rest did not change.",
+        "",
+        "| model | " + " | ".join(DECODE_PARTS) + " | total | parameters attention / FFN | if parts scaled |",
+        "|---|" + "---:|" * (len(DECODE_PARTS) + 3),
+    ]
+    for name, key in labelled:
+        mine = shares[key]
+        cells = [f"{mine[part]:.1f}" + ("" if key == dense_label else f" ({dense[part] / mine[part]:.2f}x)")
+                 for part in DECODE_PARTS]
+        cells.append(f"{mine['total']:.1f}" + ("" if key == dense_label else f" ({dense['total'] / mine['total']:.2f}x)"))
+        cells.append(f"{params[key]['attention'] / 1e6:.1f}M / {params[key]['FFN'] / 1e6:.1f}M")
+        scaled = dense["LM head"] + dense["rest"] + sum(
+            dense[part] * params[key][part] / params[dense_label][part] for part in ("attention", "FFN"))
+        cells.append("" if key == dense_label else f"{dense['total'] / scaled:.2f}x")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def quality_section(work: Path, max_tokens: int, samples: int) -> str:
