@@ -17,6 +17,7 @@ tokens) of the dense time over the compressed time measured back to back, with i
 (lorap's own timing code, bench/timing.py, does the same; this harness may not import it.)
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -94,18 +95,22 @@ def decode_shares(models: dict, prompt, new_tokens: int) -> dict:
     runs, so the hooks cost those nothing. `rest` is everything else: embeddings, norms, residual adds,
     the layer loop, picking the token."""
     spent = {label: dict.fromkeys(PARTS, 0.0) for label in models}
+    started = {}
+
+    def start(module, args):
+        started[module] = time.perf_counter()
+
+    def stop(label, part, module, args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        if first.shape[1] == 1:  # a decode step's token; the prompt's pass is not counted
+            spent[label][part] += time.perf_counter() - started[module]
+
     handles = []
     for label, model in models.items():
         for part, modules in parts_of(model).items():
             for module in modules:
-                def start(module, args, started=[None]):
-                    started[0] = time.perf_counter()
-                    module._started = started
-                def stop(module, args, output, label=label, part=part):
-                    first = output[0] if isinstance(output, tuple) else output
-                    if first.shape[1] == 1:  # a decode step's token; the prompt's pass is not counted
-                        spent[label][part] += time.perf_counter() - module._started[0]
-                handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+                handles += [module.register_forward_pre_hook(start),
+                            module.register_forward_hook(functools.partial(stop, label, part))]
     try:
         steps = lockstep_decode(models, prompt, new_tokens)
     finally:

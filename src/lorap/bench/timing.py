@@ -83,7 +83,9 @@ def elapsed_seconds(device, work) -> float:
 
 @torch.no_grad()
 def prefill_seconds(model, tokens: torch.Tensor) -> float:
-    """One forward over `tokens` without a cache (the time to the first new token)."""
+    """One forward over `tokens` without a cache, logits at every position: a scoring pass. The first
+    token of generate() costs less, which projects the last position only (logits_to_keep=1);
+    benchmarks/plain_transformers_speed.py times both."""
     return elapsed_seconds(tokens.device, lambda: model(input_ids=tokens, use_cache=False))
 
 
