@@ -322,8 +322,8 @@ def _decode_shares(report: dict, labelled: list) -> list:
     lines = [
         f"Where a decode token's time goes, in ms a token (means over the {report['new_tokens']} tokens of one more "
         "lockstep decode, after the timed ones, with forward hooks on every layer's attention block and FFN block "
-        "and on the LM head; `rest` is the embeddings, norms, residual adds, the layer loop and picking the token: the step's time "
-        "less the parts). In brackets, the dense model's time for that part over the checkpoint's. `if parts "
+        "and on the LM head; `rest` is the embeddings, norms, residual adds, the layer loop and picking the token: "
+        "the step's time less the parts). In brackets, the dense model's time for that part over the checkpoint's. `if parts "
         "scaled` is the speedup the whole token would get if the attention and FFN blocks ran faster by exactly "
         "their parameter cut (dense parameters over the checkpoint's) and the LM head and the rest did not change.",
         "",
