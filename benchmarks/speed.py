@@ -289,6 +289,8 @@ def real_section(work: Path, repeats: int) -> str:
         "|---|---:|---|---|---|---|---|",
     ]
     dense_label = next(iter(report["parameters"]))
+    labelled = [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]]
+
     def speedup(key, *where) -> str:
         if key == dense_label:
             return ""
@@ -297,7 +299,7 @@ def real_section(work: Path, repeats: int) -> str:
             ratio = ratio[step]
         return f", **{ratio['median']:.2f}x** [{ratio['low_quartile']:.2f}-{ratio['high_quartile']:.2f}]"
 
-    for label, key in [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]]:
+    for label, key in labelled:
         cells = []
         for kind in ("prefill", "first_token"):
             for length in ("128", "512"):
@@ -307,7 +309,7 @@ def real_section(work: Path, repeats: int) -> str:
         cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})" + speedup(key, "decode"))
         lines.append(f"| {label} | {report['parameters'][key]:,} | {' | '.join(cells)} |")
     lines += ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after.", "",
-              *_decode_shares(report, [("dense", dense_label), *[(name, str(folder)) for name, folder in rows]])]
+              *_decode_shares(report, labelled)]
     return "\n".join(lines)
 
 
