@@ -70,7 +70,7 @@ def test_adaptive_widths_are_aligned_and_keep_their_total():
 def test_align_must_be_a_positive_integer(value, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--ratio", "0.2", "--align", value])
-    assert "--align must be a positive integer" in capsys.readouterr().err
+    assert "argument --align: must be a positive integer" in capsys.readouterr().err
     with pytest.raises(LorapError, match="--align must be a positive integer"):
         make_plan(tiny_config("llama_gqa"), PlanSettings(0.2, align=0))
 

@@ -94,7 +94,7 @@ def llama_dir(tmp_path_factory, tiny_tokenizer):
 
 def test_cli_writes_json_and_plots(llama_dir, tmp_path, capsys):
     out = tmp_path / "analysis"
-    code = main(["analyze", str(llama_dir), "--out", str(out), "--samples", "4", "--seqlen", "32"])
+    code = main(["analyze", str(llama_dir), "--out", str(out), "--samples", "4", "--sample-len", "32"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads((out / "lowrank_analysis.json").read_text())
@@ -107,6 +107,6 @@ def test_cli_writes_json_and_plots(llama_dir, tmp_path, capsys):
 
 
 def test_bad_energy_is_a_plain_error(llama_dir, tmp_path, capsys):
-    code = main(["analyze", str(llama_dir), "--out", str(tmp_path / "x"), "--energy", "1.5", "--samples", "2", "--seqlen", "16"])
+    code = main(["analyze", str(llama_dir), "--out", str(tmp_path / "x"), "--energy", "1.5", "--samples", "2", "--sample-len", "16"])
     assert code == 2
     assert "energy must be a fraction in (0, 1)" in capsys.readouterr().err

@@ -121,6 +121,43 @@ def test_package_inits_import_nothing():
             assert imports_of(name, path, known) == [], name
 
 
+# Run in a fresh interpreter where importing any heavy library fails: the CLI must parse, print help
+# and refuse bad arguments with what the standard library, the registry and the plan need alone.
+CLI_WITHOUT_HEAVY_LIBRARIES = """
+import sys
+HEAVY = ("torch", "transformers", "numpy", "safetensors", "datasets", "accelerate", "peft", "lm_eval", "gguf")
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError("imported before arguments were parsed: " + name)
+
+sys.meta_path.insert(0, Refuse())
+from lorap.cli import main
+for argv in (["--help"], *([command, "--help"] for command in sys.argv[1:]), ["compress", "--out", "o", "--ratio", "x"],
+             ["plan", "--ratio", "0.2", "--factorization", "nope"]):
+    try:
+        main(argv)
+    except SystemExit as stop:
+        print("exit:", argv[0], stop.code)
+"""
+
+
+def test_the_cli_parses_and_helps_without_torch():
+    import subprocess
+
+    from lorap.cli import build_parser
+
+    commands = list(build_parser()._subparsers._group_actions[0].choices)
+    done = subprocess.run([sys.executable, "-c", CLI_WITHOUT_HEAVY_LIBRARIES, *commands], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    codes = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("exit: ")]
+    assert codes == [["--help", "0"], *([command, "0"] for command in commands), ["compress", "2"], ["plan", "2"]]
+    assert "usage: lorap" in done.stdout and "invalid float value: 'x'" in done.stderr
+    assert "invalid choice: 'nope'" in done.stderr and "imported before" not in done.stderr
+
+
 if __name__ == "__main__":
     print("cycles:", cycles(import_graph()))
     print("private imports:", private_imports())

@@ -11,7 +11,7 @@ from lorap.pipeline.run import compress_model
 from lorap.pipeline.config import CompressionConfig
 from lorap.plan.counting import count_parameters
 from lorap.errors import LorapError
-from lorap.methods.presets import METHODS, PAPER, config_for
+from lorap.methods.presets import METHODS, config_for
 from test_compress import assert_reloads_without_lorap
 
 SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
@@ -26,9 +26,13 @@ def gqa_dir(tmp_path, tiny_tokenizer):
 
 
 def test_the_paper_preset_is_the_default_configuration():
+    # As published: AWSVD pairs with a = 3, the LoRAP channel score keeping the lowest 1%, nothing
+    # compensating removed channels, the same ratio in every layer, exact integer shapes.
+    published = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
+                     ffn_score="lorap", ffn_update="none", ffn_allocation="uniform", rank_allocation="rule",
+                     attention="lowrank", attention_scale=1.0, align=1, mode="reference")
     defaults = CompressionConfig()
-    assert all(getattr(defaults, key) == tuple(value) if key == "sublayers" else getattr(defaults, key) == value
-               for key, value in PAPER.items())
+    assert {key: getattr(defaults, key) for key in published} == published
     assert config_for("paper", ratio=0.3) == CompressionConfig(ratio=0.3)
 
 

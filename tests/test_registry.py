@@ -3,6 +3,7 @@
 A new factorization, FFN criterion, update or allocation is picked up by the parametrized tests
 here without editing them; the last test adds a made-up criterion from this file alone.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from lorap.cli import build_parser, main
 from lorap.errors import LorapError
 from lorap.methods.presets import BEST_RIDGES, config_for
 from lorap.methods.registry import FFN_SCORES, REGISTRIES, MethodSpec, options_table
+from lorap.options import Option
 from lorap.pipeline.config import CompressionConfig
 from lorap.pipeline.run import compress_model
 from lorap.plan.counting import count_parameters
@@ -57,8 +59,8 @@ def test_method_options_reach_only_the_parts_that_read_them():
     assert config.options_of("ffn_score") == {}
     args = build_parser().parse_args(["plan", "--ratio", "0.2", "--whitening-shrink", "0.3", "--lstsq-ridge", "1"])
     assert (args.whitening_shrink, args.lstsq_ridge) == (0.3, 1.0)
-    fields = {field for registry in REGISTRIES.values() for spec in registry for field in spec.options}
-    assert fields <= set(config.to_dict())  # every option a part names is a setting
+    names = {option.name for registry in REGISTRIES.values() for spec in registry for option in spec.options}
+    assert {name: config.to_dict()[name] for name in names} == {"whitening_shrink": 0.25, "lstsq_ridge": 0.2}
     for bad, message in ((dict(whitening_shrink=1.5), "whitening-shrink must be in"),
                          (dict(lstsq_ridge=0.0), "lstsq-ridge must be positive")):
         with pytest.raises(LorapError, match=message):
@@ -67,16 +69,16 @@ def test_method_options_reach_only_the_parts_that_read_them():
 
 def test_best_sets_its_ridge_by_the_share_removed_and_a_given_ridge_wins():
     for ratio, expected in (*BEST_RIDGES, (BEST_RIDGES[0][0] / 2, BEST_RIDGES[0][1]), (0.9, BEST_RIDGES[-1][1])):
-        assert config_for("best", ratio=ratio, mode="exact").lstsq_ridge == expected
+        assert config_for("best", ratio=ratio, mode="exact").option("lstsq_ridge") == expected
     for (low, light), (high, heavy) in zip(BEST_RIDGES, BEST_RIDGES[1:]):
-        middle = config_for("best", ratio=(low + high) / 2).lstsq_ridge
+        middle = config_for("best", ratio=(low + high) / 2).option("lstsq_ridge")
         assert middle == pytest.approx((light * heavy) ** 0.5, rel=1e-5)
-    ridges = [config_for("best", ratio=r / 100).lstsq_ridge for r in range(10, 70, 5)]
+    ridges = [config_for("best", ratio=r / 100).option("lstsq_ridge") for r in range(10, 70, 5)]
     assert ridges == sorted(ridges, reverse=True)  # never stronger where more is removed
-    assert config_for("best").lstsq_ridge == config_for("best", ratio=CompressionConfig.ratio).lstsq_ridge
-    assert config_for("best", ratio=0.5, lstsq_ridge=0.3).lstsq_ridge == 0.3
+    assert config_for("best").option("lstsq_ridge") == config_for("best", ratio=CompressionConfig.ratio).option("lstsq_ridge")
+    assert config_for("best", ratio=0.5, lstsq_ridge=0.3).option("lstsq_ridge") == 0.3
     # the shrink is one number, and no other preset depends on the ratio
-    assert config_for("best", ratio=0.2).whitening_shrink == config_for("best", ratio=0.5).whitening_shrink
+    assert config_for("best", ratio=0.2).option("whitening_shrink") == config_for("best", ratio=0.5).option("whitening_shrink")
     assert config_for("paper", ratio=0.2).to_dict() == {**config_for("paper", ratio=0.5).to_dict(), "ratio": 0.2}
 
 
@@ -87,9 +89,9 @@ def test_an_unregistered_name_is_refused_with_the_registered_ones():
         build_parser().parse_args(["plan", "--ratio", "0.2", "--factorization", "nope"])
 
 
-def test_the_readme_options_table_is_the_registry():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert options_table() in readme
+def test_the_options_page_table_is_the_registry():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
+    assert options_table() in page
 
 
 def test_whole_model_passes_and_gram_matrices_come_from_the_registry():
@@ -144,3 +146,48 @@ def _dense_columns(model, layer, kept):
     dense = build_tiny_model("llama_gqa", vocab_size=model.config.vocab_size)
     index = list(model.model.layers).index(layer)
     return dense.model.layers[index].mlp.down_proj.weight.detach()[:, kept]
+
+
+RECEIVED_POWERS = []
+
+
+def powered_reversed_scores(mlp, inputs, reversal_power: float):
+    """A made-up criterion with an option of its own; it notes the value it is called with."""
+    RECEIVED_POWERS.append(reversal_power)
+    return -reversed_magnitude_scores(mlp, inputs).neg().pow(reversal_power)
+
+
+@pytest.fixture
+def made_up_criterion_with_option():
+    power = Option("reversal_power", 1.0, "the power the reversed magnitudes are raised to", valid=lambda p: p > 0,
+                   requirement="positive")
+    spec = FFN_SCORES.register(MethodSpec("powered-reversed", powered_reversed_scores, "smallest weights first, powered",
+                                          options=(power,)))
+    yield spec
+    FFN_SCORES.unregister(spec.name)
+
+
+def test_a_part_option_is_declared_once_on_its_registry_entry(made_up_criterion_with_option, tiny_tokenizer, tmp_path):
+    from lorap import api
+    from lorap.cli import _method_settings
+
+    compress_help = build_parser()._subparsers._group_actions[0].choices["compress"].format_help()
+    assert "--reversal-power" in compress_help and "with --ffn-score powered-reversed" in compress_help
+    args = build_parser().parse_args(["compress", "--out", "o", "--ratio", "0.3", "--ffn-score", "powered-reversed",
+                                      "--reversal-power", "3"])
+    config = config_for("paper", **{**_method_settings(args), **SMALL})
+    assert config.options_of("ffn_score") == {"reversal_power": 3.0}
+    assert config_for("paper", ratio=0.3).options_of("ffn_score") == {}  # the paper's criterion reads none
+    assert config_for("paper", ratio=0.3, ffn_score="powered-reversed").options_of("ffn_score") == {"reversal_power": 1.0}
+    with pytest.raises(LorapError, match="--reversal-power must be positive, got -1"):
+        config_for("paper", ratio=0.3, reversal_power=-1).validate()
+    # the run passes it to the criterion of every layer, and the checkpoint records it
+    folder = tmp_path / "tiny"
+    build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    RECEIVED_POWERS.clear()
+    result = api.compress(folder, tmp_path / "out", config, predict_speed=False, progress=False)
+    assert RECEIVED_POWERS == [3.0, 3.0]  # two layers
+    assert result.report["settings"]["reversal_power"] == 3.0
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["lorap"]["compression"]
+    assert recorded["reversal_power"] == 3.0 and recorded["ffn_score"] == "powered-reversed"

@@ -11,61 +11,62 @@ def perplexity(model, tokenizer, dataset="wiki", seqlen=128, max_tokens=None, sp
 def evaluate(model=None, ppl=("wiki",), seqlens=(128,), max_tokens=None, device=None, **options) -> dict:
     """The report `lorap eval --json` writes, for a model given by name or path.
 
-    `options` are those of lorap.evaluate.suite.evaluate_suite: against, alone, tasks (None:
-    perplexity only), limit, offline, speed, batch_size, split ("validation" to choose settings).
+    `options` are named as `lorap eval`'s: against, alone, tasks (None: perplexity only), limit,
+    offline, speed, speed_settings, batch_size, device_map, split ("validation" to choose
+    settings). lorap.evaluate.suite.EvalRequest.from_keywords sorts them into the request.
     """
-    from .evaluate.suite import evaluate_suite
+    from .evaluate.suite import EvalRequest, evaluate_suite
 
-    return evaluate_suite(model, ppl=ppl, seqlens=seqlens, max_tokens=max_tokens, device=device, **options)
+    request = EvalRequest.from_keywords(model, ppl=ppl, seqlens=seqlens, max_tokens=max_tokens, device=device, **options)
+    return evaluate_suite(request)
 
 
-def plan(model=None, preset="paper", **settings):
-    """The compression plan from shapes alone (a config.json, a folder or a hub id): no weights loaded.
+def plan(model=None, preset="paper", predict_speed=True, **settings) -> dict:
+    """What `lorap plan --json` prints, from shapes alone (a config.json, a folder or a hub id): the
+    plan's per-module ranks and widths with their totals, the peak memory a run will need and, with
+    `predict_speed`, the speedup a micro-benchmark of the plan's layers predicts. No weights load.
 
-    `settings` are CompressionConfig fields over those of the named preset (methods/presets.py).
-    With adaptive FFN allocation the real per-layer widths depend on calibration data; the plan
-    shows the uniform widths, whose total the adaptive run keeps.
+    `settings` are CompressionConfig fields and part options over those of the named preset
+    (methods/presets.py). With adaptive FFN allocation the real per-layer widths depend on
+    calibration data; the plan shows the uniform widths, whose total the adaptive run keeps (its
+    `note` says so).
     """
     from .io.models import load_config
     from .methods.presets import config_for
-    from .plan.plan import make_plan
+    from .plan.report import plan_report
 
-    return make_plan(load_config(model), config_for(preset, **settings).plan_settings())
+    config = config_for(preset, **settings)
+    config.validate()
+    return plan_report(load_config(model), config, predict_speed)
 
 
-def compress(
-    model=None,
-    out=None,
-    config=None,
-    evaluate_ppl=(),
-    eval_seqlens=(128,),
-    eval_max_tokens=None,
-    overwrite=False,
-    progress=True,
-    stream=None,
-    resume=False,
-    activation_dtype="auto",
-    activation_store="memory",
-    predict_speed=True,
-    **settings,
-):
+def compress(model=None, out=None, config=None, evaluate_ppl=(), eval_seqlens=(128,), eval_max_tokens=None,
+             overwrite=False, progress=True, stream=None, resume=False, activation_dtype="auto",
+             activation_store="memory", predict_speed=True, **settings):
     """Compress a model by LoRAP, save it to `out` (if given) and report what was done.
 
     `settings` are a `preset` name (methods/presets.py, default "paper") and CompressionConfig
-    fields over it (ratio, mode, allocation_a, ...). With `evaluate_ppl` (corpus names),
-    perplexity is measured before and after, same protocol. Streamed (stream=True, resume=True,
-    or stream=None and the model would not fit in memory): the model is read layer by layer from
-    its shards and never held whole, and the result's model is None. With `predict_speed`, the
-    report holds the speedup predicted by a micro-benchmark of the plan's layers. Returns
-    pipeline.run.Compressed (model, tokenizer, report).
+    fields or part options over it (ratio, mode, allocation_a, ...). With `evaluate_ppl` (corpus
+    names), perplexity is measured before and after, same protocol. Streamed (stream=True,
+    resume=True, or stream=None and the model would not fit in memory): the model is read layer by
+    layer from its shards and never held whole, and the result's model is None. With
+    `predict_speed`, the report holds the speedup predicted by a micro-benchmark of the plan's
+    layers. Returns pipeline.run.Compressed (model, tokenizer, report).
+
+    The flat keywords are this function's public form, named as `lorap compress`'s options; they
+    are sorted into one pipeline.run.CompressionJob here and nowhere else.
     """
+    from .evaluate.suite import PerplexitySettings
     from .methods.presets import config_for
-    from .pipeline.run import compress_checkpoint
+    from .pipeline.run import CompressionJob, compress_checkpoint
     from .pipeline.sharded import StreamOptions
 
-    config = config or config_for(settings.pop("preset", "paper"), **settings)
-    return compress_checkpoint(model, out, config, evaluate_ppl, eval_seqlens, eval_max_tokens, overwrite, progress,
-                               stream, StreamOptions(resume, activation_dtype, activation_store), predict_speed)
+    job = CompressionJob(
+        model, out, config or config_for(settings.pop("preset", "paper"), **settings),
+        evaluate=PerplexitySettings(tuple(evaluate_ppl), tuple(eval_seqlens), eval_max_tokens) if evaluate_ppl else None,
+        overwrite=overwrite, progress=progress, stream=stream,
+        stream_options=StreamOptions(resume, activation_dtype, activation_store), predict_speed=predict_speed)
+    return compress_checkpoint(job)
 
 
 def load(folder, fuse=True, **kwargs):

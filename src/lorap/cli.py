@@ -1,43 +1,22 @@
-"""Command line: parse, call the API, print. No method logic lives here."""
+"""Command line: parse, call the API, print. No method logic lives here.
+
+Flags for settings are built from their declarations (options.py): the fields of PlanSettings and
+CalibrationSettings, the registered method parts and their options. Nothing heavier than the
+standard library, the registry and the plan is imported before arguments are parsed, so help and
+argument errors answer at once; each command imports what it runs.
+"""
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from .bench.settings import BenchTiming
 from .errors import LorapError
-from .plan.alignment import AUTO_ALIGN
-from .methods.registry import (ATTENTION_METHODS, FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, FFN_UPDATES, HEAD_SCORES,
-                               HEAD_UPDATES, RANK_ALLOCATIONS, REGISTRIES, Registry)
-
-
-def _csv(kind):
-    def parse(text: str):
-        try:
-            return [kind(item) for item in text.split(",") if item.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-
-    return parse
-
-
-def _alignment(text: str):
-    """--align: a positive integer, or 'auto' (the device's default multiple, plan/alignment.py)."""
-    return AUTO_ALIGN if text == AUTO_ALIGN else _positive_int("--align", f"or '{AUTO_ALIGN}'")(text)
-
-
-def _positive_int(option: str, alternative: str = ""):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{option} must be a positive integer{' ' + alternative if alternative else ''}, "
-                                             f"got {text!r}")
-        return value
-
-    return parse
-
+from .methods.registry import REGISTRIES, Registry, option_users, part_options
+from .options import csv_of, flag_of
+from .pipeline.config import CalibrationSettings, CompressionConfig
+from .plan.plan import PlanSettings
 
 def _add_eval(sub):
     p = sub.add_parser(
@@ -50,13 +29,10 @@ def _add_eval(sub):
     others = p.add_mutually_exclusive_group()
     others.add_argument("--against", metavar="MODEL_OR_DIR", help="evaluate this model too and compare ('default': the built-in model)")
     others.add_argument("--alone", action="store_true", help="do not compare a checkpoint with its base model")
-    p.add_argument("--ppl", type=_csv(str), default=["wiki"], help="corpora, comma-separated, or 'none' (default: wiki)")
-    p.add_argument("--seqlen", type=_csv(int), default=[128], help="window lengths, comma-separated (default: 128)")
-    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each corpus")
-    _add_split_option(p)
+    _add_perplexity_windows(p, corpora=["wiki"], seqlens=[128], none=", or 'none'")
     p.add_argument(
         "--tasks",
-        type=_csv(str),
+        type=csv_of(str),
         nargs="?",
         const=["auto"],
         default=["auto"],
@@ -79,37 +55,40 @@ def _add_eval(sub):
 
 def _run_eval(args):
     from .evaluate.render import format_text
-    from .evaluate.suite import evaluate_suite
+    from .evaluate.suite import EvalRequest, PerplexitySettings, SpeedSettings, ZeroShotSettings, evaluate_suite
 
     ppl = [] if args.ppl == ["none"] else args.ppl
     tasks = None if args.tasks in (None, ["none"]) else args.tasks
     if args.limit is not None and not tasks:
         raise LorapError("--limit counts zero-shot examples; it needs zero-shot tasks (drop --tasks none)")
-    report = evaluate_suite(
+    report = evaluate_suite(EvalRequest(
         args.model,
         against=args.against,
         alone=args.alone,
-        ppl=ppl,
-        seqlens=args.seqlen,
-        max_tokens=args.max_tokens,
-        tasks=tasks,
-        limit=args.limit,
-        offline=args.offline,
-        speed=args.speed,
+        perplexity=PerplexitySettings(ppl, args.seqlen, args.max_tokens, args.split),
+        zeroshot=ZeroShotSettings(tasks, args.limit, args.batch_size),
+        speed=SpeedSettings(args.speed),
         device=args.device,
-        batch_size=args.batch_size,
         device_map=args.device_map,
-        split=args.split,
-    )
+        offline=args.offline,
+    ))
     print(format_text(report))
     _write_json(args.json, report)
     _write_report_files(report, args.markdown, args.charts)
 
 
-def _add_split_option(p) -> None:
-    p.add_argument("--split", choices=("test", "validation"), default="test",
-                   help="held-out text for perplexity: test (what reports quote) or validation (for choosing "
-                   "settings, never the test tokens; io/data.py says what each corpus holds)")
+def _add_perplexity_windows(p, corpora: list, seqlens: list, prefix: str = "", split: bool = True, none: str = ""):
+    """The perplexity protocol's flags, the same for every command that measures it (`prefix`: compress's
+    --eval-*, beside its calibration flags)."""
+    p.add_argument(f"--{prefix}ppl", type=csv_of(str), default=corpora,
+                   help=f"perplexity corpora, comma-separated{none} (default: {','.join(corpora)})")
+    p.add_argument(f"--{prefix}seqlen", type=csv_of(int), default=seqlens,
+                   help=f"perplexity window lengths, comma-separated (default: {','.join(map(str, seqlens))})")
+    p.add_argument(f"--{prefix}max-tokens", type=int, help="use only the first N test tokens of each corpus")
+    if split:
+        p.add_argument(f"--{prefix}split", choices=("test", "validation"), default="test",
+                       help="held-out text for perplexity: test (what reports quote) or validation (for choosing "
+                       "settings, never the test tokens; io/data.py says what each corpus holds)")
 
 
 def _write_report_files(report: dict, markdown: Path | None, charts: Path | None) -> None:
@@ -134,19 +113,17 @@ def _add_analyze(sub):
     p = sub.add_parser("analyze", help="singular-value spectra and low-rank degree of every projection (PNG + JSON)")
     p.add_argument("model", nargs="?", help="hub id, model folder, lorap checkpoint or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="folder for lowrank_*.png and lowrank_analysis.json")
-    p.add_argument("--calibration", default="wiki", help="corpus for the input statistics (default: wiki train split)")
-    p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
-    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    # Spectra settle on fewer sequences than a compression needs.
+    _add_settings(p, CalibrationSettings, skip=("batch_size",), defaults={"calibration_samples": 16})
     p.add_argument("--energy", type=float, default=0.9, help="share of spectral energy the low-rank degree keeps (default 0.9)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(run=_run_analyze)
 
 
 def _run_analyze(args):
     from .analyze.run import analyze, format_analysis
 
-    result = analyze(args.model, args.out, args.calibration, args.samples, args.seqlen, args.energy, args.seed, args.device)
+    result = analyze(args.model, args.out, args.calibration_source, args.calibration_samples, args.calibration_seqlen,
+                     args.energy, args.seed, args.device)
     print(format_analysis(result))
     for path in result["files"].values():
         print(f"wrote {path}", file=sys.stderr)
@@ -161,88 +138,57 @@ def _write_json(path: Path | None, data: dict) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _add_registry_option(p, registry: Registry, what: str) -> None:
+def _add_settings(p, settings_class, *, from_preset: bool = False, skip=(), only=None, defaults=None) -> None:
+    """A flag for each field of `settings_class` declared with options.setting. `from_preset`: the flag
+    defaults to None, so that the preset's value holds unless given, and its help names the paper's."""
+    for field in fields(settings_class):
+        meta = field.metadata
+        if "help" not in meta or field.name in skip or (only is not None and field.name not in only):
+            continue
+        default = (defaults or {}).get(field.name, field.default)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = meta["help"] + ("" if default is None else f" ({'paper' if from_preset else 'default'}: {shown})")
+        flag = meta["flag"] or flag_of(field.name)
+        names = [flag, *([meta["short"]] if meta["short"] else [])]
+        p.add_argument(*names, dest=field.name, type=meta["parse"] or (str if default is None else type(default)),
+                       choices=meta["choices"], default=None if from_preset else default,
+                       metavar=None if meta["choices"] else flag.lstrip("-").replace("-", "_").upper(),
+                       help=help_text.replace("%", "%%"))
+
+
+def _add_registry_option(p, registry: Registry) -> None:
     """An option whose choices and help are the registered parts (methods/registry.py)."""
-    paper = f"paper: {registry.paper}" if registry.paper else f"default: {registry.names()[0]}"
+    paper = f"paper: {registry.paper}" if registry.paper else f"default: {registry.default}"
     p.add_argument(registry.option, choices=list(registry.names()), metavar="{" + ",".join(registry.names()) + "}",
-                   help=f"{what} ({paper}): {registry.help()}".replace("%", "%%"))
+                   help=f"{registry.kind}{registry.when} ({paper}): {registry.help()}".replace("%", "%%"))
 
 
 def _add_ratio_options(p, ratio_required: bool = True):
+    """What to remove and how: the ratio, the preset, the plan's settings, the method parts and their options."""
     from .methods.presets import METHODS
 
-    p.add_argument("--ratio", type=float, required=ratio_required, help="fraction of parameters to remove, in (0, 0.9]")
+    ratio = next(field for field in fields(PlanSettings) if field.name == "ratio")
+    p.add_argument("--ratio", type=float, required=ratio_required, help=ratio.metadata["help"])
     p.add_argument(
         "--preset",
         choices=list(METHODS),
-        default="paper",
+        default=CompressionConfig.preset,
         help="named method: 'paper' (LoRAP as published, the default), 'best' (lorap's best measured combination), "
         "or a baseline/ablation (docs/benchmarks.md); the options below override its settings",
     )
-    p.add_argument(
-        "--mode",
-        choices=["reference", "exact"],
-        default="reference",
-        help="reference: RATIO of every layer's attention and FFN, as in the paper (the whole model loses a bit "
-        "less); exact: RATIO of the whole model's parameters, within 0.2 points",
-    )
-    p.add_argument("-a", "--allocation-a", type=float, help="kept (v+o):(q+k) parameters (paper: 3)")
-    p.add_argument("--bottom-keep", type=float, help="lowest-scoring FFN channels kept anyway (paper: 0.01)")
-    p.add_argument("--sublayers", type=_csv(str), help="attention,ffn (paper: both)")
-    p.add_argument("--align", type=_alignment,
-                   help="make every rank and FFN width a multiple of N, shapes the matrix kernels run faster; exact "
-                   "mode still meets the budget. 'auto': this device's measured multiple (docs/speed.md). "
-                   "Default: 'auto' for best and the baselines, 1 (exact integers) for paper and its ablations")
-    p.add_argument("--attention-scale", type=float,
-                   help="attention's per-layer ratio as a multiple of the FFN's (paper: 1, the same ratio)")
-    p.add_argument("--attention", choices=list(ATTENTION_METHODS),
-                   help="lowrank: factor pairs (the paper); heads: remove whole KV groups with their query heads "
-                   "(each head is its own group without GQA), which also shrinks the KV cache")
-    _add_registry_option(p, FACTORIZATIONS, "attention factor pairs")
-    _add_registry_option(p, FFN_SCORES, "FFN channel criterion")
-    _add_registry_option(p, FFN_UPDATES, "what replaces removed FFN channels")
-    _add_registry_option(p, FFN_ALLOCATIONS, "FFN widths across layers")
-    _add_registry_option(p, RANK_ALLOCATIONS, "ranks of a layer's factor pairs")
-    _add_registry_option(p, HEAD_SCORES, "head criterion, with --attention heads")
-    _add_registry_option(p, HEAD_UPDATES, "what replaces removed heads, with --attention heads")
-    p.add_argument("--whitening-shrink", type=float,
-                   help="with --factorization svdllm: whiten by (1 - S) Gram + S diag(Gram), trusting the calibration "
-                   "text's channel correlations less (0: SVD-LLM, the default; 1: AWSVD's scaling; best uses 0.5)")
-    p.add_argument("--lstsq-ridge", type=float,
-                   help="with an lstsq update: the ridge relative to the kept inputs' mean variance; larger fits the "
-                   "calibration text less and tends to bias compensation (default 0.01; best uses 1 at 20%% "
-                   "removed, falling to 0.01 at 35%%)")
-
-
-def _calibration_settings(args) -> dict:
-    """Calibration and compute options, named as CompressionConfig and ComparisonSettings name them."""
-    return dict(
-        calibration_source=args.calibration,
-        calibration_samples=args.samples,
-        calibration_seqlen=args.sample_len,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+    _add_settings(p, PlanSettings, from_preset=True, skip=("ratio",))
+    for registry in REGISTRIES.values():
+        _add_registry_option(p, registry)
+    for option in part_options().values():
+        p.add_argument(option.flag, dest=option.name, type=option.type,
+                       help=(f"with {', '.join(option_users(option.name))}: {option.help} "
+                             f"(default {option.default:g}; a preset may set its own)").replace("%", "%%"))
 
 
 def _method_settings(args) -> dict:
-    """CompressionConfig fields given on the command line (None: the preset's)."""
-    settings = dict(
-        ratio=args.ratio,
-        mode=args.mode,
-        allocation_a=args.allocation_a,
-        bottom_keep=args.bottom_keep,
-        sublayers=tuple(args.sublayers) if args.sublayers else None,
-        attention_scale=args.attention_scale,
-        align=args.align,
-        attention=args.attention,
-        whitening_shrink=args.whitening_shrink,
-        lstsq_ridge=args.lstsq_ridge,
-    )
-    for part in REGISTRIES:
-        settings[part] = getattr(args, part)
-    return settings
+    """The settings given on the command line, by their config names (None: not given, the preset's)."""
+    names = [field.name for field in fields(CompressionConfig) if field.name != "options"] + list(part_options())
+    return {name: getattr(args, name) for name in names if hasattr(args, name) and name != "preset"}
 
 
 def _add_compress(sub):
@@ -250,19 +196,11 @@ def _add_compress(sub):
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     _add_ratio_options(p)
-    p.add_argument("--calibration", default="wiki",
-                   help="calibration corpus (default: wiki train split); several joined by '+' are pooled (wiki+notes.txt)")
-    p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
-    p.add_argument("--device", help="compute device for the layer being processed (default: cuda if available)")
-    p.add_argument("--svd-dtype", choices=["float32", "float64"], default="float32")
+    _add_settings(p, CalibrationSettings)
+    _add_settings(p, CompressionConfig, only=("svd_dtype",))
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new one is complete)")
-    p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
-    p.add_argument("--eval-ppl", type=_csv(str), default=["wiki"], help="corpora for --eval (default wiki)")
-    p.add_argument("--eval-seqlen", type=_csv(int), default=[128], help="windows for --eval (default 128)")
-    p.add_argument("--eval-max-tokens", type=int, help="only the first N test tokens in --eval")
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after, on these windows:")
+    _add_perplexity_windows(p, corpora=["wiki"], seqlens=[128], prefix="eval-", split=False)
     p.add_argument("--json", type=Path, help="also write the report here (it is always saved in --out)")
     p.add_argument(
         "--stream",
@@ -293,12 +231,7 @@ def _run_compress(args):
     from .methods.presets import config_for
     from .report import format_compression
 
-    config = config_for(
-        args.preset,
-        **_method_settings(args),
-        **_calibration_settings(args),
-        svd_dtype=args.svd_dtype,
-    )
+    config = config_for(args.preset, **_method_settings(args))
     result = compress(
         args.model,
         args.out,
@@ -333,36 +266,10 @@ def _add_no_speed(p):
 
 def _run_plan(args):
     from .api import plan
-    from .io.models import load_config
-    from .methods.presets import config_for
-    from .plan.memory import format_memory_estimate, memory_estimate
-    from .report import format_plan
+    from .report import format_plan_report
 
-    settings = _method_settings(args)
-    planned = plan(args.model, args.preset, **settings)
-    result = planned.to_dict()
-    config = config_for(args.preset, **settings)
-    memory = memory_estimate(load_config(args.model), planned, gram_sources=config.gram_sources(),
-                             whole_model_parts=config.whole_model_parts())
-    result["memory_estimate"] = memory
-    notes = []
-    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
-        notes.append("adaptive heads and widths depend on calibration data: the head counts and widths shown are "
-                     "uniform; a run removes as many parameters, heads and channels chosen across layers by their scores"
-                     if config.attention == "heads" else
-                     "adaptive FFN widths depend on calibration data: the widths shown are uniform; a run removes "
-                     "the same total of channels, spread over layers by their scores")
-    if RANK_ALLOCATIONS[config.rank_allocation].needs_whole_model:
-        notes.append("adaptive ranks depend on calibration data: the ranks shown are the a:1 rule's; a run shares each "
-                     "layer's pair budget between its projections by their spectra")
-    if notes:
-        result["note"] = "; ".join(notes)
-    if not args.no_speed:
-        from .bench.predict import predict_speedup
-
-        result["predicted_speed"] = predict_speedup(load_config(args.model), planned)
-    text = format_plan(result) + "\n" + format_memory_estimate(memory) + (f"\nnote: {result['note']}" if "note" in result else "")
-    print(json.dumps(result, indent=2) if args.json else text)
+    report = plan(args.model, args.preset, predict_speed=not args.no_speed, **_method_settings(args))
+    print(json.dumps(report, indent=2) if args.json else format_plan_report(report))
 
 
 def _add_recover(sub):
@@ -389,8 +296,13 @@ def _add_recover(sub):
                    "held-out examples (a small one repeated, a large one sampled; the total stays the same); 'size' "
                    "trains on every example of each, so a large corpus dominates (default: equal)")
     p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
-    p.add_argument("--max-steps", type=int, help="end the schedule after N optimizer steps")
-    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (all resumptions together)")
+    p.add_argument("--max-steps", type=int,
+                   help="end the schedule after N optimizer steps; held-out evaluation is sized to the steps, so it "
+                   "adds at most about a sixth of the training time (under 16 steps of 4 examples: about 2.5 steps)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop training when this many minutes (all resumptions together, loading and held-out "
+                   "evaluation included) would be passed by the final evaluation; the command ends at most one step, "
+                   "plus merging and saving, later")
     p.add_argument("--decay-steps", type=int,
                    help="the learning rate reaches zero at step N (default: at the last step); training never runs "
                    "past it, and stops before it when --max-steps or --max-minutes is reached first")
@@ -405,7 +317,10 @@ def _add_recover(sub):
     p.add_argument("--cutoff", type=int, default=256, help="tokens per example (default 256)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)")
-    p.add_argument("--val-size", type=int, help="held-out examples (default: min(2000, 5%% of the data))")
+    p.add_argument("--val-size", type=int,
+                   help="held-out examples, every one scored at each evaluation (default: min(2000, 5%% of the data) "
+                   "held out, of which each evaluation scores one per 4 examples trained since the last, at least "
+                   "16; with --max-minutes at most a tenth of the budget's worth)")
     p.add_argument("--max-examples", type=int, help="train on at most N examples")
     p.add_argument("--warmup-steps", type=int, help="linear warmup (default: min(100, 10%% of the steps))")
     p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps (default 100)")
@@ -489,24 +404,15 @@ def _add_compare(sub):
     )
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf (default: built-in SmolLM2-135M)")
     p.add_argument("--out", type=Path, required=True, help="folder for rows/, comparison.json, comparison.md, comparison.png")
-    p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_COMPARISON),
+    p.add_argument("--methods", type=csv_of(str), default=list(DEFAULT_COMPARISON),
                    help=f"comma-separated (default: {','.join(DEFAULT_COMPARISON)}; 'all' for every one)")
-    p.add_argument("--ratios", type=_csv(float), default=[0.2, 0.5], help="shares of the whole model to remove (default 0.2,0.5)")
-    p.add_argument("--seqlen", type=_csv(int), default=[128, 2048], help="perplexity windows (default 128,2048)")
-    p.add_argument("--max-tokens", type=int, help="only the first N tokens for each window length")
-    _add_split_option(p)
-    p.add_argument("--ppl", type=_csv(str), default=["wiki", "pydocs"],
-                   help="perplexity corpora, comma-separated; rows rank by perplexity relative to dense, geometric mean "
-                   "over them (default wiki,pydocs: the calibration domain and one never calibrated on)")
-    p.add_argument("--tasks", type=_csv(str), default=["proxies"], help="zero-shot tasks (default: proxies; 'none')")
+    p.add_argument("--ratios", type=csv_of(float), default=[0.2, 0.5], help="shares of the whole model to remove (default 0.2,0.5)")
+    # Rows rank by perplexity relative to dense, the geometric mean over the corpora: by default the
+    # calibration domain and one never calibrated on.
+    _add_perplexity_windows(p, corpora=["wiki", "pydocs"], seqlens=[128, 2048])
+    p.add_argument("--tasks", type=csv_of(str), default=["proxies"], help="zero-shot tasks (default: proxies; 'none')")
     p.add_argument("--limit", type=int, help="at most N zero-shot items per task")
-    p.add_argument("--calibration", default="wiki",
-                   help="calibration corpus (default: wiki train split); several joined by '+' are pooled (wiki+notes.txt)")
-    p.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--sample-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", help="compute device (default: cuda if available)")
+    _add_settings(p, CalibrationSettings)
     p.add_argument("--fresh", action="store_true", help="redo rows already saved in OUT/rows")
     p.set_defaults(run=_run_compare)
 
@@ -524,7 +430,7 @@ def _run_compare(args):
         split=args.split,
         tasks=() if args.tasks == ["none"] else tuple(args.tasks),
         limit=args.limit,
-        **_calibration_settings(args),
+        **{field.name: getattr(args, field.name) for field in fields(CalibrationSettings)},
     )
     compare(args.model, args.out, settings, fresh=args.fresh)
     print((args.out / "comparison.md").read_text())
@@ -546,12 +452,7 @@ def _add_bench(sub):
     p.add_argument("--layers", type=int, help="time only the first N decoder layers (plus embeddings and LM head)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--prefill", type=_csv(int), default=[128, 512, 2048], help="prompt lengths (default 128,512,2048)")
-    p.add_argument("--batch", type=_csv(int), default=[1, 8], help="prefill batch sizes (default 1,8)")
-    p.add_argument("--prompt", type=int, default=128, help="decode: prompt tokens before generating (default 128)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    _add_settings(p, BenchTiming)
     p.add_argument("--unfused", action="store_true",
                    help="time the compressed model's factor pairs as saved: no fused q/k/v right factors, no column-major "
                    "left factors (shows that runtime's gain)")
@@ -566,8 +467,8 @@ def _run_bench(args):
 
     # No --ratio: a lorap checkpoint's own shapes (refused when timing from shapes alone)
     config = config_for(args.preset, **_method_settings(args)) if args.ratio is not None else None
-    report = bench(args.model, config, args.layers, args.dtype, args.device, tuple(args.prefill), tuple(args.batch),
-                   args.prompt, args.new_tokens, args.warmup, args.repeats, fuse=not args.unfused)
+    timing = BenchTiming(**{field.name: getattr(args, field.name) for field in fields(BenchTiming)})
+    report = bench(args.model, config, timing, args.layers, args.dtype, args.device, fuse=not args.unfused)
     print(format_bench(report))
     _write_json(args.json, report)
     if args.markdown is not None:
@@ -577,8 +478,7 @@ def _run_bench(args):
 
 
 def _add_export(sub):
-    from .export.decilm import FFN_CHOICES
-    from .export.dense import WEIGHT_DTYPES
+    from .export.choices import FFN_CHOICES, WEIGHT_DTYPE_NAMES
 
     p = sub.add_parser(
         "export",
@@ -591,7 +491,7 @@ def _add_export(sub):
     p.add_argument("model", nargs="?", help="a lorap checkpoint folder (default: the built-in dense model)")
     p.add_argument("--format", required=True, choices=("gguf", "decilm"), help="gguf (llama.cpp) or decilm (vLLM)")
     p.add_argument("--out", type=Path, required=True, help="a .gguf file, or a folder for decilm")
-    p.add_argument("--dtype", default="f16", choices=tuple(WEIGHT_DTYPES), help="weight dtype (default f16; norms stay f32)")
+    p.add_argument("--dtype", default="f16", choices=WEIGHT_DTYPE_NAMES, help="weight dtype (default f16; norms stay f32)")
     p.add_argument("--ffn-multiple", default="refuse", choices=FFN_CHOICES,
                    help="decilm: FFN widths that are not multiples of 256 are refused (default), padded with zero "
                    "channels (same outputs), or written as intermediate_size (vLLM only)")

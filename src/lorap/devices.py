@@ -1,4 +1,6 @@
-"""Which device computes, and how much memory a run took."""
+"""Which device computes, and how much memory a run took (the one reader of /proc/self/status)."""
+from contextlib import contextmanager
+
 import torch
 
 from .errors import LorapError
@@ -38,44 +40,59 @@ def free_memory_bytes(device) -> int | None:
     return available_memory_bytes()
 
 
-# The largest resident set seen before the last reset of the kernel's high-water mark (see phase_peak_rss_mb)
+# The largest resident set seen before the last reset of the kernel's high-water mark (reset_peak_rss)
 _PEAK_BEFORE_RESET_MB = 0.0
 
 
-def _status_mb(field: str) -> float | None:
-    from pathlib import Path
-
+def _status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB, or None where it cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return None
 
 
-def phase_peak_rss_mb() -> float | None:
-    """The peak resident set since the previous call (or since the process began), then a fresh start.
+def _status_mb(field: str) -> float | None:
+    kib = _status_kib(field)
+    return None if kib is None else kib / 1024
 
-    Linux keeps one high-water mark per process (VmHWM); writing 5 to /proc/self/clear_refs resets
-    it, so each phase of a run gets its own peak. None where that is not possible (not Linux), and
-    then no reset happens. peak_memory() still reports the whole process's peak.
-    """
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark (VmHWM) to the current resident set, so the next peak read
+    belongs to what runs from now on; False where that is not possible (not Linux). The peak before
+    the reset is kept, so peak_memory() still reports the whole process's peak."""
     global _PEAK_BEFORE_RESET_MB
     peak = _status_mb("VmHWM")
     if peak is None:
-        return None
+        return False
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
-        return None
+        return False
     _PEAK_BEFORE_RESET_MB = max(_PEAK_BEFORE_RESET_MB, peak)
+    return True
+
+
+def phase_peak_rss_mb() -> float | None:
+    """The peak resident set since the previous call (or since the process began), then a fresh start.
+
+    Linux keeps one high-water mark per process (VmHWM); reset_peak_rss() resets it, so each phase
+    of a run gets its own peak. None where that is not possible (not Linux), and then no reset
+    happens. peak_memory() still reports the whole process's peak.
+    """
+    peak = _status_mb("VmHWM")
+    if peak is None or not reset_peak_rss():
+        return None
     return peak
 
 
 def peak_memory(device) -> dict:
-    """This process's peak resident set, and the device's peak allocation on CUDA.
+    """This process's peak resident set since it began, and the device's peak allocation on CUDA.
 
     Linux's VmHWM, not ru_maxrss: ru_maxrss also counts the parent's peak when a process was
     started by fork and exec (the parent's high-water mark carries over through exec), so lorap
@@ -86,10 +103,36 @@ def peak_memory(device) -> dict:
     own = _status_mb("VmHWM")
     if own is None:  # not Linux
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    memory = {"host_rss_mb": max(own, _PEAK_BEFORE_RESET_MB)}  # phase_peak_rss_mb() resets VmHWM
+    memory = {"host_rss_mb": max(own, _PEAK_BEFORE_RESET_MB)}  # reset_peak_rss() lowers VmHWM
     if str(device).startswith("cuda"):
         memory["device_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return memory
+
+
+@contextmanager
+def peak_memory_during(device, into: dict):
+    """Fill `into` with the peak memory of the block alone (where peak_memory() gives the whole
+    process's): the peak allocated bytes on CUDA, the peak resident set on the host."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        into.update(kind="cuda peak allocated", before_bytes=before, peak_bytes=torch.cuda.max_memory_allocated(device))
+        return
+    reset = reset_peak_rss()
+    before = _status_kib("VmRSS")
+    yield
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        into.update(kind="unavailable (no /proc on this system)")
+        return
+    into.update(
+        kind="process RSS" if reset else "process RSS (peak since process start: could not reset)",
+        before_bytes=before * 1024,
+        peak_bytes=peak * 1024,
+    )
 
 
 def release_freed_memory() -> None:

@@ -75,6 +75,14 @@ def format_plan(plan_dict: dict) -> str:
     return "\n".join(lines)
 
 
+def format_plan_report(report: dict) -> str:
+    """`lorap plan`'s text: the plan, the memory to expect and the notes (plan/report.py builds it)."""
+    from .plan.memory import format_memory_estimate
+
+    text = format_plan(report) + "\n" + format_memory_estimate(report["memory_estimate"])
+    return text + (f"\nnote: {report['note']}" if "note" in report else "")
+
+
 def format_prediction(prediction: dict) -> str:
     if "skipped" in prediction:
         return f"predicted speed: not measured ({prediction['skipped']})"

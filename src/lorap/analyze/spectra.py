@@ -11,9 +11,10 @@ spectral energy sum(sigma^2). Lower means more low-rank.
 
 import torch
 
-from ..architectures import ATTENTION_PROJECTIONS as ATTENTION
-from ..architectures import FFN_PROJECTIONS as FFN
-from ..architectures import PROJECTIONS, SHARED_INPUTS, Architecture
+from ..architectures import Architecture
+from ..families import ATTENTION_PROJECTIONS as ATTENTION
+from ..families import FFN_PROJECTIONS as FFN
+from ..families import PROJECTIONS, SHARED_INPUTS
 from ..errors import LorapError
 from ..log import info
 

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from ..architectures import Architecture, attention_shapes, ffn_shapes, other_parameters
+from ..architectures import Architecture
+from ..families import attention_shapes, ffn_shapes, other_parameters
 from ..devices import available_memory_bytes, resolve_device
 from .models import random_model
 from .timing import LayerClock, prompt_ids, sync

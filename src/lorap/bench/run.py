@@ -21,12 +21,11 @@ from ..log import info
 from ..plan.counting import count_parameters
 from ..provenance import environment
 from .models import first_layers, random_model
+from .settings import BenchTiming
 from ..architectures import Architecture
 from .timing import LayerClock, decode_throughputs, paired_ratio, prefill_latencies
 
 DTYPES = ("float32", "bfloat16", "float16")
-PREFILL_SEQLENS = (128, 512, 2048)
-BATCHES = (1, 8)
 
 
 def _load_average() -> float | None:
@@ -66,19 +65,17 @@ def _models(model, config, layers, dtype, device, fuse) -> tuple:
                                "plan": plan.to_dict()["totals"], "layers_in_model": model_config.num_hidden_layers}
 
 
-def bench(model=None, config=None, layers: int | None = None, dtype: str = "float32", device: str | None = None,
-          prefill_seqlens=PREFILL_SEQLENS, batches=BATCHES, prompt_tokens: int = 128, new_tokens: int = 128,
-          warmup: int = 1, repeats: int = 5, fuse: bool = True) -> dict:
-    """Time dense and compressed side by side; `config` is a CompressionConfig (its plan's shapes),
-    or None for a lorap checkpoint (its own shapes and weights). `fuse` False times the compressed
-    model as its pairs are saved (no shared right-factor GEMM, left factors row-major:
-    modeling_lorap.optimize_for_inference), to show that runtime's gain."""
+def bench(model=None, config=None, timing: BenchTiming | None = None, layers: int | None = None, dtype: str = "float32",
+          device: str | None = None, fuse: bool = True) -> dict:
+    """Time dense and compressed side by side, as `timing` says; `config` is a CompressionConfig (its
+    plan's shapes), or None for a lorap checkpoint (its own shapes and weights). `fuse` False times
+    the compressed model as its pairs are saved (no shared right-factor GEMM, left factors
+    row-major: modeling_lorap.optimize_for_inference), to show that runtime's gain."""
+    timing = timing or BenchTiming()
     if dtype not in DTYPES:
         raise LorapError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    timing.validate()
     device = resolve_device(device)
-    for name, values in (("prefill lengths", prefill_seqlens), ("batch sizes", batches)):
-        if not values or any(not isinstance(v, int) or v <= 0 for v in values):
-            raise LorapError(f"{name} must be positive integers, got {values!r}")
     load_before = _load_average()
     dense, compressed, built = _models(model, config, layers, getattr(torch, dtype), device, fuse)
     models = {"dense": dense, "compressed": compressed}
@@ -92,29 +89,29 @@ def bench(model=None, config=None, layers: int | None = None, dtype: str = "floa
         "parameters": {label: count_parameters(m) for label, m in models.items()},
         "runtime": ("q/k/v right factors fused into one GEMM, left factors column-major on the CPU" if fuse else
                     "every factor pair runs its own two GEMMs on its weights as saved"),
-        "protocol": {"warmup": warmup, "repeats": repeats, "interleaved": True, "prompt_tokens": prompt_tokens,
-                     "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+        "protocol": {"warmup": timing.warmup, "repeats": timing.repeats, "interleaved": True,
+                     "prompt_tokens": timing.prompt_tokens, "new_tokens": timing.new_tokens,
+                     "threads": torch.get_num_threads(),
                      "speedup": "median of dense / compressed over rounds timed back to back; decode: over tokens "
                                 "generated in lockstep, one token each in turn",
                      "timer": "CUDA events" if device.type == "cuda" else "wall clock"},
     }
     scale = built["layers_in_model"] / report["layers_timed"]
-    report["prefill"], report["decode"] = time_side_by_side(models, device, prefill_seqlens, batches, prompt_tokens,
-                                                            new_tokens, warmup, repeats, scale)
+    report["prefill"], report["decode"] = time_side_by_side(models, device, timing, scale)
     report["load_average"] = {"before": load_before, "after": _load_average()}
     report.update(environment(str(device)))
     return report
 
 
-def time_side_by_side(models: dict, device, prefill_seqlens=PREFILL_SEQLENS, batches=BATCHES, prompt_tokens: int = 128,
-                      new_tokens: int = 128, warmup: int = 1, repeats: int = 5, scale: float = 1.0) -> tuple[dict, dict]:
+def time_side_by_side(models: dict, device, timing: BenchTiming, scale: float = 1.0) -> tuple[dict, dict]:
     """(prefill rows by "BATCHxTOKENS", decode row) of {"dense": model, "compressed": model} timed
     interleaved, with paired speedups for the whole forward and for the decoder layers alone (by
     hooks); `scale` (model layers / timed layers) > 1 adds the whole model extrapolated."""
-    limit = getattr(models["dense"].config, "max_position_embeddings", None) or max(prefill_seqlens)
-    shapes = [(batch, seqlen) for batch in batches for seqlen in prefill_seqlens if seqlen <= limit]
-    timed_prefills, (decode, decode_inside) = time_inside_layers(models, device, shapes, prompt_tokens, new_tokens,
-                                                                 warmup, repeats, max(1, repeats))
+    limit = getattr(models["dense"].config, "max_position_embeddings", None) or max(timing.prefill_seqlens)
+    shapes = [(batch, seqlen) for batch in timing.batches for seqlen in timing.prefill_seqlens if seqlen <= limit]
+    timed_prefills, (decode, decode_inside) = time_inside_layers(models, device, shapes, timing.prompt_tokens,
+                                                                 timing.new_tokens, timing.warmup, timing.repeats,
+                                                                 max(1, timing.repeats))
     prefill = {}
     for (batch, seqlen), (timed, inside) in timed_prefills.items():
         rounds = {label: timed[label]["rounds_ms"] for label in models}

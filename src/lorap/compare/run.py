@@ -17,9 +17,10 @@ from pathlib import Path
 
 from ..errors import LorapError
 from ..evaluate.efficiency import kv_cache_bytes_per_token
-from ..evaluate.suite import release_model
+from ..evaluate.suite import PerplexitySettings, ZeroShotSettings, measure_quality, release_model
 from ..log import info
 from ..methods.presets import DEFAULT_COMPARISON, config_for, method
+from ..pipeline.config import CalibrationSettings
 from ..io.files import write_json_atomic
 
 RESULT_FILE = "comparison.json"
@@ -28,7 +29,9 @@ PLOT_FILE = "comparison.png"
 
 
 @dataclass
-class ComparisonSettings:
+class ComparisonSettings(CalibrationSettings):
+    """Which methods at which ratios, evaluated how; every row calibrates alike (CalibrationSettings)."""
+
     methods: tuple = DEFAULT_COMPARISON
     ratios: tuple = (0.2, 0.5)
     seqlens: tuple = (128, 2048)
@@ -38,15 +41,10 @@ class ComparisonSettings:
     split: str = "test"  # "validation" when the comparison chooses settings (io/data.py)
     tasks: tuple = ("proxies",)  # zero-shot; () for none
     limit: int | None = None  # zero-shot items per task
-    calibration_source: str = "wiki"
-    calibration_samples: int = 128
-    calibration_seqlen: int = 128
-    seed: int = 0
-    batch_size: int = 8
-    device: str | None = None
     extra_settings: dict = field(default_factory=dict)  # CompressionConfig fields applied to every method
 
     def validate(self) -> None:
+        self.validate_calibration()
         if not self.methods or not self.ratios or not self.datasets:
             raise LorapError("give at least one method, one ratio and one perplexity corpus")
         for name in self.methods:
@@ -65,16 +63,9 @@ def _key(data: dict) -> str:
 
 
 def _evaluate(model, tokenizer, settings: ComparisonSettings, tasks, manager) -> dict:
-    from ..evaluate.perplexity import perplexity_table
-
-    result = {"perplexity": perplexity_table(model, tokenizer, list(settings.datasets), settings.seqlens,
-                                             settings.max_tokens, settings.split)}
-    if tasks:
-        from ..evaluate.zeroshot import average, evaluate_zeroshot
-
-        table = evaluate_zeroshot(model, tokenizer, tasks, settings.limit, settings.batch_size, manager=manager)
-        result["zeroshot"], result["zeroshot_average"] = table, average(table)
-    return result
+    """The same measurements `lorap eval` makes of a model's quality, on the comparison's windows and tasks."""
+    windows = PerplexitySettings(settings.datasets, settings.seqlens, settings.max_tokens, settings.split)
+    return measure_quality(model, tokenizer, windows, ZeroShotSettings(tasks, settings.limit, settings.batch_size), manager)
 
 
 def _dense_row(spec, settings, tasks, manager, device) -> dict:
@@ -93,10 +84,7 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
     from ..io.models import load_model
 
     chosen = method(name)
-    config = config_for(name, ratio=ratio, mode="exact", calibration_source=settings.calibration_source,
-                        calibration_samples=settings.calibration_samples, calibration_seqlen=settings.calibration_seqlen,
-                        seed=settings.seed, batch_size=settings.batch_size, device=settings.device,
-                        **settings.extra_settings)
+    config = config_for(name, ratio=ratio, mode="exact", **settings.calibration(), **settings.extra_settings)
     row = {"method": name, "label": chosen.label, "attention": chosen.attention, "ffn": chosen.ffn,
            "ratio": ratio, "settings": config.to_dict()}
     model, tokenizer, _ = load_model(spec)
@@ -134,12 +122,7 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
     out = Path(out)
     source = resolve_model(model)
     device = settings.device or default_device()
-    tasks, manager = [], None
-    if settings.tasks:
-        from ..evaluate.zeroshot import choose_tasks, prepare
-
-        tasks, _, replace = choose_tasks(list(settings.tasks))
-        manager, tasks, _ = prepare(tasks, replace)
+    tasks, manager = _chosen_tasks(settings)
     evaluation = {"datasets": list(settings.datasets), "seqlens": list(settings.seqlens), "max_tokens": settings.max_tokens,
                   "tasks": tasks, "limit": settings.limit}
     if settings.split != "test":  # only then, so that rows measured on test before splits were named stay cached
@@ -179,10 +162,25 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
         "rows": rows,
         **environment(device),
     }
+    _write_outputs(out, result)
+    return result
+
+
+def _chosen_tasks(settings: ComparisonSettings) -> tuple[list, object]:
+    """(the zero-shot task names to run, lm-eval's task manager holding them); ([], None) for none."""
+    if not settings.tasks:
+        return [], None
+    from ..evaluate.zeroshot import choose_tasks, prepare
+
+    tasks, _, replace = choose_tasks(list(settings.tasks))
+    manager, tasks, _ = prepare(tasks, replace)
+    return tasks, manager
+
+
+def _write_outputs(out: Path, result: dict) -> None:
     from .report import comparison_markdown, comparison_plot
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RESULT_FILE, result)
     comparison_plot(result, out / PLOT_FILE)
     (out / TABLE_FILE).write_text(comparison_markdown(result, PLOT_FILE), encoding="utf-8")
-    return result

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from ..bench.timing import decode_throughput, prefill_latency
+from ..devices import peak_memory_during
 from ..plan.counting import count_parameters
 
 PREFILL_SEQLENS = (128, 512)
@@ -105,59 +106,6 @@ def counted_macs_per_token(model, seqlen: int = MACS_SEQLEN) -> float:
     return counter.get_total_flops() / 2 / seqlen
 
 
-# ---------------------------------------------------------------- timing
-
-
-# ---------------------------------------------------------------- memory
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current
-    # RSS, so the peak belongs to this workload, not to whatever ran before in the process.
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def peak_memory(device, into: dict):
-    """Fill `into` with the peak memory of the block: allocated bytes on CUDA, RSS on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield
-        torch.cuda.synchronize(device)
-        into.update(kind="cuda peak allocated", before_bytes=before, peak_bytes=torch.cuda.max_memory_allocated(device))
-        return
-    reset = _reset_peak_rss()
-    before = _rss_kib("VmRSS")
-    yield
-    peak = _rss_kib("VmHWM")
-    if before is None or peak is None:
-        into.update(kind="unavailable (no /proc on this system)")
-        return
-    into.update(
-        kind="process RSS" if reset else "process RSS (peak since process start: could not reset)",
-        before_bytes=before * 1024,
-        peak_bytes=peak * 1024,
-    )
-
-
 # ---------------------------------------------------------------- all together
 
 
@@ -174,7 +122,7 @@ def measure(model, prefill_seqlens=PREFILL_SEQLENS, macs_seqlen: int = MACS_SEQL
     limit = getattr(model.config, "max_position_embeddings", None) or max(prefill_seqlens)
     seqlens = [s for s in prefill_seqlens if s <= limit]
     memory: dict = {}
-    with peak_memory(device, memory):
+    with peak_memory_during(device, memory):
         prefill = {str(s): prefill_latency(model, s, warmup, repeats) for s in seqlens}
         prompt = decode_prompt_length(limit, decode_prompt, decode_tokens)
         decode = decode_throughput(model, prompt, decode_tokens, 1, max(1, repeats // 2))

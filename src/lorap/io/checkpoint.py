@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .. import modeling_lorap
-from ..architectures import family_of
+from ..families import family_of
 from ..errors import LorapError
 from .files import write_json_atomic
 

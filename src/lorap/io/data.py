@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LorapError
+from ..options import require_positive_int
 
 SPLITS = ("train", "validation", "test")
 DOCUMENT_SEPARATOR = "\n\n"
@@ -362,5 +363,4 @@ def evaluation_windows(tokenizer, source: str, seqlen: int, max_tokens: int | No
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or value <= 0:
-            raise LorapError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        require_positive_int(name.replace("_", " "), value)

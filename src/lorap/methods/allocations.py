@@ -16,7 +16,7 @@ lowest standardised first. Every layer keeps at least one group.
 """
 import torch
 
-from ..architectures import FFN_PROJECTIONS
+from ..families import FFN_PROJECTIONS
 from ..log import info
 from ..plan.counting import linear_parameters
 from ..plan.ranks import aligned_width
@@ -28,7 +28,8 @@ MIN_KEPT_FRACTION = 0.05
 
 
 def dense_channel_scores(run, method: str) -> list:
-    """Scores of every layer's FFN channels on the unmodified model (run: pipeline.run.PreparedRun)."""
+    """Scores of every layer's FFN channels on the unmodified model by criterion `method`, with the run's
+    options for it (run: pipeline.run.PreparedRun)."""
     from ..pipeline.layer_step import FfnView
 
     architecture = run.source.architecture
@@ -36,7 +37,7 @@ def dense_channel_scores(run, method: str) -> list:
 
     def record(index, layer, stats):
         inputs = {name: stats.inputs(name) for name in FFN_PROJECTIONS}
-        scores.append(channel_scores(FfnView(architecture, layer), inputs, method).cpu())
+        scores.append(channel_scores(FfnView(architecture, layer), inputs, method, run.config.options_of("ffn_score")).cpu())
 
     run.dense_walk(record, desc="scoring FFN channels")
     return scores
@@ -98,10 +99,12 @@ def dense_layer_scores(run) -> tuple:
     def record(index, layer, stats):
         if run.head_scores is None:
             o_inputs = stats.inputs("o_proj")
-            heads.append(head_channel_scores(AttentionView(architecture, layer), o_inputs, layout, config.head_score).cpu())
+            heads.append(head_channel_scores(AttentionView(architecture, layer), o_inputs, layout, config.head_score,
+                                             config.options_of("head_score")).cpu())
         if score_ffn:
             inputs = {name: stats.inputs(name) for name in FFN_PROJECTIONS}
-            channels.append(channel_scores(FfnView(architecture, layer), inputs, config.ffn_score).cpu())
+            channels.append(channel_scores(FfnView(architecture, layer), inputs, config.ffn_score,
+                                           config.options_of("ffn_score")).cpu())
 
     if run.head_scores is None or score_ffn:
         run.dense_walk(record, desc="scoring heads and FFN channels")

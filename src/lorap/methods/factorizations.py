@@ -18,6 +18,7 @@ from ..errors import LorapError
 from ..modeling_lorap import LowRankLinear
 from ..pipeline.statistics import ProjectionInputs
 from ..plan.counting import factorization_saves
+from .registry import WHITENING_SHRINK
 
 # The authors replace zero statistics (dead input channels) by this before dividing by them.
 ZERO_STATISTIC_EPSILON = 1e-4
@@ -100,7 +101,8 @@ def _input_whitening(weight: torch.Tensor, inputs: ProjectionInputs, shrink: flo
     return whitening_factor(shrunk_gram(inputs.gram.to(weight.device), shrink))
 
 
-def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int, whitening_shrink: float = 0.0) -> tuple:
+def svdllm(weight: torch.Tensor, inputs: ProjectionInputs, rank: int,
+           whitening_shrink: float = WHITENING_SHRINK.default) -> tuple:
     """SVD-LLM's truncation-aware whitening: SVD of W L, then right = sqrt(S_k) V_k^T L^-1
     (L of the Gram matrix shrunk toward its diagonal by `whitening_shrink`)."""
     factor = _input_whitening(weight, inputs, whitening_shrink)
@@ -116,7 +118,7 @@ def truncated_matrix(weight: torch.Tensor, inputs: ProjectionInputs, method: str
     if method == "svd":
         return weight
     if method == "svdllm":
-        return weight.double() @ _input_whitening(weight, inputs, (options or {}).get("whitening_shrink", 0.0))
+        return weight.double() @ _input_whitening(weight, inputs, (options or {}).get(WHITENING_SHRINK.name, WHITENING_SHRINK.default))
     scale = _asvd_scale(weight, inputs) if method == "asvd" else _awsvd_scale(weight, inputs)
     return weight * _nonzero(scale)[None, :]
 

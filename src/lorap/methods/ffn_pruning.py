@@ -8,9 +8,10 @@ channels' contribution is an FFN update, registered in registry.FFN_UPDATES:
   lstsq   the kept columns of down are refitted by least squares to the dense output, and the
           mean remainder goes into the bias (uses the Gram matrix of the down projection's inputs)
 
-An update takes (down weight in float64 on the CPU, mask of dropped channels, the down
+An update takes (down weight in float32 on the CPU, mask of dropped channels, the down
 projection's ProjectionInputs) and returns (change to the kept columns of down or None, change
-to its bias).
+to its bias), both in float64: it computes in float64 on copies of only the columns it needs
+(keep_input_columns says why the whole weight is not copied).
 """
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def bias_compensation(weight: torch.Tensor, dropped: torch.Tensor, down_inputs) 
     return None, weight[:, dropped].double() @ mean[dropped]
 
 
-def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs, lstsq_ridge: float = LSTSQ_RIDGE) -> tuple:
+def least_squares_refit(weight: torch.Tensor, dropped: torch.Tensor, down_inputs, lstsq_ridge: float = LSTSQ_RIDGE.default) -> tuple:
     if down_inputs.gram is None:
         raise LorapError("the least-squares FFN update needs the Gram matrix of the down projection's inputs")
     mean = down_inputs.mean.double().cpu()

@@ -48,11 +48,12 @@ def flap_scores(mlp, inputs: dict) -> torch.Tensor:
     return inputs["down_proj"].variance.to(down.device, torch.float32) * down.pow(2).sum(0)
 
 
-def channel_scores(mlp, statistics: dict, method: str = "lorap") -> torch.Tensor:
+def channel_scores(mlp, statistics: dict, method: str = "lorap", options: dict | None = None) -> torch.Tensor:
     """Scores of every intermediate channel. `statistics` maps gate_proj / up_proj / down_proj to
-    their ProjectionInputs (or, for the paper's criterion, to the channel norms alone)."""
+    their ProjectionInputs (or, for the paper's criterion, to the channel norms alone); `options`: the
+    criterion's keyword arguments (CompressionConfig.options_of)."""
     from ..pipeline.statistics import ProjectionInputs
     from .registry import FFN_SCORES
 
     inputs = {n: (ProjectionInputs.from_norm(v) if isinstance(v, torch.Tensor) else v) for n, v in statistics.items()}
-    return FFN_SCORES[method].function()(mlp, inputs)
+    return FFN_SCORES[method].function()(mlp, inputs, **(options or {}))

@@ -92,20 +92,21 @@ def magnitude_head_scores(attention, o_inputs, layout: HeadLayout) -> torch.Tens
     return _of_weights(attention, layout, lambda weight: weight.norm(dim=1))
 
 
-def head_channel_scores(attention, o_inputs, layout: HeadLayout, method: str) -> torch.Tensor:
-    """One score per query channel (heads x head_dim) by the registered criterion `method`."""
+def head_channel_scores(attention, o_inputs, layout: HeadLayout, method: str, options: dict | None = None) -> torch.Tensor:
+    """One score per query channel (heads x head_dim) by the registered criterion `method` (`options`: its
+    keyword arguments, CompressionConfig.options_of)."""
     from .registry import HEAD_SCORES
 
-    scores = HEAD_SCORES[method].function()(attention, o_inputs, layout)
+    scores = HEAD_SCORES[method].function()(attention, o_inputs, layout, **(options or {}))
     expected = layout.kv_heads * layout.heads_per_group * layout.head_dim
     if scores.shape != (expected,):
         raise ValueError(f"head criterion {method} gave scores of shape {tuple(scores.shape)}, not ({expected},)")
     return scores
 
 
-def head_scores(attention, o_inputs, layout: HeadLayout, method: str) -> torch.Tensor:
+def head_scores(attention, o_inputs, layout: HeadLayout, method: str, options: dict | None = None) -> torch.Tensor:
     """One score per KV group: the sum of its query channels' scores."""
-    return layout.per_group(head_channel_scores(attention, o_inputs, layout, method))
+    return layout.per_group(head_channel_scores(attention, o_inputs, layout, method, options))
 
 
 def kept_groups(scores: torch.Tensor, kept: int) -> torch.Tensor:

@@ -20,10 +20,9 @@ from dataclasses import dataclass, fields
 
 from ..errors import LorapError
 from ..pipeline.config import CompressionConfig
+from .registry import part_options
 from ..plan.alignment import AUTO_ALIGN
 
-PAPER = dict(factorization="awsvd", allocation_a=3.0, bottom_keep=0.01, sublayers=("attention", "ffn"),
-             ffn_score="lorap", ffn_update="none", ffn_allocation="uniform", align=1)
 DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
 # best's --whitening-shrink: 0.5 beat 0 (SVD-LLM as published) on the two-domain validation mean at
 # 20% and at 50% removed (docs/benchmarks.md, "Choosing best on validation data")
@@ -45,7 +44,7 @@ class Method:
     label: str  # how tables name it
     attention: str  # what happens to attention, in words
     ffn: str  # what happens to the FFN, in words
-    settings: dict  # CompressionConfig fields that differ from the paper's
+    settings: dict  # settings that differ from the paper's (CompressionConfig's defaults): fields and part options
     by_ratio: Callable | None = None  # ratio -> further settings that depend on the share removed
 
 
@@ -138,17 +137,20 @@ def method(name: str) -> Method:
 
 
 def config_for(name: str = "paper", **overrides) -> CompressionConfig:
-    """The settings of method `name`; `overrides` (CompressionConfig fields, None = not given) win."""
+    """The settings of method `name`; `overrides` (CompressionConfig fields or part options, None = not
+    given) win. The paper's method is CompressionConfig's defaults."""
     chosen = method(name)
-    known = {f.name for f in fields(CompressionConfig)}
-    unknown = set(overrides) - known
+    fields_ = {f.name for f in fields(CompressionConfig)} - {"options"}
+    options = part_options()
+    unknown = set(overrides) - fields_ - set(options)
     if unknown:
         raise LorapError(f"unknown settings {sorted(unknown)}")
     given = {key: value for key, value in overrides.items() if value is not None}
-    settings = {**PAPER, **chosen.settings, "preset": name}
+    settings = {**chosen.settings, "preset": name}
     if chosen.by_ratio is not None:
         settings.update(chosen.by_ratio(given.get("ratio", CompressionConfig.ratio)))
     settings.update(given)
     if "sublayers" in settings:
         settings["sublayers"] = tuple(settings["sublayers"])
+    settings["options"] = {key: settings.pop(key) for key in list(settings) if key in options}
     return CompressionConfig(**settings)

@@ -14,7 +14,7 @@ pass over the dense model (streamed: over the shards), as adaptive FFN widths do
 """
 import torch
 
-from ..architectures import ATTENTION_PROJECTIONS
+from ..families import ATTENTION_PROJECTIONS
 from ..log import info
 from ..plan.counting import factorization_saves
 from .factorizations import truncated_matrix

@@ -3,8 +3,8 @@ allocation, rank allocation, and head criterion and update, with what it needs a
 
 This module imports no torch: the CLI builds its choices and help from it before any heavy import.
 An implementation is named as "module:function" (imported on first use) or given as the function
-itself. The CLI, config validation, the memory estimate, the whole-model passes and the README's
-options table all read these entries; tests are parametrized over them.
+itself. The CLI, config validation, the memory estimate, the whole-model passes and the options
+table of docs/options.md all read these entries; tests are parametrized over them.
 
 Adding a part is one function plus one entry here (docs/architecture.md has the checklist).
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import LorapError
+from ..options import Option
 
 # What the layer walk can record at a projection's input (pipeline/statistics.py). The first four
 # are per-channel sums, always collected; the Gram matrix costs in x in floats and is collected
@@ -34,13 +35,16 @@ class MethodSpec:
     prepare_phase: str | None = None  # the report's name for the time `prepare` took
     # adds parameters: a bias on the output projection it compensates (FFN down, attention o) where it had none
     adds_bias: bool = False
-    # CompressionConfig fields the per-layer function takes as keyword arguments (its strengths)
+    # its strengths (options.Option): keyword arguments of the per-layer function, each a flag and a
+    # setting a checkpoint records
     options: tuple = ()
 
     def __post_init__(self):
         unknown = set(self.statistics) - set(STATISTICS)
         if unknown:
             raise ValueError(f"{self.name}: unknown statistics {sorted(unknown)}; known: {', '.join(STATISTICS)}")
+        if not all(isinstance(option, Option) for option in self.options):
+            raise ValueError(f"{self.name}: options are options.Option declarations")
 
     @property
     def needs_gram(self) -> bool:
@@ -69,15 +73,21 @@ def _resolve(target, name: str) -> Callable:
 class Registry:
     """The registered parts of one kind, in order (the first is the paper's, where the paper has one)."""
 
-    def __init__(self, kind: str, option: str, specs: list, paper: bool = True):
+    def __init__(self, kind: str, option: str, specs: list, paper: bool = True, when: str = ""):
         self.kind, self.option = kind, option
+        self.when = when  # where the part applies, as help says it (" with --attention heads")
         self._specs = {spec.name: spec for spec in specs}
         self.has_paper = paper  # False: the paper has no such part (it factorizes attention, never removes heads)
 
     @property
+    def default(self) -> str:
+        """What a run uses unless told otherwise: the first (the paper's, where the paper has one)."""
+        return next(iter(self._specs))
+
+    @property
     def paper(self) -> str | None:
         """The paper's choice (the first), or None where the paper has none."""
-        return next(iter(self._specs)) if self.has_paper else None
+        return self.default if self.has_paper else None
 
     def names(self) -> tuple:
         return tuple(self._specs)
@@ -108,9 +118,18 @@ class Registry:
         return "; ".join(f"{spec.name}: {spec.help}" for spec in self)
 
 
-# The least-squares refit's default ridge relative to the kept inputs' mean variance (as SparseGPT's
-# 1% dampening): keeps the solve well posed when kept channels are nearly collinear.
-LSTSQ_RIDGE = 0.01
+WHITENING_SHRINK = Option(
+    "whitening_shrink", 0.0,
+    "whiten by (1 - S) Gram + S diag(Gram), trusting the calibration text's channel correlations less "
+    "(0: SVD-LLM as published; 1: AWSVD's scaling)",
+    valid=lambda shrink: 0 <= shrink <= 1, requirement="in [0, 1] (0: SVD-LLM whitening, 1: AWSVD's scaling)")
+# The default ridge is relative to the kept inputs' mean variance, as SparseGPT's 1% dampening: it
+# keeps the solve well posed when kept channels are nearly collinear.
+LSTSQ_RIDGE = Option(
+    "lstsq_ridge", 0.01,
+    "the refit's ridge relative to the kept inputs' mean variance; larger fits the calibration text less and "
+    "tends to bias compensation",
+    valid=lambda ridge: ridge > 0, requirement="positive (it keeps the refit well posed)")
 
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_INPUTS = ("gate_proj", "up_proj", "down_proj")
@@ -123,7 +142,7 @@ FACTORIZATIONS = Registry("factorization", "--factorization", [
                statistics=("mean_abs",), reads=ATTENTION_INPUTS),
     MethodSpec("svdllm", ".factorizations:svdllm",
                "SVD-LLM whitening by the Cholesky factor of the input Gram matrix (--whitening-shrink moves it "
-               "toward awsvd)", statistics=("gram",), reads=ATTENTION_INPUTS, options=("whitening_shrink",)),
+               "toward awsvd)", statistics=("gram",), reads=ATTENTION_INPUTS, options=(WHITENING_SHRINK,)),
 ])
 
 FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
@@ -146,7 +165,7 @@ FFN_UPDATES = Registry("FFN update", "--ffn-update", [
     MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
                "kept channels of down refitted by ridge least squares to the dense output (--lstsq-ridge; "
                "a large ridge tends to bias)", statistics=("mean", "gram"), reads=("down_proj",), adds_bias=True,
-               options=("lstsq_ridge",)),
+               options=(LSTSQ_RIDGE,)),
 ])
 
 FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
@@ -185,7 +204,7 @@ HEAD_SCORES = Registry("head criterion", "--head-score", [
     MethodSpec("llm-pruner-taylor", None,
                "LLM-Pruner's first-order Taylor abs(w * dL/dw) over a group's weights, from calibration gradients",
                prepare=".taylor:prepare_taylor_scores", prepare_phase="gradients"),
-], paper=False)
+], paper=False, when=" with --attention heads")
 
 # What replaces removed heads' output: the FFN updates' functions, applied to o_proj's kept columns.
 HEAD_UPDATES = Registry("head update", "--head-update", [
@@ -194,8 +213,8 @@ HEAD_UPDATES = Registry("head update", "--head-update", [
                statistics=("mean",), reads=("o_proj",), adds_bias=True),
     MethodSpec("lstsq", ".ffn_pruning:least_squares_refit",
                "kept columns of o_proj refitted by ridge least squares to the dense output (--lstsq-ridge)",
-               statistics=("mean", "gram"), reads=("o_proj",), adds_bias=True, options=("lstsq_ridge",)),
-], paper=False)
+               statistics=("mean", "gram"), reads=("o_proj",), adds_bias=True, options=(LSTSQ_RIDGE,)),
+], paper=False, when=" with --attention heads")
 
 # The parts of a run, in the order their whole-model passes run (scores before allocations).
 REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
@@ -203,10 +222,30 @@ REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_upd
               "head_score": HEAD_SCORES, "head_update": HEAD_UPDATES}
 
 
+def part_options() -> dict:
+    """{name: Option} of every registered part, each once (both least-squares refits share one)."""
+    found = {}
+    for registry in REGISTRIES.values():
+        for spec in registry:
+            for option in spec.options:
+                if found.setdefault(option.name, option) is not option:
+                    raise ValueError(f"option {option.name!r} is declared twice, differently ({spec.name})")
+    return found
+
+
+def option_users(name: str) -> list:
+    """The choices that read option `name`, as flags: ['--ffn-update lstsq', ...]."""
+    return [f"{registry.option} {spec.name}" for registry in REGISTRIES.values() for spec in registry
+            if any(option.name == name for option in spec.options)]
+
+
 def options_table() -> str:
-    """The README's options table for these registries (tests keep the README equal to it)."""
+    """The options table of docs/options.md for these registries (tests keep that page equal to it)."""
     lines = ["| option | values (the paper's first) |", "|---|---|"]
     for registry in REGISTRIES.values():
         values = [f"`{spec.name}`" + (" (paper)" if spec.name == registry.paper else "") + f": {spec.help}" for spec in registry]
         lines.append(f"| `{registry.option}` | {'; '.join(values)} |")
+    for option in part_options().values():
+        users = ", ".join(f"`{user}`" for user in option_users(option.name))
+        lines.append(f"| `{option.flag}` | with {users}: {option.help} (default `{option.default:g}`) |")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ weight gradients and the gradient of its input for the layer below.
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import ATTENTION_PROJECTIONS, FFN_PROJECTIONS, Architecture
+from ..architectures import Architecture
+from ..families import ATTENTION_PROJECTIONS, FFN_PROJECTIONS
 from ..pipeline.walk import compute_dtype, layer_forward, layer_output
 from .head_pruning import HeadLayout, per_query_channel
 

@@ -1,78 +1,85 @@
 """One dataclass for a compression run: what the CLI fills in and what the checkpoint records."""
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LorapError
-from ..methods.registry import LSTSQ_RIDGE, REGISTRIES, MethodSpec
-from ..plan.plan import SUBLAYERS, PlanSettings
+from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_SCORES, RANK_ALLOCATIONS, REGISTRIES,
+                                MethodSpec, part_options)
+from ..options import require_positive_int, setting
+from ..plan.plan import PlanSettings
 
 
 @dataclass
-class CompressionConfig:
-    ratio: float = 0.2
-    mode: str = "reference"  # "reference" (ratio per layer, as the paper) or "exact" (ratio of the whole model)
-    allocation_a: float = 3.0
-    bottom_keep: float = 0.01
-    sublayers: tuple = SUBLAYERS
-    # The method parts, each a name in its registry (methods/registry.py)
-    factorization: str = "awsvd"  # attention factor pairs: FACTORIZATIONS
-    ffn_score: str = "lorap"  # FFN channel criterion: FFN_SCORES
-    ffn_update: str = "none"  # compensation of removed FFN channels: FFN_UPDATES
+class CalibrationSettings:
+    """The calibration text and compute of a run that looks at activations; `compress`, `compare`
+    and `analyze` offer the same flags from these fields."""
+
+    calibration_source: str = setting(
+        "wiki", "calibration corpus (a named corpus's train split, or a file); several joined by '+' are pooled "
+        "(wiki+notes.txt)",
+        flag="--calibration")
+    calibration_samples: int = setting(128, "calibration sequences", flag="--samples")
+    calibration_seqlen: int = setting(128, "tokens per calibration sequence", flag="--sample-len")
+    seed: int = setting(0, "seed of the calibration sample")
+    batch_size: int = setting(8, "calibration sequences per forward pass")
+    device: str | None = setting(None, "compute device for the layer being processed: cpu, cuda, cuda:1 ... "
+                                 "(default: cuda if available)")
+
+    def calibration(self) -> dict:
+        """These settings alone, by name (a comparison hands them to every row's config)."""
+        return {field.name: getattr(self, field.name) for field in fields(CalibrationSettings)}
+
+    def validate_calibration(self) -> None:
+        for name in ("calibration_samples", "calibration_seqlen", "batch_size"):
+            require_positive_int(name.replace("_", " "), getattr(self, name))
+
+
+@dataclass
+class CompressionConfig(PlanSettings, CalibrationSettings):
+    """A compression run: the plan's settings (whose defaults are the paper's), the method parts, their
+    options, and the calibration."""
+
+    # The method parts, each a name in its registry (methods/registry.py); the default is the first,
+    # the paper's where it has one. ffn_update and head_update are PlanSettings' (they add biases).
+    factorization: str = FACTORIZATIONS.default  # attention factor pairs
+    ffn_score: str = FFN_SCORES.default  # FFN channel criterion
     # uniform: every layer keeps the plan's FFN width; adaptive: the same total is removed, the
     # channels chosen across layers by their scores standardised per layer (FLAP's AL rule)
-    ffn_allocation: str = "uniform"
+    ffn_allocation: str = FFN_ALLOCATIONS.default
     # rule: the plan's a:1 ranks from shapes; adaptive: each layer's pair budget shared by the
     # projections' spectra (methods/rank_allocation.py)
-    rank_allocation: str = "rule"
-    # "lowrank": attention projections become factor pairs (the paper); "heads": whole KV groups
-    # are removed with their query heads, chosen by `head_score`, compensated by `head_update`
-    attention: str = "lowrank"
-    head_score: str = "flap"  # HEAD_SCORES
-    head_update: str = "none"  # HEAD_UPDATES
-    attention_scale: float = 1.0  # attention's per-layer ratio relative to the FFN's (paper: 1)
-    # Strengths of two parts that fit the calibration text (a part reads those it names in its registry
-    # entry's `options`): svdllm whitens by (1 - s) Gram + s diag(Gram), so 1 is AWSVD's scaling; the
-    # least-squares refit adds this ridge relative to the kept inputs' mean variance (large: bias-like)
-    whitening_shrink: float = 0.0
-    lstsq_ridge: float = LSTSQ_RIDGE
-    # Every rank and FFN width a multiple of this (1: the paper's integers; "auto": this device's
-    # multiple, plan/alignment.py, which the run resolves and records)
-    align: int | str = 1
-    # Whose measured limits keep dense a factor pair too large to run faster than its matrix
-    # ("none": only a pair that is not smaller, the paper's rule; "auto" alignment sets the
-    # device's, plan/alignment.py, recorded here)
-    pair_limit: str = "none"
+    rank_allocation: str = RANK_ALLOCATIONS.default
+    head_score: str = HEAD_SCORES.default  # with attention "heads": which KV groups go
+    # The chosen parts' options (options.Option, declared on their registry entries), where given;
+    # the rest take their declared defaults
+    options: dict = field(default_factory=dict)
     preset: str = "paper"  # the named method (methods/presets.py) these settings started from
-    calibration_source: str = "wiki"
-    calibration_samples: int = 128
-    calibration_seqlen: int = 128
-    seed: int = 0
-    batch_size: int = 8  # calibration sequences per forward pass
-    device: str | None = None  # compute device for the layer being processed; None: cuda if available
-    svd_dtype: str = "float32"  # float32 or float64; never the model's fp16/bf16
-    extra: dict = field(default_factory=dict)
+    svd_dtype: str = setting("float32", "precision of the factorizations' SVDs (never the model's fp16/bf16)",
+                             choices=("float32", "float64"))
 
     def plan_settings(self) -> PlanSettings:
-        return PlanSettings(self.ratio, self.mode, self.allocation_a, self.bottom_keep, tuple(self.sublayers),
-                            self.ffn_update, self.attention_scale, self.align, self.pair_limit, self.attention,
-                            self.head_update)
+        """The plan's fields of this config, as the plan records them."""
+        return PlanSettings(**{f.name: getattr(self, f.name) for f in fields(PlanSettings)} | {
+            "sublayers": tuple(self.sublayers)})
+
+    def option(self, name: str):
+        """The value of a part option: as given, else its declared default."""
+        return self.options.get(name, part_options()[name].default)
 
     def validate(self) -> None:
-        self.plan_settings().validate()
+        PlanSettings.validate(self)
+        self.validate_calibration()
         self.specs()  # every part is a registered name
         if self.attention == "heads" and REGISTRIES["rank_allocation"][self.rank_allocation].needs_whole_model:
             raise LorapError(f"--rank-allocation {self.rank_allocation} shares ranks between factor pairs; "
                              "with --attention heads there are none (use --rank-allocation rule)")
-        if not 0 <= self.whitening_shrink <= 1:
-            raise LorapError(f"--whitening-shrink must be in [0, 1] (0: SVD-LLM whitening, 1: AWSVD's scaling), "
-                             f"got {self.whitening_shrink}")
-        if not self.lstsq_ridge > 0:
-            raise LorapError(f"--lstsq-ridge must be positive (it keeps the refit well posed), got {self.lstsq_ridge}")
+        known = part_options()
+        unknown = set(self.options) - set(known)
+        if unknown:
+            raise LorapError(f"unknown method options {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        for name, value in self.options.items():
+            known[name].check(value)
         if self.svd_dtype not in ("float32", "float64"):
             raise LorapError(f"svd dtype must be float32 or float64, got {self.svd_dtype!r}")
-        for name in ("calibration_samples", "calibration_seqlen", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise LorapError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
 
     def specs(self) -> dict:
         """{part: its registered MethodSpec}, in the order their whole-model passes run."""
@@ -88,7 +95,7 @@ class CompressionConfig:
 
     def options_of(self, part: str) -> dict:
         """The keyword arguments the chosen `part`'s function takes ({} for most)."""
-        return {name: getattr(self, name) for name in self.specs()[part].options}
+        return {option.name: self.option(option.name) for option in self.specs()[part].options}
 
     def whole_model_specs(self) -> dict:
         """{part: spec} of the parts this run uses that look at every layer before compressing any, in
@@ -110,7 +117,7 @@ class CompressionConfig:
 
     def gram_sources(self) -> tuple:
         """The input sources whose Gram matrices the chosen parts read (pipeline/statistics.py)."""
-        from ..architectures import SHARED_INPUTS
+        from ..families import SHARED_INPUTS
 
         sources = set()
         for part in self.active_parts():
@@ -120,4 +127,8 @@ class CompressionConfig:
         return tuple(sorted(sources))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sublayers": list(self.sublayers)}
+        """What a checkpoint records: every setting, each part option at its value in this run."""
+        settings = asdict(self)
+        del settings["options"]
+        return {**settings, "sublayers": list(self.sublayers),
+                **{name: self.option(name) for name in part_options()}}

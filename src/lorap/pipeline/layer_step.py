@@ -6,7 +6,8 @@ architecture adapter, so the step never names a module of a particular family.
 """
 import torch
 
-from ..architectures import ATTENTION_PROJECTIONS, FFN_PROJECTIONS, Architecture
+from ..architectures import Architecture
+from ..families import ATTENTION_PROJECTIONS, FFN_PROJECTIONS
 from ..errors import LorapError
 from ..methods.factorizations import factorized_linear
 from ..methods.ffn_pruning import kept_channels, prune_ffn
@@ -90,7 +91,7 @@ class LayerCompressor:
         if self.head_scores is not None:
             scores = layout.per_group(self.head_scores[index])
         else:
-            scores = head_scores(attention, o_inputs, layout, self.config.head_score)
+            scores = head_scores(attention, o_inputs, layout, self.config.head_score, self.config.options_of("head_score"))
         keep = kept_groups(scores, kept)
         self.architecture.replace(layer, prune_heads(attention, keep, layout, self.config.head_update, o_inputs,
                                                      self.config.options_of("head_update")))
@@ -105,7 +106,7 @@ class LayerCompressor:
         if self.channel_scores is not None:
             scores = self.channel_scores[index]
         else:
-            scores = channel_scores(ffn, inputs, self.config.ffn_score)
+            scores = channel_scores(ffn, inputs, self.config.ffn_score, self.config.options_of("ffn_score"))
         keep = kept_channels(scores, width, self.config.bottom_keep)
         pruned = prune_ffn(ffn, keep, self.config.ffn_update, inputs["down_proj"], self.config.options_of("ffn_update"))
         self.architecture.replace(layer, {name: getattr(pruned, name) for name in FFN_PROJECTIONS})

@@ -3,19 +3,20 @@ metadata, report and the atomic write of the checkpoint.
 
     compress_layers(source, tokenizer, config)   the compression itself (source: sources.py)
     compress_model(model, tokenizer, config)     the same on a model in memory (tests, compare)
-    compress_checkpoint(model, out, config, ...) the whole job behind `lorap compress` / lorap.compress()
+    compress_checkpoint(job)                     the whole job behind `lorap compress` / lorap.compress()
 """
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..architectures import Architecture
 from ..devices import peak_memory, phase_peak_rss_mb, resolve_device
 from ..errors import LorapError
+from ..evaluate.suite import PerplexitySettings
 from ..io.checkpoint import REPORT_FILE, check_output_folder, finish_checkpoint, new_staging_folder
 from ..io.data import calibration_samples
-from ..io.files import write_json_atomic
 from ..io.models import load_config, load_model, own_weights, resolve_model
 from ..log import info
 from ..plan.plan import Plan, make_plan
@@ -86,9 +87,9 @@ def timed_calibration_samples(tokenizer, config: CompressionConfig, timings: dic
     return samples
 
 
-def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool = True) -> CompressionResult:
-    """Compress every decoder layer of `source` by `config`; returns the plan followed and timings per phase."""
-    config.validate()
+def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool = True, device=None) -> CompressionResult:
+    """Compress every decoder layer of `source` by `config` (validated by the caller, before anything
+    loaded) on `device` (None: the config's); returns the plan followed and timings per phase."""
     plan = make_plan(source.model_config, config.plan_settings())
     # The multiple and the factor-pair limit used ("auto" resolves in the plan), as recorded
     config = replace(config, align=plan.settings.align, pair_limit=plan.settings.pair_limit)
@@ -96,7 +97,7 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
     if dense != plan.dense_parameters:
         raise RuntimeError(f"plan counts {plan.dense_parameters} dense parameters, the model has {dense}")
     source.check_room(plan)
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     timings = {}
     samples = timed_calibration_samples(tokenizer, config, timings)
     info(source.describe(config, device))
@@ -122,6 +123,7 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
 
 def compress_model(model, tokenizer, config: CompressionConfig, progress: bool = True) -> CompressionResult:
     """Compress `model` in place by `config`."""
+    config.validate()
     return compress_layers(InMemoryLayers(model), tokenizer, config, progress)
 
 
@@ -148,85 +150,81 @@ def checkpoint_metadata(result: CompressionResult, base_model, architecture: Arc
     }
 
 
-def _perplexity_record(model, tokenizer, label: str, name: str, device, datasets, seqlens, max_tokens) -> dict:
+@dataclass
+class CompressionJob:
+    """Everything `lorap compress` is asked: the model, where to save it, how to compress it, and what
+    else to do. Streamed when `stream` is true, when resuming, or (stream None) when the model would
+    not fit in memory: the model is then read layer by layer from its shards and never held whole."""
+
+    model: object = None  # hub id, folder, .gguf; None: the built-in model
+    out: Path | None = None  # None: nothing is saved (the result's model is the compressed one)
+    config: CompressionConfig = field(default_factory=CompressionConfig)
+    evaluate: PerplexitySettings | None = None  # perplexity before and after, on these windows
+    overwrite: bool = False
+    progress: bool = True
+    stream: bool | None = None
+    stream_options: StreamOptions = field(default_factory=StreamOptions)
+    # the speedup a micro-benchmark of the plan's layers predicts (bench/predict.py); never in a
+    # streamed run, whose point is to hold no more than one layer
+    predict_speed: bool = True
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.stream or self.stream_options.resume or (self.stream is None and should_stream(self.spec)))
+
+    def __post_init__(self):
+        self.spec = None  # the resolved model (io.models.ModelSpec), set by compress_checkpoint
+
+
+@dataclass
+class _Loaded:
+    source: object  # the layer source (sources.py, sharded.py)
+    tokenizer: object
+    spec: object  # io.models.ModelSpec of what was loaded
+
+
+def _load(job: CompressionJob, timings: dict) -> _Loaded:
+    """The layer source: the model's shards for a streamed run, else the whole model in memory."""
+    started = time.perf_counter()
+    job.spec = resolve_model(job.model)
+    if job.streamed:
+        if job.evaluate is not None:
+            raise LorapError("a streamed run never holds the whole model, so it cannot --eval; run `lorap eval OUT` after it")
+        source = ShardedLayers(job.spec, job.out, job.config, job.overwrite, job.stream_options)
+        return _Loaded(source, source.tokenizer, job.spec)
+    if job.out is not None:  # fail before the long work, not after it
+        check_output_folder(job.out, job.overwrite, protected=[job.spec.location] if job.spec.kind != "hub" else [])
+    model, tokenizer, spec = load_model(job.model)
+    own_weights(model, spec.location if spec.kind in ("default", "folder", "lorap") else None)
+    timings["load"] = time.perf_counter() - started
+    return _Loaded(InMemoryLayers(model), tokenizer, spec)
+
+
+def _perplexity_record(loaded: _Loaded, label: str, windows: PerplexitySettings, device, timings: dict) -> dict:
     from ..evaluate.perplexity import perplexity_table
     from ..plan.counting import count_parameters
 
-    model.to(device)
+    started = time.perf_counter()
+    model = loaded.source.model.to(device)
     record = {
-        "model": f"{name} ({label})",
+        "model": f"{loaded.spec.name} ({label})",
         "parameters": count_parameters(model),
-        "perplexity": perplexity_table(model, tokenizer, datasets, seqlens, max_tokens),
+        "perplexity": perplexity_table(model, loaded.tokenizer, windows.datasets, windows.seqlens, windows.max_tokens),
     }
     model.to("cpu")
+    timings[f"eval_{label}"] = time.perf_counter() - started
     return record
 
 
-def compress_checkpoint(
-    model=None,
-    out=None,
-    config: CompressionConfig | None = None,
-    evaluate_ppl=(),
-    eval_seqlens=(128,),
-    eval_max_tokens=None,
-    overwrite: bool = False,
-    progress: bool = True,
-    stream: bool | None = None,
-    stream_options: StreamOptions | None = None,
-    predict_speed: bool = True,
-) -> Compressed:
-    """Load (or stream) a model, compress it, save it to `out` (if given) and report what was done.
-
-    With `predict_speed`, the report gains the speedup predicted by a micro-benchmark of the plan's
-    layers (bench/predict.py), measured after the peak memory; never in a streamed run, whose point
-    is to hold no more than one layer.
-
-    Streamed when `stream` is true, when resuming, or (stream None) when the model would not fit in
-    memory: the model is then read layer by layer from its shards and never held whole.
-    """
-    from ..evaluate.perplexity import protocol
-
-    config.validate()
-    stream_options = stream_options or StreamOptions()
-    started = time.perf_counter()
-    spec = resolve_model(model)
-    timings = {}
-    if stream or stream_options.resume or (stream is None and should_stream(spec)):
-        if evaluate_ppl:
-            raise LorapError("a streamed run never holds the whole model, so it cannot --eval; run `lorap eval OUT` after it")
-        source = ShardedLayers(spec, out, config, overwrite, stream_options)
-        tokenizer = source.tokenizer
-    else:
-        if out is not None:  # fail before the long work, not after it
-            check_output_folder(out, overwrite, protected=[spec.location] if spec.kind != "hub" else [])
-        loaded, tokenizer, spec = load_model(model)
-        own_weights(loaded, spec.location if spec.kind in ("default", "folder", "lorap") else None)
-        timings["load"] = time.perf_counter() - started
-        source = InMemoryLayers(loaded)
-    device = resolve_device(config.device)
-
-    def measure(label):
-        begin = time.perf_counter()
-        record = _perplexity_record(source.model, tokenizer, label, spec.name, device, evaluate_ppl, eval_seqlens,
-                                    eval_max_tokens)
-        timings[f"eval_{label}"] = time.perf_counter() - begin
-        return record
-
-    evaluation = {"dense": measure("dense")} if evaluate_ppl else None
-    result = compress_layers(source, tokenizer, config, progress)
-    timings.update(result.timings)
-    if evaluation is not None:
-        evaluation["compressed"] = measure("compressed")
-        evaluation["protocol"] = protocol(eval_max_tokens)
-
-    # How the checkpoint names its base model: None means lorap's built-in default.
-    base_model = None if spec.kind == "default" else spec.location
-    source.mark_compressed(checkpoint_metadata(result, base_model, source.architecture))
+def _report(job: CompressionJob, loaded: _Loaded, result: CompressionResult, evaluation: dict | None,
+            timings: dict, device) -> dict:
+    """What the checkpoint's compression_report.json and `lorap compress --json` hold."""
+    base_model = _base_model(loaded.spec)
     report = {
-        "model": spec.name,
+        "model": loaded.spec.name,
         "base_model": base_model,
-        "output": str(Path(out).resolve()) if out is not None else None,
-        "settings": config.to_dict(),
+        "output": str(Path(job.out).resolve()) if job.out is not None else None,
+        "settings": result.config.to_dict(),
         "plan": result.plan.to_dict(),
         "timings": timings,
         "peak_memory": peak_memory(device),
@@ -234,21 +232,51 @@ def compress_checkpoint(
         "evaluation": evaluation,
         **environment(str(device)),
     }
-    streaming = source.report_section(result)
+    streaming = loaded.source.report_section(result)
     if streaming is not None:
         report["streaming"] = streaming
-    if out is not None:
-        out = Path(out).resolve()
-        begin = time.perf_counter()
-        _write_checkpoint(source, out, tokenizer, report)
-        timings["save"] = time.perf_counter() - begin
-    timings["total"] = time.perf_counter() - started
-    report["peak_memory"] = peak_memory(device)
-    if predict_speed:
-        report["predicted_speed"] = _predicted_speed(model, result.plan, config, streamed=streaming is not None)
-    if out is not None:  # the report in the checkpoint includes the save and total times too
-        write_json_atomic(out / REPORT_FILE, report)
-    return Compressed(result.model, tokenizer, report)
+    if job.predict_speed:  # after the peak memory, which its micro-benchmark would raise
+        report["predicted_speed"] = _predicted_speed(job.model, result.plan, result.config,
+                                                     streamed=streaming is not None)
+    return report
+
+
+def _base_model(spec):
+    """How the checkpoint names its base model: None means lorap's built-in default."""
+    return None if spec.kind == "default" else spec.location
+
+
+def compress_checkpoint(job: CompressionJob) -> Compressed:
+    """Load (or stream) a model, compress it, report what was done and save it to `job.out` (if given):
+    load -> compress -> report -> save, the report written once, into the checkpoint before it is
+    swapped into place."""
+    from ..evaluate.perplexity import protocol
+
+    job.config.validate()  # before anything loads
+    started = time.perf_counter()
+    timings = {}
+    device = resolve_device(job.config.device)
+    loaded = _load(job, timings)
+    evaluation = None
+    if job.evaluate is not None:
+        evaluation = {"dense": _perplexity_record(loaded, "dense", job.evaluate, device, timings)}
+    result = compress_layers(loaded.source, loaded.tokenizer, job.config, job.progress, device)
+    timings.update(result.timings)
+    if evaluation is not None:
+        evaluation["compressed"] = _perplexity_record(loaded, "compressed", job.evaluate, device, timings)
+        evaluation["protocol"] = protocol(job.evaluate.max_tokens)
+    loaded.source.mark_compressed(checkpoint_metadata(result, _base_model(loaded.spec), loaded.source.architecture))
+    if job.out is None:
+        timings["total"] = time.perf_counter() - started
+        return Compressed(result.model, loaded.tokenizer, _report(job, loaded, result, evaluation, timings, device))
+    with _staging(loaded.source, Path(job.out).resolve()) as staging:
+        saving = time.perf_counter()
+        loaded.source.write_weights(staging)
+        timings["save"] = time.perf_counter() - saving  # the weights; the small files and the swap follow
+        timings["total"] = time.perf_counter() - started
+        report = _report(job, loaded, result, evaluation, timings, device)
+        finish_checkpoint(staging, Path(job.out).resolve(), loaded.tokenizer, {REPORT_FILE: report})
+    return Compressed(result.model, loaded.tokenizer, report)
 
 
 def _predicted_speed(model, plan, config, streamed: bool) -> dict:
@@ -259,14 +287,14 @@ def _predicted_speed(model, plan, config, streamed: bool) -> dict:
     return predict_speedup(load_config(model), plan, config.device)
 
 
-def _write_checkpoint(source, out: Path, tokenizer, report: dict) -> None:
-    """Weights and config by the source, the rest as every checkpoint, then the swap into place.
-    A fresh staging folder is removed if writing fails; a streamed run's stays, to resume."""
+@contextmanager
+def _staging(source, out: Path):
+    """The folder the checkpoint is written in before the swap into place: the streamed run's own
+    (kept if writing fails, to resume), or a fresh one (removed if writing fails)."""
     fresh = source.staging is None
     staging = new_staging_folder(out) if fresh else source.staging
     try:
-        source.write_weights(staging)
-        finish_checkpoint(staging, out, tokenizer, {REPORT_FILE: report})
+        yield staging
     finally:
         if fresh and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import SHARED_INPUTS
+from ..families import SHARED_INPUTS
 from ..errors import LorapError
 
 
@@ -118,7 +118,9 @@ class InputStatistics:
             if not torch.isfinite(squares).all():
                 raise LorapError(
                     f"non-finite activations (NaN or Inf) at the input of layer {layer_index} {name}; "
-                    "the model or its dtype overflows on the calibration data (try --dtype float32)"
+                    "the model or its dtype overflows on the calibration data (compress computes in the "
+                    "checkpoint's own dtype, half precision on a CPU in float32: try --device cpu, or a "
+                    "float32 copy of the model)"
                 )
 
     @staticmethod

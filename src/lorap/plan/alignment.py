@@ -1,54 +1,61 @@
 """`--align auto`: the multiple ranks and FFN widths are rounded to on this device.
 
-Shapes the matrix kernels handle badly waste what compression saves (a rank of 1228 prefilled 1.04x
-faster than dense on this CPU where 1216 gave 1.25x). The multiple is chosen per device by
-measurement:
+Shapes the matrix kernels handle badly waste what compression saves: the paper's unaligned 20%
+shapes of LLaMA-7B (q/k rank 1228) gain far less at prefill than the same plan aligned (docs/speed.md,
+section `speed`). The multiple is chosen per device from `benchmarks/align_choice.py`, which times
+each multiple's widths against their neighbours (docs/speed.md, sections `align-choice-cpu` and
+`align-choice-cuda`):
 
-  cpu   16. It was chosen by a first measurement that compared the multiples with the row's
-        average width per unit of width (16 ran 12% faster, 32 no better within 1%). That comparison
-        favoured the few multiples of a large N wherever time hardly depends on the width, so it was
-        replaced by one against each multiple's neighbours (table "align-choice-cpu" in
-        docs/speed.md). On this shared 2-core machine the new one does not settle the choice. Every
-        multiple from 8 to 64 gains at prefill and nothing at decode, the rows change order between
-        runs, and two runs picked 64 (3 sweeps) and 32 (6 sweeps), each 2-4% ahead of 16 on average.
-        16 stays until a steadier machine separates them: a new default changes every `--preset
-        best` checkpoint, and with it every table of best in docs/.
-  cuda  8, measured on an H200 in bf16 by `benchmarks/align_choice.py --device cuda` (table
-        "align-choice-cuda"): on LLaMA shapes the multiples of 8 run 2.3-3.2x more width per second
-        than their neighbours at 128 tokens and more (bf16 tensor-core kernels want multiples of 8);
-        16 and 32 do no better, and 64 under 1% better.
+  cpu   16. Every multiple from 8 to 64 gains at prefill and nothing at decode, and the sweep does
+        not separate them on a shared CPU (its rows change order between runs). 16 stays until a
+        steadier machine separates them, because a new default changes every `--preset best`
+        checkpoint and every table of best in docs/ (the record: docs/speed.md, the paragraph after
+        section `align-choice-cpu`).
+  cuda  8: bf16 tensor-core kernels want multiples of 8, which on LLaMA shapes run two to three
+        times more width per second than their neighbours from 128 tokens up; coarser multiples do
+        no better within 1%.
 
 With the multiple comes a limit on factor pairs: a pair runs two thin GEMMs where its dense
 matrix runs one, so a pair just smaller than the matrix is slower than it. A pair larger than
 its device's limit (PAIR_LIMITS, by the matrix's size) stays dense and its share of the budget goes to the rest
-(plan/ranks.py). The limits are measured by benchmarks/pair_break_even.py (tables
-"pair-break-even-cpu" and "pair-break-even-cuda" in docs/speed.md):
+(plan/ranks.py). The limits come from `benchmarks/pair_break_even.py` (docs/speed.md, sections
+`pair-break-even-cpu` and `pair-break-even-cuda`):
 
-  cpu   depends on the matrix's size. Small matrices are bound by the cost of a call at decode: a
-        SmolLM2-135M k/v pair (576 -> 192) was as fast as dense only up to 0.57 of its size, a
-        q/o pair (576 -> 576) up to 0.62. LLaMA-sized ones are bound by their weights: a 4096 x
-        1024 pair up to 0.93, a 4096 x 4096 pair up to 0.90 (prefill alone: 0.96 to 1.00). The
-        limit of a matrix is interpolated in log(size) between the measured ones (the smaller
-        of the decode and prefill crossovers), clamped at the ends.
-  cuda  measured on an H200 in bf16 (table "pair-break-even-cuda"), and set from the 4096-token rows:
-        a 4096 x 1024 pair up to 0.84, a 4096 x 4096 pair up to 0.93, smaller matrices clamped to
-        0.84. At fewer tokens a GPU's time is set by the number of kernels, not by their sizes: in
-        eager PyTorch every pair ran at 0.5-0.6x of its matrix whatever its rank, and replayed as a
-        CUDA graph only a 4096 x 4096 pair below about half its size was faster. SmolLM2-sized
-        matrices were at that floor even at 4096 tokens. No rank fixes a cost that does not depend
-        on the rank, and keeping every pair dense would only move the budget to FFN channels that do
-        not run faster there either. So the limit is taken where the time follows the shapes, and
-        docs/speed.md reports GPU decode as measured: slower than dense in eager transformers.
+  cpu   depends on the matrix's size. Small matrices are bound by the cost of a call at decode, so
+        their pairs pay off only well below the matrix's size; LLaMA-sized ones are bound by their
+        weights and pay off almost up to it. The limit of a matrix is interpolated in log(size) between
+        the measured ones (the smaller of the decode and prefill crossovers), clamped at the ends.
+  cuda  set from the 4096-token rows, where the time follows the shapes; smaller matrices take the
+        smallest measured limit. At fewer tokens a GPU's time is set by the number of kernels, not
+        by their sizes, a cost no rank lowers, and keeping every pair dense would only move the
+        budget to FFN channels that run no faster there either (docs/speed.md, the paragraph after
+        section `pair-break-even-cuda`).
 
 The device is the one lorap computes on here (CUDA when available), as the model is most likely
 served on the same kind. A multiple is never coarser than an eighth of the hidden size (tiny models
 would otherwise lose their attention factor pairs to rounding), and where it cannot meet an exact
 budget, half of it is tried, down to 1.
 """
+import argparse
 import math
 
 AUTO_ALIGN = "auto"  # what --align takes for "this device's multiple"
 DEFAULT_ALIGN = {"cpu": 16, "cuda": 8}
+
+
+def parse_align(text: str):
+    """--align's type: 'auto' or a positive whole number."""
+    if text == AUTO_ALIGN:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1: no alignment) or '{AUTO_ALIGN}', got {text!r}")
+    return value
+
+
 FINEST_SHARE = 8  # the multiple is at most hidden_size / FINEST_SHARE
 # (dense matrix weights, the largest pair size fraction that ran at least as fast: on cpu at decode
 # and prefill, on cuda at 4096 tokens) by device; "none": every pair smaller than its matrix is used.

@@ -1,7 +1,7 @@
 """Peak host memory of a compression run, from shapes alone (what `lorap plan` prints)."""
 import torch
 
-from ..architectures import attention_shapes, ffn_shapes
+from ..families import attention_shapes, ffn_shapes
 
 # Python, torch, transformers, lorap and the tokenizer: 502 MiB measured when a streamed run starts its
 # first pass (compression_report.json, peak_rss_mb_by_phase.before_passes)

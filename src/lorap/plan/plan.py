@@ -8,41 +8,53 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
-from ..architectures import ATTENTION_PROJECTIONS, attention_shapes, family_of, ffn_shapes, head_dim, other_parameters
 from ..errors import LorapError
+from ..families import ATTENTION_PROJECTIONS, attention_shapes, family_of, ffn_shapes, head_dim, other_parameters
 from ..methods.registry import ATTENTION_METHODS, FFN_UPDATES, HEAD_UPDATES
+from ..options import csv_of, setting
 from . import alignment
-from .alignment import AUTO_ALIGN, PAIR_LIMITS, default_alignments, pair_max_fraction
+from .alignment import AUTO_ALIGN, PAIR_LIMITS, default_alignments, pair_max_fraction, parse_align
 from .counting import linear_parameters
 from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width, no_limit
 
 EXACT_TOLERANCE = 0.002  # exact mode must land within 0.2 percentage points
 SUBLAYERS = ("attention", "ffn")
+MODES = ("reference", "exact")
 
 
 @dataclass
 class PlanSettings:
-    ratio: float  # what the user asked for
-    mode: str = "reference"  # "reference": ratio per layer; "exact": ratio of the whole model
-    allocation_a: float = 3.0  # kept (v+o) : (q+k) parameters
-    bottom_keep: float = 0.01  # lowest-scoring FFN channels that are kept anyway
-    sublayers: tuple = SUBLAYERS
-    ffn_update: str = "none"  # what replaces removed FFN channels (registry.FFN_UPDATES): adds a bias?
-    # Attention's per-layer ratio relative to the FFN's (the paper: 1, the same ratio for both).
-    attention_scale: float = 1.0
-    # Every rank and FFN width a multiple of this (1: the paper's exact integers; "auto": this
-    # device's default, see alignment.py, resolved by make_plan and recorded in the plan)
-    align: int | str = 1
+    """What the plan depends on. Every default here is the paper's, and this is the one place it is
+    written: CompressionConfig extends this class, and the CLI's flags come from these fields."""
+
+    ratio: float = setting(0.2, f"fraction of parameters to remove, in (0, {MAX_RATIO}]")
+    mode: str = setting(
+        "reference",
+        "reference: RATIO of every layer's attention and FFN, as in the paper (the whole model loses a bit less); "
+        "exact: RATIO of the whole model's parameters, within 0.2 points", choices=MODES)
+    allocation_a: float = setting(3.0, "kept (v+o):(q+k) parameters of a layer's factor pairs", short="-a")
+    bottom_keep: float = setting(0.01, "share of the lowest-scoring FFN channels kept anyway")
+    sublayers: tuple = setting(SUBLAYERS, "what to compress: attention, ffn or both (comma-separated)",
+                               parse=csv_of(str))
+    # adds a bias? (registry.FFN_UPDATES; CompressionConfig offers it with the other method parts)
+    ffn_update: str = FFN_UPDATES.default
+    attention_scale: float = setting(1.0, "attention's per-layer ratio as a multiple of the FFN's")
+    align: int | str = setting(
+        1, "make every rank and FFN width a multiple of N, shapes the matrix kernels run faster; exact mode still "
+        f"meets the budget. '{AUTO_ALIGN}': this device's measured multiple (docs/speed.md), which best and the "
+        "baselines use", parse=parse_align)
     # Whose measured limits keep dense a factor pair too large to run faster than its matrix
     # ("none": only a pair that is not smaller, the paper's rule; "auto" alignment sets the device's)
     pair_limit: str = "none"
-    attention: str = "lowrank"  # ATTENTION_METHODS
-    head_update: str = "none"  # what replaces removed heads (registry.HEAD_UPDATES): adds a bias to o_proj?
+    attention: str = setting(
+        ATTENTION_METHODS[0], "lowrank: factor pairs (the paper); heads: remove whole KV groups with their query "
+        "heads (each head is its own group without GQA), which also shrinks the KV cache", choices=ATTENTION_METHODS)
+    head_update: str = HEAD_UPDATES.default  # adds a bias to o_proj? (registry.HEAD_UPDATES)
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
             raise LorapError(f"ratio must be in (0, {MAX_RATIO}], got {self.ratio}")
-        if self.mode not in ("reference", "exact"):
+        if self.mode not in MODES:
             raise LorapError(f"mode must be 'reference' or 'exact', got {self.mode!r}")
         if self.allocation_a <= 0:
             raise LorapError(f"the allocation hyper-parameter a must be positive, got {self.allocation_a}")
@@ -325,7 +337,9 @@ def kv_groups(config) -> int:
 
 def _layer_plan(index, ranks, width, settings: PlanSettings, dense_width: int, ffn_bias: bool,
                 kv_heads: int | None = None, heads_per_group: int = 1, o_bias_added: bool = False) -> LayerPlan:
-    # Compensating removed channels needs a bias on down; a model without FFN biases gains one.
+    """A layer's plan from what it keeps. Its many parameters are LayerPlan's fields, passed through, and
+    what decides whether the down projection gains a bias: a model without FFN biases gains one where
+    removed channels are compensated."""
     added = FFN_UPDATES[settings.ffn_update].adds_bias and width < dense_width and not ffn_bias
     heads = None if kv_heads is None else kv_heads * heads_per_group
     return LayerPlan(index, dict(ranks), width, added, kv_heads, heads, o_bias_added)

@@ -7,7 +7,7 @@ the shapes GEMM kernels run fastest (`--align`); N = 1 is the paper's exact rule
 """
 import math
 
-from ..architectures import ATTENTION_PROJECTIONS
+from ..families import ATTENTION_PROJECTIONS
 from ..errors import LorapError
 from .counting import factorization_saves, linear_parameters
 
