@@ -24,7 +24,6 @@ On CUDA every sweep also runs at 4096 tokens (eight 512-token sequences): shorte
 shapes are too small to keep a GPU busy, so the tile sizes the multiple is about show there.
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -33,7 +32,12 @@ import torch
 
 from lorap.bench.timing import sync
 
-from docsection import device_sweep, machine_line, update_section
+from common import device_sweep, update_section
+
+SECTIONS = {
+    "align-choice-cpu": "--repeats 6",
+    "align-choice-cuda": ("--device cuda --dtype bfloat16", "on a machine with a CUDA GPU, as `bash benchmarks/gpu.sh` runs it"),
+}
 
 CANDIDATES = (1, 8, 16, 32, 64, 128)
 GPU_TOKENS = 4096  # the token count every sweep adds on CUDA
@@ -128,18 +132,16 @@ def choose(rows: list) -> int:
     return min(n for n, gain in mean_gain.items() if gain >= best * (1 - TOLERANCE))
 
 
-def measure(device, dtype, repeats: int) -> dict:
-    """The record a section is written from: what was timed, where, and every width's median."""
+def measure(device, dtype, repeats: int) -> list:
+    """Every sweep's row of the record: what was timed and every width's median."""
     rows = []
-    load_before = os.getloadavg()[0]
     for label, hidden, first, count, kind, token_counts in SWEEPS:
         for tokens in token_counts + ((GPU_TOKENS,) if device.type == "cuda" else ()):
             print(f"{label}, {tokens} tokens", file=sys.stderr, flush=True)
             seconds = _sweep(hidden, first, count, kind, tokens, repeats, dtype, device)
             rows.append({"label": f"{label}, widths {first}-{first + count - 1}", "tokens": tokens,
                          "seconds": {str(w): t for w, t in seconds.items()}})
-    return {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
-            "machine": machine_line(), "load_average": [load_before, os.getloadavg()[0]], "rows": rows}
+    return rows
 
 
 def section(record: dict) -> tuple[str, int]:

@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from docsection import machine_line, update_section
-from debian_text import debian_text
+from common import DOCS, RUNS, debian_text, machine_line, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"choose_best": "--ratios 0.2,0.275,0.35,0.5"}
 CORPORA = ("wiki", "pydocs")
 SEQLEN = 128
 # What every candidate starts from: best's parts with SVD-LLM whitening as published and the refit's
@@ -135,8 +134,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2", help="shares of the whole model removed, comma-separated")
     parser.add_argument("--only", help="candidates to measure, comma-separated (default: all)")
     parser.add_argument("--max-tokens", type=int, default=16384, help="validation tokens per corpus")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "choose-best")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--work", type=Path, default=RUNS / "choose-best")
+    parser.add_argument("--page", type=Path, default=DOCS / "benchmarks.md")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     chosen = args.only.split(",") if args.only else list(CANDIDATES)

@@ -18,28 +18,32 @@ its key (method, ratio, settings, calibration, evaluation) is this table's, else
 import argparse
 import datetime
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from docsection import machine_line, update_section
+from common import DOCS, RUNS, lorap, machine_line, update_section
 from lorap.methods.presets import DEFAULT_COMPARISON
 
-ROOT = Path(__file__).resolve().parent.parent
-# The main table is `lorap compare`'s default rows: the paper, best, the baselines as published and
-# the strongest hybrid (FLAP's FFN criterion with LoRAP's attention).
-MAIN = ",".join(DEFAULT_COMPARISON)
-ABLATIONS = "paper,plain-svd,asvd,svd-llm,uniform-ranks,no-bottom-keep,attention-only,ffn-only,bias,lstsq,adaptive"
+SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations"}
+# The comparisons, each one `lorap compare` run and one section (compare_NAME): its title, its rows
+# (methods), the option of this script that sets its ratios, and the window lengths it scores. The
+# main table is `lorap compare`'s default rows: the paper, best, the baselines as published and the
+# strongest hybrid (FLAP's FFN criterion with LoRAP's attention).
+TABLES = {
+    "main": {"title": "Baselines under one budget", "methods": DEFAULT_COMPARISON, "ratios": "ratios",
+             "seqlens": "128,2048"},
+    "ablations": {"title": "Ablations and options, one at a time",
+                  "methods": ("paper", "plain-svd", "asvd", "svd-llm", "uniform-ranks", "no-bottom-keep",
+                              "attention-only", "ffn-only", "bias", "lstsq", "adaptive"),
+                  "ratios": "ablation_ratios", "seqlens": "128"},
+}
 
 
-def run_compare(out: Path, methods: str, ratios: str, extra: list, args) -> tuple[str, float]:
+def run_compare(out: Path, methods: str, ratios: str, seqlens: str, max_tokens: int) -> tuple[str, float]:
+    """(the command as the section quotes it, its seconds)"""
     command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", ratios,
-               "--max-tokens", str(args.max_tokens), *extra]
-    print("$", " ".join(command), file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lorap.cli", *command[1:]], check=True, cwd=ROOT)
-    return " ".join(command), time.perf_counter() - started
+               "--max-tokens", str(max_tokens), "--seqlen", seqlens, "--tasks", "none"]
+    return " ".join(command), lorap(*command[1:])
 
 
 def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:
@@ -70,27 +74,23 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.5", help="of the main table")
     parser.add_argument("--ablation-ratios", default="0.2", help="of the ablation table")
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-compare")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--only", choices=["main", "ablations"], help="run one of the tables")
+    parser.add_argument("--work", type=Path, default=RUNS / "bench-compare")
+    parser.add_argument("--page", type=Path, default=DOCS / "benchmarks.md")
+    parser.add_argument("--only", choices=list(TABLES), help="run one of the tables")
     args = parser.parse_args()
     images = args.page.parent / "img"
     images.mkdir(parents=True, exist_ok=True)
-    runs = {
-        "main": ("Baselines under one budget", MAIN, args.ratios,
-                 ["--seqlen", "128,2048", "--tasks", "none"]),
-        "ablations": ("Ablations and options, one at a time", ABLATIONS, args.ablation_ratios, ["--seqlen", "128", "--tasks", "none"]),
-    }
-    for name, (title, methods, ratios, extra) in runs.items():
+    for name, table in TABLES.items():
         if args.only and name != args.only:
             continue
-        out = args.work / name
+        out, methods, ratios = args.work / name, ",".join(table["methods"]), getattr(args, table["ratios"])
         if args.work.exists():
             seed_rows(args.work, name, methods, ratios)
-        command, seconds = run_compare(out, methods, ratios, extra, args)
+        command, seconds = run_compare(out, methods, ratios, table["seqlens"], args.max_tokens)
         image = images / f"compare_{name}.png"
         image.write_bytes((out / "comparison.png").read_bytes())
-        update_section(args.page, f"compare_{name}", section(title, command, seconds, out / "comparison.md", f"img/{image.name}"))
+        update_section(args.page, f"compare_{name}",
+                       section(table["title"], command, seconds, out / "comparison.md", f"img/{image.name}"))
         print(f"wrote {args.page} ({name})", file=sys.stderr)
 
 

@@ -10,26 +10,12 @@ each evaluation runs in its own process, so peak memory is that run's alone.
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from docsection import machine_line, update_section
+from common import DOCS, RUNS, evaluate, load_average, lorap, machine_line, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
-LORAP = [sys.executable, "-m", "lorap.cli"]
-
-
-def run(command: list) -> None:
-    print("$", " ".join(map(str, command)), file=sys.stderr, flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-
-
-def evaluate(model: list, seqlens: str, max_tokens: int, out: Path) -> dict:
-    limit = ["--max-tokens", str(max_tokens)] if max_tokens else []
-    run([*LORAP, "eval", *model, "--ppl", "wiki", "--seqlen", seqlens, *limit, "--tasks", "none", "--json", str(out)])
-    return json.loads(out.read_text())
+SECTIONS = {"compress_default": ""}
 
 
 def main() -> None:
@@ -38,20 +24,21 @@ def main() -> None:
     parser.add_argument("--seqlens", default="128,2048")
     parser.add_argument("--max-tokens", type=int, default=32768, help="test tokens per window length (0: the whole split)")
     parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-compress")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--work", type=Path, default=RUNS / "bench-compress")
+    parser.add_argument("--page", type=Path, default=DOCS / "results.md")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     seqlens = args.seqlens.split(",")
 
-    dense = evaluate([], args.seqlens, args.max_tokens, args.work / "dense-eval.json")
+    dense = evaluate([], args.work / "dense-eval.json", seqlens=args.seqlens, max_tokens=args.max_tokens)
     rows = []
     for ratio in args.ratios.split(","):
         folder = args.work / f"r{ratio}"
-        load_before = os.getloadavg()[0]
-        run([*LORAP, "compress", "--ratio", ratio, "--samples", str(args.samples), "--out", str(folder), "--overwrite"])
+        load_before = load_average()
+        lorap("compress", "--ratio", ratio, "--samples", args.samples, "--out", folder, "--overwrite")
         report = json.loads((folder / "compression_report.json").read_text())
-        evaluation = evaluate([str(folder), "--alone"], args.seqlens, args.max_tokens, args.work / f"r{ratio}-eval.json")
+        evaluation = evaluate([folder, "--alone"], args.work / f"r{ratio}-eval.json", seqlens=args.seqlens,
+                              max_tokens=args.max_tokens)
         rows.append((ratio, report, evaluation, load_before))
 
     tokens = f"the first {args.max_tokens:,} tokens of" if args.max_tokens else "all of"

@@ -9,13 +9,12 @@ docs/eval-smollm2-20/, and a summary section into docs/results.md.
     .venv/bin/python benchmarks/eval_default.py --reuse # only rewrite docs from an existing run
 """
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-from docsection import update_section
+from common import DOCS, ROOT, lorap, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"eval_default": ("", "after compress_default.py, whose 20% checkpoint it evaluates")}
 CHECKPOINT = "runs/bench-compress/r0.2"
 OUT = "docs/eval-smollm2-20"
 COMMAND = [
@@ -30,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.reuse:
         (ROOT / OUT).mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "lorap.cli", *COMMAND[1:]], check=True, cwd=ROOT)
+        lorap(*COMMAND[1:])
     report = (ROOT / OUT / "report.md").read_text().splitlines()
     # The report's own tables, with chart links made relative to docs/ instead of the report folder.
     body = [line.replace("](report_charts/", f"]({Path(OUT).name}/report_charts/") for line in report[1:]]
@@ -43,7 +42,7 @@ def main() -> None:
         "test tokens; zero-shot on 100 items of each offline proxy task (not comparable with published tables).",
         *body,
     ]
-    update_section(ROOT / "docs" / "results.md", "eval_default", "\n".join(section))
+    update_section(DOCS / "results.md", "eval_default", "\n".join(section))
     print("wrote docs/results.md", file=sys.stderr)
 
 

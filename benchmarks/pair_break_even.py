@@ -24,7 +24,6 @@ as a CUDA graph, as serving engines run it, besides eager PyTorch, whose per-ker
 makes any second kernel as dear as the first at one token.
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,12 @@ import torch.nn.functional as F
 
 from lorap.bench.timing import sync
 
-from docsection import device_sweep, machine_line, update_section
+from common import device_sweep, update_section
+
+SECTIONS = {
+    "pair-break-even-cpu": "",
+    "pair-break-even-cuda": ("--device cuda --dtype bfloat16", "on a machine with a CUDA GPU, as `bash benchmarks/gpu.sh` runs it"),
+}
 
 FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # of the parameter break-even rank r*
 MULTIPLE = 16
@@ -134,18 +138,16 @@ def crossover(row: dict) -> float:
     return best if best or not points or points[0][1] < 1.0 else points[0][0]
 
 
-def measure(device, dtype, repeats: int) -> dict:
-    """The record a section is written from: what was timed, where, and every speedup."""
+def measure(device, dtype, repeats: int) -> list:
+    """Every shape's row of the record: what was timed and every speedup."""
     rows = []
-    load_before = os.getloadavg()[0]
     for label, in_features, out_features in SHAPES:
         for tokens, graphed in TOKENS[device.type]:
             print(f"{label}, {tokens} tokens{', CUDA graph' if graphed else ''}", file=sys.stderr, flush=True)
             row = speedups(in_features, out_features, tokens, repeats, dtype, device, graphed)
             rows.append({"label": label, "tokens": tokens, "graphed": graphed,
                          "speedups": [[fraction, speedup] for fraction, speedup in sorted(row.items())]})
-    return {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
-            "machine": machine_line(), "load_average": [load_before, os.getloadavg()[0]], "rows": rows}
+    return rows
 
 
 def section(record: dict) -> str:

@@ -19,7 +19,6 @@ tokens) of the dense time over the compressed time measured back to back, with i
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ sys.modules["lorap"] = None  # this harness must prove the checkpoints need noth
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+from common import load_average  # noqa: E402
 
 
 def load(folder: str):
@@ -163,7 +164,7 @@ def main() -> None:
     models = {"dense": load(args.dense), **{folder: load(folder) for folder in args.compressed}}
     vocab = models["dense"].config.vocab_size
     passes = {"prefill": prefill, "first_token": first_token}
-    report = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], **{kind: {} for kind in passes},
+    report = {"threads": torch.get_num_threads(), "load_before": load_average(), **{kind: {} for kind in passes},
               "decode": {}, "speedup": {label: {kind: {} for kind in passes} for label in args.compressed}}
     for length in map(int, args.prefill.split(",")):
         tokens = ids(vocab, length)
@@ -182,7 +183,7 @@ def main() -> None:
     report["decode_shares"] = decode_shares(models, prompt, args.new_tokens)
     report["part_parameters"] = {label: part_parameters(model) for label, model in models.items()}
     report["new_tokens"] = args.new_tokens
-    report["load_after"] = os.getloadavg()[0]
+    report["load_after"] = load_average()
     report["parameters"] = {label: sum(p.numel() for p in model.parameters()) for label, model in models.items()}
     with open(args.json, "w") as handle:
         json.dump(report, handle, indent=2)

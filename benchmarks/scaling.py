@@ -13,17 +13,15 @@ import argparse
 import datetime
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from docsection import machine_line, update_section
+from common import DOCS, lorap, machine_line, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
-LORAP = [sys.executable, "-m", "lorap.cli"]
+SECTIONS = {"scaling": ("", "as `LORAP_CACHE=/tmp/lorapcache nice -n 19 ...` on a shared machine")}
 SHARD_BYTES = 512 * 2**20
 CALIBRATION = ["--samples", "8", "--sample-len", "128", "--batch-size", "8", "--calibration", "CORPUS"]
 CORPUS_DOCUMENTS = 200  # the first documents of the wiki train split, enough for 8 x 128 tokens
@@ -105,12 +103,8 @@ def generate(folder: Path, hidden: int, intermediate: int, heads: int, layers: i
 
 def compress(folder: Path, out: Path, stream: bool, corpus: Path) -> dict:
     calibration = [str(corpus) if item == "CORPUS" else item for item in CALIBRATION]
-    command = [*LORAP, "compress", str(folder), "--out", str(out), "--ratio", "0.2", "--device", "cpu", *calibration]
-    command += ["--stream"] if stream else []
-    print("$", " ".join(command), file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - started
+    wall = lorap("compress", folder, "--out", out, "--ratio", "0.2", "--device", "cpu", *calibration,
+                 *(["--stream"] if stream else []), quiet=True)
     report = json.loads((out / "compression_report.json").read_text())
     report["wall_s"] = wall
     return report
@@ -119,7 +113,7 @@ def compress(folder: Path, out: Path, stream: bool, corpus: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-scaling"))
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "scaling.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "scaling.md")
     parser.add_argument("--quick", action="store_true", help="only the first model of each series")
     args = parser.parse_args()
     from lorap.io.default_model import default_model_dir

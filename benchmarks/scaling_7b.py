@@ -20,19 +20,17 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from docsection import head_commit, machine_line, update_section
+from common import CONFIGS, DOCS, Load, head_commit, lorap, machine_line, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
+SECTIONS = {"scaling-7b": "--runs paper:4,paper:8,paper:32,svd-llm:4,best:4"}
+CONFIG = CONFIGS / "llama-2-7b.json"
 SHARD_BYTES = 2 * 2**30
 CORPUS_DOCUMENTS = 200
 RATIO = "0.2"
@@ -129,8 +127,9 @@ def counted_parameters(folder: Path) -> int:
     return sum(math.prod(shape) for shape in ShardReader(folder).shapes().values())
 
 
-def compress_command(folder: Path, out: Path, preset: str, corpus: Path) -> list:
-    return [sys.executable, "-m", "lorap.cli", "compress", str(folder), "--stream", "--out", str(out),
+def compress_args(folder: Path, out: Path, preset: str, corpus: Path) -> list:
+    """The arguments of `lorap` that compress one checkpoint."""
+    return ["compress", str(folder), "--stream", "--out", str(out),
             "--preset", preset, "--ratio", RATIO, "--device", "cpu", "--samples", str(CALIBRATION["samples"]),
             "--sample-len", str(CALIBRATION["seqlen"]), "--batch-size", str(CALIBRATION["batch_size"]),
             "--calibration", str(corpus)]
@@ -143,21 +142,17 @@ def run_one(work: Path, preset: str, layers: int, corpus: Path) -> dict:
     begin = time.perf_counter()
     checkpoint = generate(folder, layers)
     generated = time.perf_counter() - begin
-    command = compress_command(folder, out, preset, corpus)
-    print("$", " ".join(command), file=sys.stderr, flush=True)
-    load_before = os.getloadavg()[0]
-    begin = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - begin
+    with Load() as load:
+        wall = lorap(*compress_args(folder, out, preset, corpus), quiet=True)
     report = json.loads((out / "compression_report.json").read_text())
-    commit = head_commit(ROOT)
+    commit = head_commit()
     row = {
         "preset": preset,
         "layers": layers,
         **checkpoint,
         "generate_s": generated,
         "wall_s": wall,
-        "load": [load_before, os.getloadavg()[0]],
+        "load": load.pair(),
         "peak_rss_mb": report["peak_memory"]["host_rss_mb"],
         "peak_rss_mb_by_phase": report.get("peak_rss_mb_by_phase"),
         "timings": report["timings"],
@@ -200,7 +195,7 @@ def write_page(page: Path, rows: list) -> None:
         "```",
         ".venv/bin/python benchmarks/scaling_7b.py --runs paper:4,paper:8,paper:32,svd-llm:4,best:4",
         "# each compression is:",
-        " ".join(["lorap", *compress_command(Path("MODEL"), Path("OUT"), "PRESET", Path("calibration.txt"))[3:]]),
+        " ".join(["lorap", *compress_args(Path("MODEL"), Path("OUT"), "PRESET", Path("calibration.txt"))]),
         "```",
         "",
         "Random float16 checkpoints with LLaMA-2-7B's shapes (hidden 4096, FFN 11008, 32 heads, vocabulary 32,000, "
@@ -261,7 +256,7 @@ def main() -> None:
     parser.add_argument("--runs", default="paper:4,paper:8,paper:32,svd-llm:4,best:4",
                         help="PRESET:LAYERS, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-7b"))
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "scaling.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "scaling.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from WORK/rows.json")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

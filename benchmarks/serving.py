@@ -16,23 +16,16 @@ paper presets (best's and paper's factor pairs are multiplied back for export):
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from docsection import machine_line, update_section
+from common import DOCS, RUNS, load_average, lorap, machine_line, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"serving-quality": "", "serving-speed": ("", "the same run as serving-quality")}
 PRESETS = ("serving", "best", "paper")
 SEQLEN, MAX_TOKENS = 128, 16384
-
-
-def lorap(*args: str) -> None:
-    print("$ lorap", " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "lorap.cli", *args], check=True, cwd=ROOT)
 
 
 def build_models(work: Path, dtype: str) -> dict:
@@ -90,7 +83,7 @@ def speed(files: dict, repeats: int, threads: int, tokenizer_prompt: list) -> di
     timers = {key: (llamacpp.Timer(path, prefill_prompt, 0, threads), llamacpp.Timer(path, tokenizer_prompt[:128], 128, threads))
               for key, path in files.items()}
     times = {key: {"prefill": [], "decode": []} for key in files}
-    loads = [os.getloadavg()[0]]
+    loads = [load_average()]
     keys = list(files)
     for repeat in range(repeats + 1):  # the first round warms up and is not kept
         order = keys[repeat % len(keys):] + keys[: repeat % len(keys)]
@@ -100,7 +93,7 @@ def speed(files: dict, repeats: int, threads: int, tokenizer_prompt: list) -> di
             if repeat:
                 times[key]["prefill"].append(seconds[0])
                 times[key]["decode"].append(seconds[1])
-        loads.append(os.getloadavg()[0])
+        loads.append(load_average())
         print(f"speed round {repeat}/{repeats}", file=sys.stderr, flush=True)
     for timer in (timer for pair in timers.values() for timer in pair):
         timer.close()
@@ -152,8 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-serving")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "serving.md")
+    parser.add_argument("--work", type=Path, default=RUNS / "bench-serving")
+    parser.add_argument("--page", type=Path, default=DOCS / "serving.md")
     args = parser.parse_args()
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from docsection import machine_line, update_section
+from common import BENCHMARKS, CONFIGS, DOCS, RUNS, evaluate, lorap, lorap_output, machine_line, run, update_section
 
-ROOT = Path(__file__).resolve().parent.parent
-LORAP = [sys.executable, "-m", "lorap.cli"]
-CONFIGS = ROOT / "benchmarks" / "configs"
+SECTIONS = {
+    "speed": "--only speed --repeats 7",
+    "runtime": "--only runtime --repeats 9",
+    "align-quality": "--only align-quality",
+    "real": ("--only real --repeats 9", "after --only align-quality, whose checkpoints it times"),
+    "speed-cuda": ("--only speed-cuda --repeats 3", "on a machine with a CUDA GPU, as `bash benchmarks/gpu.sh` runs it"),
+}
 
 LLAMA2, LLAMA3 = str(CONFIGS / "llama-2-7b.json"), str(CONFIGS / "llama-3-8b.json")
 SMOLLM2 = str(CONFIGS / "smollm2-135m.json")  # the built-in model's shapes, for machines without its weights
@@ -93,18 +97,12 @@ CUDA_TIMING = ["--device", "cuda", "--dtype", "bfloat16", "--prefill", "512,2048
 QUALITY_ROWS = [("paper", "1"), ("paper", "auto"), ("best", "1"), ("best", "auto")]
 
 
-def run(command: list) -> None:
-    print("$", " ".join(map(str, command)), file=sys.stderr, flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-
-
 def _predicted(model, plan_args: list, work: Path, index) -> dict:
     """What `lorap plan` predicts for the whole model (its micro-benchmark of the plan's layers)."""
     out = work / f"plan-{index}.json"
-    done = subprocess.run([*LORAP, "plan", *([model] if model else []), *plan_args, "--json"], check=True, cwd=ROOT,
-                          capture_output=True, text=True)
-    out.write_text(done.stdout)
-    return json.loads(done.stdout)["predicted_speed"]
+    printed = lorap_output("plan", *([model] if model else []), *plan_args, "--json")
+    out.write_text(printed)
+    return json.loads(printed)["predicted_speed"]
 
 
 def _cell(row: dict) -> str:
@@ -139,7 +137,7 @@ def runtime_section(work: Path, repeats: int) -> str:
     ]
     for index, (label, model, plan_args, bench_args) in enumerate(RUNTIME_ROWS):
         out = work / f"runtime-{index}.json"
-        run([*LORAP, "bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", str(out)])
+        lorap("bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", out)
         report = json.loads(out.read_text())
         params, load = report["parameters"], report["load_average"]
         prefill = next(row for row in report["prefill"].values() if row["batch"] == 1 and row["tokens"] == 512)
@@ -180,7 +178,7 @@ def speed_section(work: Path, timing: list, rows: list) -> str:
         out = work / f"speed-{index}.json"
         dtype = bench_args[bench_args.index("--dtype") + 1] if "--dtype" in bench_args else "float32"
         predicted = _predicted(model, plan_args, work, index) if dtype == "float32" else None
-        run([*LORAP, "bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", str(out)])
+        lorap("bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", out)
         report = json.loads(out.read_text())
         params = report["parameters"]
         prefill = {row["tokens"]: row for row in report["prefill"].values() if row["batch"] == 1}
@@ -236,8 +234,7 @@ def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
         else:
             try:
                 predicted = _predicted(model, plan_args, work, f"cuda-{index}")
-                run([*LORAP, "bench", model, *plan_args, *bench_args, *CUDA_TIMING, "--repeats", str(repeats),
-                     "--json", str(out)])
+                lorap("bench", model, *plan_args, *bench_args, *CUDA_TIMING, "--repeats", repeats, "--json", out)
             except subprocess.CalledProcessError as error:
                 print(error.stderr or "", file=sys.stderr)
                 lines.append(f"| {label} | failed (exit status {error.returncode}); see the run's log | | | | | |")
@@ -265,8 +262,8 @@ def real_section(work: Path, repeats: int) -> str:
     if missing:
         raise SystemExit(f"run the align-quality section first; missing {', '.join(missing)}")
     out = work / "plain-transformers.json"
-    run([sys.executable, str(ROOT / "benchmarks" / "plain_transformers_speed.py"), str(default_model_dir()),
-         *[str(folder) for _, folder in rows], "--repeats", str(repeats), "--json", str(out)])
+    run([sys.executable, BENCHMARKS / "plain_transformers_speed.py", default_model_dir(), *[folder for _, folder in rows],
+         "--repeats", repeats, "--json", out])
     report = json.loads(out.read_text())
     lines = [
         "## The built-in model's real checkpoints, run by plain transformers",
@@ -360,12 +357,9 @@ def quality_section(work: Path, max_tokens: int, samples: int) -> str:
     ]
     for preset, align in QUALITY_ROWS:
         folder = work / f"quality-{preset}-{align}"
-        run([*LORAP, "compress", "--preset", preset, "--ratio", "0.2", "--mode", "exact", "--out", str(folder),
-             "--overwrite", "--samples", str(samples), "--align", str(align)])
-        out = folder.with_suffix(".eval.json")
-        run([*LORAP, "eval", str(folder), "--alone", "--ppl", "wiki", "--seqlen", "128", "--max-tokens", str(max_tokens),
-             "--tasks", "none", "--json", str(out)])
-        evaluation = json.loads(out.read_text())
+        lorap("compress", "--preset", preset, "--ratio", "0.2", "--mode", "exact", "--out", folder, "--overwrite",
+              "--samples", samples, "--align", align)
+        evaluation = evaluate([folder, "--alone"], folder.with_suffix(".eval.json"), max_tokens=max_tokens)
         config = json.loads((folder / "config.json").read_text())["lorap"]
         totals = json.loads((folder / "compression_report.json").read_text())["plan"]["totals"]
         ranks = " / ".join(_ranks(config["layers"], name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -399,9 +393,9 @@ def main() -> None:
                         "whose other rows are shown from earlier records) (default: all)")
     parser.add_argument("--work", type=Path, help="where records go (default: runs/bench-speed, or "
                         "runs/bench-speed-cuda with --only speed-cuda)")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
     args = parser.parse_args()
-    args.work = args.work or ROOT / "runs" / ("bench-speed-cuda" if args.only == "speed-cuda" else "bench-speed")
+    args.work = args.work or RUNS / ("bench-speed-cuda" if args.only == "speed-cuda" else "bench-speed")
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.only in (None, "align-quality"):

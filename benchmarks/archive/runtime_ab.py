@@ -10,27 +10,26 @@ weights: one seed) are timed interleaved in one process, the order reversed ever
 shapes, the paper's plan at `--align auto`, fp32, batch 1: prefill of 512 tokens, and decode (128
 tokens after a 128-token prompt, the three models generating in lockstep).
 
-    .venv/bin/python benchmarks/runtime_ab.py                 # section runtime-ab of docs/speed.md
-    .venv/bin/python benchmarks/runtime_ab.py --page-only     # rewrite it from the stored record
+    .venv/bin/python benchmarks/archive/runtime_ab.py                 # section runtime-ab of docs/speed.md
+    .venv/bin/python benchmarks/archive/runtime_ab.py --page-only     # rewrite it from the stored record
 """
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from docsection import machine_line, update_section
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for common
+from common import CONFIGS, DOCS, RUNS, Load, machine_line, stored_or_measured, update_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA2 = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
+SECTIONS = {"runtime-ab": ""}
+LLAMA2 = CONFIGS / "llama-2-7b.json"
 ROWS = [("LLaMA-2-7B, paper 20%, --align auto", 0.2), ("LLaMA-2-7B, paper 50%, --align auto", 0.5)]
 PREFILL, PROMPT, NEW_TOKENS = 512, 128, 128
 # (numerator, denominator) of each paired ratio: the numerator's time over the denominator's, so the
 # denominator's speedup
 RATIOS = [("dense", "runtime"), ("dense", "as saved"), ("as saved", "runtime")]
-RECORD = ROOT / "runs" / "bench-speed" / "runtime-ab.json"
+RECORD = RUNS / "bench-speed" / "runtime-ab.json"
 
 
 def layer_models(ratio: float) -> dict:
@@ -59,9 +58,9 @@ def measure_row(ratio: float, repeats: int, decode_repeats: int) -> dict:
 
 
 def measure(repeats: int, decode_repeats: int) -> dict:
-    load = os.getloadavg()[0]
-    rows = {label: measure_row(ratio, repeats, decode_repeats) for label, ratio in ROWS}
-    return {"rows": rows, "repeats": repeats, "decode_repeats": decode_repeats, "load": [load, os.getloadavg()[0]],
+    with Load() as load:
+        rows = {label: measure_row(ratio, repeats, decode_repeats) for label, ratio in ROWS}
+    return {"rows": rows, "repeats": repeats, "decode_repeats": decode_repeats, "load": load.pair(),
             "machine": machine_line()}
 
 
@@ -77,7 +76,7 @@ def section(record: dict) -> str:
     lines = [
         "## lorap's runtime against the pairs as saved, in one run",
         "",
-        "Written by `benchmarks/runtime_ab.py`: one LLaMA-2-7B decoder layer (random weights, the paper's plan at "
+        "Written by `benchmarks/archive/runtime_ab.py`: one LLaMA-2-7B decoder layer (random weights, the paper's plan at "
         "`--align auto`, fp32, batch 1) timed three ways, interleaved in one process with the order reversed every "
         "other round: dense; compressed with lorap's runtime (`optimize_for_inference`); and the same compressed "
         "weights with their factor pairs as saved. Time inside the decoder layer (forward hooks): prefill of "
@@ -101,14 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="prefill rounds")
     parser.add_argument("--decode-repeats", type=int, default=4, help="decode runs of 128 tokens")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the section from the stored record")
     args = parser.parse_args()
-    if args.page_only and not RECORD.is_file():
-        sys.exit(f"no {RECORD}: run without --page-only first")
-    record = json.loads(RECORD.read_text()) if args.page_only else measure(args.repeats, args.decode_repeats)
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.write_text(json.dumps(record))
+    record = stored_or_measured(RECORD, args.page_only, lambda: measure(args.repeats, args.decode_repeats))
     update_section(args.page, "runtime-ab", section(record))
     print(f"wrote {args.page} (runtime-ab)", file=sys.stderr)
 

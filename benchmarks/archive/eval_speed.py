@@ -8,29 +8,27 @@ only swaps the scorer (`evaluate_zeroshot(share_contexts=False)`); everything el
 Runs alternate (reference first in odd pairs, shared first in even ones) so a slow spell of the
 shared machine does not fall on one side only; the 1-minute load average is recorded around each.
 
-    .venv/bin/python benchmarks/eval_speed.py             # one pair (about 30 minutes on 2 cores)
-    .venv/bin/python benchmarks/eval_speed.py --pairs 3   # medians and spread of three
+    .venv/bin/python benchmarks/archive/eval_speed.py             # one pair (about 30 minutes on 2 cores)
+    .venv/bin/python benchmarks/archive/eval_speed.py --pairs 3   # medians and spread of three
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from docsection import machine_line, update_section
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for common
+from common import DOCS, LORAP, Load, machine_line, run, update_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"eval-speed": ""}
 REFERENCE = (
     "import functools, sys; import lorap.evaluate.zeroshot as z; from lorap.cli import main; "
     "z.evaluate_zeroshot = functools.partial(z.evaluate_zeroshot, share_contexts=False); sys.exit(main(sys.argv[1:]))"
 )
 SCORERS = {
     "lm-eval HFLM, one request at a time (before)": [sys.executable, "-c", REFERENCE],
-    "shared contexts (now)": [sys.executable, "-m", "lorap.cli"],
+    "shared contexts (now)": LORAP,
 }
 # Numbers that must agree exactly. The cloze's secondary `perplexity` metric is left out on purpose:
 # HFLM's one-token cache gives one request another's log-probabilities (see shared_context.py).
@@ -38,11 +36,9 @@ SAME = ("n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
 def timed_eval(command: list[str], out: Path) -> dict:
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    subprocess.run([*command, "eval", "--json", str(out)], check=True, cwd=ROOT)
-    return {"seconds": time.perf_counter() - started, "load": (load, os.getloadavg()[0]),
-            "report": json.loads(out.read_text())}
+    with Load() as load:
+        seconds = run([*command, "eval", "--json", out])
+    return {"seconds": seconds, "load": load.pair(), "report": json.loads(out.read_text())}
 
 
 def disagreements(first: dict, second: dict) -> list[str]:
@@ -58,7 +54,7 @@ def disagreements(first: dict, second: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1)
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
     args = parser.parse_args()
     runs = {name: [] for name in SCORERS}
     with tempfile.TemporaryDirectory() as scratch:
@@ -73,7 +69,7 @@ def main() -> None:
     lines = [
         "## How long the default `lorap eval` takes",
         "",
-        "Written by `benchmarks/eval_speed.py"
+        "Written by `benchmarks/archive/eval_speed.py"
         + (f" --pairs {args.pairs}" if args.pairs != 1 else "") + "`: `lorap eval` of the built-in model with no "
         "options (perplexity on the whole wiki test split at 128 tokens, and the two offline proxy tasks, 500 "
         "items each), each run a fresh process, wall time from start to exit (loading included). The `before` "

@@ -8,23 +8,24 @@ with on the CPU), the same values are read along `out`. This times both layouts,
 the left factors of real plans, at one token and at a 512-token prefill: the evidence for applying
 that layout, and for applying it on the CPU only.
 
-    .venv/bin/python benchmarks/left_layout.py      # section left-layout of docs/speed.md
+    .venv/bin/python benchmarks/archive/left_layout.py      # section left-layout of docs/speed.md
 
 At one token the weights rotate over copies larger than the last-level cache, as a decode step
 reads every layer's weights once.
 """
 import argparse
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from docsection import machine_line, update_section
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for common
+from common import DOCS, Load, machine_line, update_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"left-layout": ""}
 # (label, out_features, rank)
 SHAPES = [
     ("LLaMA-2-7B q/k at the paper's 50% (rank 512)", 4096, 512),
@@ -61,7 +62,7 @@ def section(rows: list, repeats: int, load: tuple) -> str:
     lines = [
         "## A left factor's layout at one token (cpu, float32)",
         "",
-        "Written by `benchmarks/left_layout.py`: the left factor (out x rank) of real plans' factor pairs, "
+        "Written by `benchmarks/archive/left_layout.py`: the left factor (out x rank) of real plans' factor pairs, "
         "`F.linear` on its weights stored row by row (as saved) and column by column (as lorap's runtime stores "
         f"them on the CPU), interleaved, medians of {repeats} rounds ({PREFILL_REPEATS} at 512 tokens) with quartiles in "
         "brackets; at one token the "
@@ -86,12 +87,12 @@ def section(rows: list, repeats: int, load: tuple) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
     args = parser.parse_args()
-    before = os.getloadavg()[0]
-    rows = [(label, tokens, time_layouts(out_features, rank, tokens, args.repeats if tokens == 1 else PREFILL_REPEATS))
-            for label, out_features, rank in SHAPES for tokens in TOKENS]
-    update_section(args.page, "left-layout", section(rows, args.repeats, (before, os.getloadavg()[0])))
+    with Load() as load:
+        rows = [(label, tokens, time_layouts(out_features, rank, tokens, args.repeats if tokens == 1 else PREFILL_REPEATS))
+                for label, out_features, rank in SHAPES for tokens in TOKENS]
+    update_section(args.page, "left-layout", section(rows, args.repeats, load.pair()))
     print(f"wrote {args.page} (left-layout)")
 
 

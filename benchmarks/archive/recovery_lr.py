@@ -10,10 +10,8 @@ train splits that no step trains on. No judge of docs/recovery.md (the `wiki` te
 `fortunes`) is read, so the setting chosen here can be judged on them afterwards without having been
 fitted to them. Steps, not minutes, bound each run: the comparison does not depend on machine load.
 
-    .venv/bin/python benchmarks/recovery_lr.py --work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" \\
-        --lrs 5e-5,2e-4,8e-4 --steps 60 --section recovery-lr-50
-    .venv/bin/python benchmarks/recovery_lr.py --work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" \\
-        --lrs 2e-4 --steps 430 --decay-steps 430,7458 --section recovery-schedule-50
+The sections of docs/recovery.md it wrote, and the options of each, are SECTIONS; --page-only
+rewrites one from its sweep's record.
 
 --judge pydocs adds, for each run, the perplexity on the validation split of the Python
 documentation (its train half): a second domain that recovery never trains on and that the page's
@@ -26,8 +24,18 @@ import json
 import sys
 from pathlib import Path
 
-from docsection import head_commit, machine_line, update_section
-from recovery import ROOT, WARMUP, evaluate, perplexity, recover, source_of
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for common and recovery
+from common import DOCS, ROOT, head_commit, machine_line, stored_or_measured, update_section  # noqa: E402
+from recovery import WARMUP, judged, perplexity, recover, source_of  # noqa: E402
+
+SECTIONS = {
+    "recovery-lr-20": '--work "runs/bench-recovery-best-0.2-8min" --lrs 5e-5,2e-4,8e-4 --data wiki --steps 60 '
+                      '--judge pydocs --section recovery-lr-20',
+    "recovery-lr-50": '--work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" --lrs 5e-5,2e-4,8e-4 '
+                      '--steps 60 --judge pydocs --section recovery-lr-50',
+    "recovery-schedule-50": '--work "runs/bench-recovery-best-0.5-calibrated-wiki+perldoc-60min" --lrs 2e-4 '
+                            '--steps 430 --decay-steps 430,7458 --section recovery-schedule-50',
+}
 
 DATA = "wiki+perldoc"  # the default: what the 50% rows of docs/recovery.md train on
 JUDGE_TOKENS = 16384  # --judge: validation tokens read per run
@@ -45,8 +53,8 @@ def run_folder(args, lr: str, decay: int) -> Path:
 
 def validation_perplexity(folder: Path, corpus: str) -> float:
     """Perplexity at 128 tokens on the first JUDGE_TOKENS of `corpus`'s validation split (kept in the folder)."""
-    evaluation = evaluate([str(folder), "--alone"], {corpus: source_of(corpus)}, "128", JUDGE_TOKENS,
-                          folder / f"validation-{corpus}.json", split="validation")
+    evaluation = judged([str(folder), "--alone"], {corpus: source_of(corpus)}, "128", JUDGE_TOKENS,
+                        folder / f"validation-{corpus}.json", split="validation")
     return perplexity(evaluation, corpus, 128)
 
 
@@ -84,7 +92,7 @@ def measure(args) -> dict:
     record = sweep_folder(args) / "measured.json"
     if not trained and record.is_file():  # every run was there: they were measured at the recorded commit
         return {"rows": rows, "commit": json.loads(record.read_text())["commit"]}
-    return {"rows": rows, "commit": head_commit(ROOT)}
+    return {"rows": rows, "commit": head_commit()}
 
 
 MAX_STEP_COLUMNS = 7  # a long run shows evenly spaced validation steps, not every one
@@ -132,7 +140,7 @@ def page(args, measured: dict) -> str:
                                         *([f"**{row['judged']:.2f}**" if key == judged else f"{row['judged']:.2f}"]
                                           if judged else [])]) + " |")
     work = args.work.relative_to(ROOT) if args.work.is_relative_to(ROOT) else args.work
-    command = (f'.venv/bin/python benchmarks/recovery_lr.py --work "{work}" --lrs {args.lrs} '
+    command = (f'.venv/bin/python benchmarks/archive/recovery_lr.py --work "{work}" --lrs {args.lrs} '
                + (f"--data {args.data} " if args.data != DATA else "")
                + f"--steps {args.steps}" + (f" --decay-steps {args.decay_steps}" if args.decay_steps else "")
                + (f" --judge {measured['judge']['corpus']}" if "judge" in measured else "")
@@ -184,17 +192,20 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--section", default="recovery-lr-50")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "recovery.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "recovery.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from the work folder's results")
     parser.add_argument("--judge", help="also score every run on this corpus's validation split (pydocs: a second "
                         "domain, never trained on), to choose by text of another domain")
     args = parser.parse_args()
     args.work = args.work.resolve()
-    record = sweep_folder(args) / "measured.json"
-    measured = json.loads(record.read_text()) if args.page_only else measure(args)
-    if args.judge and not args.page_only:
-        judge(args, measured)
-    record.write_text(json.dumps(measured))
+
+    def measured_and_judged() -> dict:
+        measured = measure(args)
+        if args.judge:
+            judge(args, measured)
+        return measured
+
+    measured = stored_or_measured(sweep_folder(args) / "measured.json", args.page_only, measured_and_judged)
     update_section(args.page, args.section, page(args, measured))
     print(f"wrote {args.page} ({args.section})", file=sys.stderr)
 
