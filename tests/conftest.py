@@ -57,6 +57,24 @@ def build_tiny_model(arch: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _short_speed_predictions():
+    """Every `compress` and `plan` predicts its speedup by a micro-benchmark (bench/predict.py) of
+    512-token forwards repeated for up to 3 s: most of a tiny model's compression time, and no test
+    but tests/test_predict.py looks at its numbers. Here it runs the same code on 32 tokens, once,
+    unless a caller asks for more."""
+    from lorap.bench import predict
+
+    full = predict.predict_speedup
+
+    def short(model_config, plan, device=None, dtype=None, prefill_tokens=32, repeats=1, budget_s=0.0):
+        return full(model_config, plan, device, dtype, prefill_tokens, repeats, budget_s)
+
+    predict.predict_speedup = short
+    yield
+    predict.predict_speedup = full
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A 512-token byte-level BPE trained on ~300 kB of the wiki train split."""
@@ -106,3 +124,32 @@ def default_model_dir():
     from lorap.io.default_model import default_model_dir as _default_model_dir
 
     return _default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def compressed_dirs(tmp_path_factory, tiny_tokenizer):
+    """{name: lorap checkpoint folder} of tiny LLaMA-layout models: factor pairs and uneven FFN widths
+    (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, even
+    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, and heads removed.
+    Compressed once per session: tests/test_export.py and tests/test_export_llamacpp.py read the same
+    checkpoints and never change them."""
+    from lorap import api
+
+    root = tmp_path_factory.mktemp("export")
+    for arch in ("llama_gqa", "qwen2"):
+        build_tiny_model(arch).save_pretrained(root / arch)
+        tiny_tokenizer.save_pretrained(root / arch)
+    common = dict(progress=False, calibration_samples=8, calibration_seqlen=32, predict_speed=False)
+    folders = {}
+    for name, (arch, settings) in {
+        "best": ("llama_gqa", dict(preset="best", ratio=0.3, mode="exact", align=1)),
+        "paper": ("llama_gqa", dict(preset="paper", ratio=0.4)),
+        "ffn-only": ("llama_gqa", dict(preset="ffn-only", ratio=0.3)),
+        "lstsq": ("llama_gqa", dict(preset="lstsq", ratio=0.3)),  # uniform widths with a down bias: `llama` + bias
+        "qwen2-best": ("qwen2", dict(preset="best", ratio=0.3, mode="exact", align=1)),  # q/k/v biases too
+        "heads": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1)),  # one of two KV groups removed
+        "heads-bias": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1, head_update="bias")),  # o_proj bias
+    }.items():
+        api.compress(str(root / arch), root / name, **common, **settings)
+        folders[name] = root / name
+    return folders

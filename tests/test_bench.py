@@ -37,7 +37,17 @@ def test_models_built_from_shapes_have_the_plans_parameters(tiny_arch):
         assert compressed(ids).logits.shape == dense(ids).logits.shape
 
 
-def test_bench_from_a_config_reports_interleaved_medians_and_speedups(config_file, tmp_path, capsys):
+def test_bench_from_a_config_reports_interleaved_medians_and_speedups(config_file, tmp_path, capsys, monkeypatch):
+    calls = []  # (which model, tokens it was given), in the order the models ran
+    built = iter(["dense", "compressed"])  # bench builds the dense model first
+
+    def recorded_model(*args, **kwargs):
+        model, label = random_model(*args, **kwargs), next(built)
+        model.register_forward_pre_hook(lambda module, a, kw: calls.append((label, kw["input_ids"].shape[-1])),
+                                        with_kwargs=True)
+        return model
+
+    monkeypatch.setattr("lorap.bench.run.random_model", recorded_model)
     out = tmp_path / "bench.json"
     assert main(["bench", str(config_file), "--ratio", "0.4", "--layers", "2", *QUICK, "--json", str(out),
                  "--markdown", str(tmp_path / "bench.md")]) == 0
@@ -64,7 +74,13 @@ def test_bench_from_a_config_reports_interleaved_medians_and_speedups(config_fil
     assert decode["speedup"] == pytest.approx(statistics.median(d / c for d, c in zip(*steps)))
     assert decode["dense"]["median_tokens_per_s"] == pytest.approx(
         statistics.median(4 / (sum(steps[0][i:i + 4]) / 1000) for i in (0, 4)))
-    assert report["protocol"]["interleaved"] and report["load_average"]["before"] is not None
+    assert report["load_average"]["before"] is not None
+    # Interleaved: the two models ran in turn, the order reversed every round. Prefill (no warm-up):
+    # two rounds per batch size; decode: per repeat both prompts, then 4 tokens each in lockstep.
+    prefill_rounds = ["dense", "compressed", "compressed", "dense"]
+    decode_run = ["dense", "compressed"] + ["dense", "compressed", "compressed", "dense"] * 2
+    assert [label for label, _ in calls] == prefill_rounds * 2 + decode_run * 2
+    assert [tokens for _, tokens in calls] == [16] * 8 + ([8, 8] + [1] * 8) * 2
     # The decoder layers' share, timed by hooks in the same runs, and the whole model extrapolated from it.
     assert report["layers_in_model"] == 3
     for row in [*report["prefill"].values(), decode]:

@@ -3,7 +3,8 @@ engines read; bad input is refused before anything is written.
 
 The GGUF file is read back with the `gguf` package and rebuilt into a dense transformers model with
 the per-layer shapes the file declares (q/k rows put back in HF's rotary order): its logits must be
-the lorap model's. tests/test_export_llamacpp.py runs the same files in llama.cpp itself.
+the lorap model's. tests/test_export_llamacpp.py runs the same files in llama.cpp itself. The checkpoints
+are conftest.py's `compressed_dirs`.
 """
 import json
 
@@ -17,31 +18,6 @@ from lorap.export.gguf_file import interleave_rotary_halves
 from conftest import build_tiny_model
 
 pytest.importorskip("gguf")
-
-
-@pytest.fixture(scope="module")
-def compressed_dirs(tmp_path_factory, tiny_tokenizer):
-    """{name: lorap checkpoint folder} of tiny LLaMA-layout models: factor pairs and uneven FFN widths
-    (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, even
-    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, and heads removed."""
-    root = tmp_path_factory.mktemp("export")
-    for arch in ("llama_gqa", "qwen2"):
-        build_tiny_model(arch).save_pretrained(root / arch)
-        tiny_tokenizer.save_pretrained(root / arch)
-    common = dict(progress=False, calibration_samples=8, calibration_seqlen=32, predict_speed=False)
-    folders = {}
-    for name, (arch, settings) in {
-        "best": ("llama_gqa", dict(preset="best", ratio=0.3, mode="exact", align=1)),
-        "paper": ("llama_gqa", dict(preset="paper", ratio=0.4)),
-        "ffn-only": ("llama_gqa", dict(preset="ffn-only", ratio=0.3)),
-        "lstsq": ("llama_gqa", dict(preset="lstsq", ratio=0.3)),  # uniform widths with a down bias: `llama` + bias
-        "qwen2-best": ("qwen2", dict(preset="best", ratio=0.3, mode="exact", align=1)),  # q/k/v biases too
-        "heads": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1)),  # one of two KV groups removed
-        "heads-bias": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1, head_update="bias")),  # o_proj bias
-    }.items():
-        api.compress(str(root / arch), root / name, **common, **settings)
-        folders[name] = root / name
-    return folders
 
 
 def read_gguf(path):

@@ -12,7 +12,7 @@ import torch
 from lorap import api
 from lorap.cli import main
 from lorap.export import llamacpp
-from test_export import IDS, compressed_dirs  # noqa: F401  (the module fixture)
+from test_export import IDS
 
 if os.environ.get("LORAP_REQUIRE_LLAMACPP") != "1":
     pytest.importorskip("llama_cpp")
@@ -27,7 +27,7 @@ def lorap_nll(folder, windows) -> float:
 
 
 @pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best", "heads", "heads-bias"])
-def test_llamacpp_scores_the_windows_as_lorap_does(compressed_dirs, tmp_path, name):  # noqa: F811
+def test_llamacpp_scores_the_windows_as_lorap_does(compressed_dirs, tmp_path, name):
     out = tmp_path / f"{name}.gguf"
     assert main(["export", str(compressed_dirs[name]), "--format", "gguf", "--out", str(out), "--dtype", "f32"]) == 0
     model = llamacpp.open_model(out, IDS.shape[1], all_logits=True)  # loads: `deci` for best's uneven widths
@@ -38,6 +38,7 @@ def test_llamacpp_scores_the_windows_as_lorap_does(compressed_dirs, tmp_path, na
     assert len(tokens) == 4 and all(0 <= t < 512 for t in tokens)
 
 
+@pytest.mark.slow  # exports the real default model
 def test_llamacpp_tokenizes_text_as_the_builtin_tokenizer(tmp_path):
     from lorap.io.data import wiki_documents
     from lorap.io.models import load_model
@@ -51,7 +52,7 @@ def test_llamacpp_tokenizes_text_as_the_builtin_tokenizer(tmp_path):
     vocab.close()
 
 
-def test_quantized_file_loads_and_is_smaller(compressed_dirs, tmp_path):  # noqa: F811
+def test_quantized_file_loads_and_is_smaller(compressed_dirs, tmp_path):
     source = tmp_path / "f32.gguf"
     assert main(["export", str(compressed_dirs["paper"]), "--format", "gguf", "--out", str(source), "--dtype", "f32"]) == 0
     target = llamacpp.quantize(source, tmp_path / "q8.gguf", "q8_0")
@@ -62,7 +63,7 @@ def test_quantized_file_loads_and_is_smaller(compressed_dirs, tmp_path):  # noqa
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
-def test_half_precision_files_score_close_to_lorap(compressed_dirs, tmp_path, dtype):  # noqa: F811
+def test_half_precision_files_score_close_to_lorap(compressed_dirs, tmp_path, dtype):
     out = tmp_path / f"{dtype}.gguf"
     assert main(["export", str(compressed_dirs["best"]), "--format", "gguf", "--out", str(out), "--dtype", dtype]) == 0
     model = llamacpp.open_model(out, IDS.shape[1], all_logits=True)

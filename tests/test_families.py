@@ -3,14 +3,17 @@ and Gemma (head_dim apart from hidden/heads, scaled embeddings, GeLU FFN). Plan,
 reload and generate, by the command line as a user would. (The tests parametrized over every tiny
 architecture cover them too: round trips without lorap, streaming, golden outputs.)"""
 import json
+import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
 from lorap import api
 from lorap.architectures import Architecture
 from lorap.cli import main
+from lorap.io.data import evaluation_windows
 from lorap.modeling_lorap import LowRankLinear, SplitLinear
 
 FAMILIES = ("phi3", "gemma")
@@ -46,8 +49,21 @@ def test_plan_compress_eval_and_generate(family_dir, tmp_path, capsys):
     compressed, base = evaluation, evaluation["against"]  # compared with its base model by default
     assert (compressed["parameters"], base["parameters"]) == (
         plan["totals"]["compressed_parameters"], plan["totals"]["dense_parameters"])
-    for entry in (compressed, base):
-        assert 1 < entry["perplexity"]["wiki"]["32"] < 10 * len(tokenizer)
+    # Both perplexities are the ones computed here, apart from lorap's evaluation code, from each
+    # model's logits over the same windows (the test split's first 512 tokens, 16 windows of 32).
+    windows = evaluation_windows(tokenizer, "wiki", 32, 512)
+    base_model = AutoModelForCausalLM.from_pretrained(family_dir).eval()
+    for entry, scored in ((compressed, model), (base, base_model)):
+        assert entry["perplexity"]["wiki"]["32"] == pytest.approx(_perplexity(scored, windows), rel=1e-5)
+
+
+def _perplexity(model, windows) -> float:
+    """exp(mean NLL of every window's tokens 2..L given the ones before), in float64."""
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits.double()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -log_probs.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    return math.exp(nll.mean().item())
 
 
 def test_phi3_fused_projections_keep_their_layout(tiny_tokenizer):

@@ -39,13 +39,55 @@ def test_uniform_plans_time_one_layout_and_many_layouts_are_sampled_across_their
     assert {layouts[0]["intermediate_size"], layouts[-1]["intermediate_size"]} == {64, 152}
 
 
-def test_prediction_adds_up(tiny_arch):
-    config, plan = _plan(tiny_arch, layers=3, ratio=0.4)
+def _layer_weights(layer) -> int:
+    """Parameters of a decoder layer the plan counts (its norms are among the untouched ones)."""
+    return sum(p.numel() for name, p in layer.named_parameters() if "norm" not in name)
+
+
+@pytest.mark.parametrize("widths", [None, list(range(64, 160, 8))], ids=["uniform", "twelve_widths"])
+def test_prediction_adds_up(tiny_arch, widths, monkeypatch):
+    """With a stand-in clock under which every decoder layer takes time in proportion to its
+    weights, the predicted totals must be the untouched part's time plus that rate times the plan's
+    dense or compressed layer parameters: the layers' sum, and (for layouts not timed) the
+    interpolation, are exact then."""
+    config, plan = _plan(tiny_arch, layers=3 if widths is None else len(widths), ratio=0.4)
+    if widths is not None:
+        plan = plan.with_ffn_widths(widths)
+    rest_s = {16: 0.005, 1: 0.0007}  # seconds outside the decoder layers, per forward
+    per_weight_s = {16: 3e-9, 1: 2e-10}
+    timed = []
+
+    def stand_in_clock(model, tokens, device, warmup, repeats, budget_s):
+        length = tokens.shape[-1]
+        layers = [per_weight_s[length] * _layer_weights(layer) for layer in model.model.layers]
+        timed.append([_layer_weights(layer) for layer in model.model.layers])
+        return layers, rest_s[length] + sum(layers)
+
+    monkeypatch.setattr(predict, "_timed_forwards", stand_in_clock)
     result = predict.predict_speedup(config, plan, "cpu", prefill_tokens=16, repeats=2, budget_s=0)
-    assert result["layers"] == 3 and result["sampled_layouts"] == 1 and result["dtype"] == "float32"
+    layer_share = {"dense": plan.dense_parameters - plan.other_parameters,
+                   "compressed": plan.compressed_parameters - plan.other_parameters}
+    assert result["layers"] == len(plan.layers) and result["dtype"] == "float32"
+    # one dense layer, then the distinct compressed layouts (at most MAX_SAMPLED_LAYERS of them)
+    expected_samples = 1 if widths is None else predict.MAX_SAMPLED_LAYERS
+    assert result["sampled_layouts"] == expected_samples and len(timed[0]) == 1 + expected_samples
+    assert timed[0][0] * len(plan.layers) == layer_share["dense"]
     for label, tokens in (("prefill", 16), ("decode", 1)):
         row = result[label]
-        assert row["tokens"] == tokens and row["dense_ms"] > 0 and row["compressed_ms"] > 0
+        expected = {kind: 1000 * (rest_s[tokens] + per_weight_s[tokens] * share) for kind, share in layer_share.items()}
+        assert row["tokens"] == tokens
+        assert row["dense_ms"] == pytest.approx(expected["dense"], rel=1e-9)
+        assert row["compressed_ms"] == pytest.approx(expected["compressed"], rel=1e-9)
+        assert row["speedup"] == pytest.approx(expected["dense"] / expected["compressed"], rel=1e-9)
+
+
+def test_prediction_times_the_micro_benchmark_model(tiny_arch):
+    """The real clock: every figure measured, and the speedup the ratio of the predicted totals."""
+    config, plan = _plan(tiny_arch, layers=3, ratio=0.4)
+    result = predict.predict_speedup(config, plan, "cpu", prefill_tokens=16, repeats=2, budget_s=0)
+    for label in ("prefill", "decode"):
+        row = result[label]
+        assert row["dense_ms"] > 0 and row["compressed_ms"] > 0
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["compressed_ms"])
 
 

@@ -68,7 +68,7 @@ def test_a_run_with_adaptive_ranks_moves_rank_and_keeps_the_budget(tiny_tokenize
 
 
 @pytest.mark.parametrize("sharded_model_dir", [("llama_gqa", False)], indirect=True)
-def test_adaptive_ranks_stream_to_the_same_bytes(sharded_model_dir, tmp_path):
+def test_adaptive_ranks_stream_to_the_in_memory_checkpoint(sharded_model_dir, tmp_path):
     settings = dict(ratio=0.4, preset="best", rank_allocation="adaptive", **SMALL)
     in_memory = api.compress(str(sharded_model_dir), tmp_path / "mem", progress=False, **settings)
     streamed = api.compress(str(sharded_model_dir), tmp_path / "str", progress=False, stream=True, **settings)
