@@ -15,10 +15,12 @@ from lorap.errors import LorapError
 from lorap.io.instructions import IGNORE_INDEX, encode_records, prompt_of
 from lorap.modeling_lorap import LowRankLinear
 from lorap.recover.config import RecoveryConfig
-from lorap.recover.data import load_examples, prepare_data, resolve_data
+from lorap.recover.data import collate, load_examples, prepare_data, resolve_data
+from lorap.recover.heldout import MIN_SCORED, HeldOut, scored_count
 from lorap.recover.lora import attach_lora, lora_target_names
 from lorap.recover.run import format_recovery, recover
 from lorap.recover.schedule import Schedule
+from lorap.recover.training import Clock
 from test_compress import SMALL, assert_reloads_without_lorap
 
 # Tiny runs: a 64-token cutoff, 8 held out, batches of 4; a high learning rate so a few steps show.
@@ -316,6 +318,100 @@ def test_recovery_lowers_the_loss_keeps_the_count_and_reloads(compressed_dir, tm
         assert (source_model(inputs).logits - expected).abs().max() > 1e-3
     # ... and in a separate process through plain transformers, with lorap not importable.
     assert_reloads_without_lorap(out, inputs, expected, tmp_path)
+
+
+def test_each_evaluation_scores_held_out_examples_in_proportion_to_the_training_between_two():
+    config = RecoveryConfig()  # batches of 4, an evaluation every 100 steps
+    assert scored_count(config, 186, total_steps=3) == MIN_SCORED == 16  # a short run: the floor
+    assert scored_count(config, 186, total_steps=40) == 40  # 160 examples trained between the two evaluations
+    assert scored_count(config, 186, total_steps=5000) == 100  # 400 trained between any two
+    assert scored_count(config, 50, total_steps=5000) == 50  # never more than are held out
+    assert scored_count(RecoveryConfig(grad_accum=2, eval_every=10), 2000, total_steps=5000) == 20
+    assert scored_count(RecoveryConfig(val_size=30), 30, total_steps=3) == 30  # --val-size: every one of them
+    # A time budget caps one evaluation at a tenth of it, never below the floor or what is scored already.
+    held_out = HeldOut([], 100, 4, 0, "cpu")
+    held_out.fit_to_budget(budget_s=600, seconds_per_example=2.0, scored=4)
+    assert held_out.count == 30
+    held_out.fit_to_budget(budget_s=60, seconds_per_example=2.0, scored=4)
+    assert held_out.count == MIN_SCORED
+    held_out.fit_to_budget(budget_s=60, seconds_per_example=2.0, scored=20)
+    assert held_out.count == MIN_SCORED  # it never grows back
+    assert HeldOut([], 100, 4, 0, "cpu").count == 100
+
+
+def test_a_budget_counts_the_command_from_its_start_and_the_evaluation_still_to_come():
+    import time
+
+    clock = Clock(elapsed_before=100.0, command_started=time.perf_counter() - 30.0)
+    assert 130.0 <= clock.spent(still_to_come_s=0.0) < 131.0
+    assert 145.0 <= clock.spent(still_to_come_s=15.0) < 146.0
+    assert 100.0 <= clock.elapsed() < 101.0  # the work folder keeps training time, not loading
+
+
+def _next_token_loss(model, examples, pad_id):
+    """Mean next-token loss per predicted token, computed directly."""
+    import torch.nn.functional as F
+
+    total = tokens = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 4):
+            ids, mask, labels = collate(examples[start : start + 4], pad_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+            tokens += int((targets != IGNORE_INDEX).sum())
+    return total / tokens
+
+
+def test_a_short_run_scores_a_small_held_out_set_and_says_how_many(compressed_dir, tmp_path, corpus, tiny_tokenizer):
+    settings = {**FAST, "val_size": None, "cutoff": 32}  # short windows: more than 16 held out
+    result = recover(compressed_dir, tmp_path / "out", data=corpus, max_steps=2, **settings)
+    report = result.report
+    held_out = report["data"]["validation_examples"]
+    assert held_out > MIN_SCORED and report["validation_examples_scored"] == MIN_SCORED
+    assert f"validation loss ({MIN_SCORED} held-out examples): " in format_recovery(report)
+    # The loss before training is the source's on the first MIN_SCORED held-out examples, not on all of them.
+    data = prepare_data(tiny_tokenizer, corpus, RecoveryConfig(cutoff=32))
+    assert len(data.validation) == held_out
+    source = api.load(compressed_dir, fuse=False)[0].eval()
+    pad_id = tiny_tokenizer.pad_token_id if tiny_tokenizer.pad_token_id is not None else tiny_tokenizer.eos_token_id
+    scored = _next_token_loss(source, data.validation[:MIN_SCORED], pad_id)
+    everything = _next_token_loss(source, data.validation, pad_id)
+    before = report["validation_loss_before"]
+    assert abs(before - scored) <= 1e-6 * scored < abs(before - everything)
+
+
+def test_a_time_budget_fits_the_held_out_count_and_a_resumption_keeps_it(compressed_dir, tmp_path, corpus):
+    settings = {**FAST, "val_size": None, "eval_every": 18, "cutoff": 32}
+    first = recover(compressed_dir, tmp_path / "out", data=corpus, max_steps=18, max_minutes=1e-6, **settings)
+    assert first.report["data"]["validation_examples"] >= 18  # so the steps alone would score 18 (72 trained / 4)
+    assert first.report["stopped_by"] == "max_minutes" and first.report["validation_examples_scored"] == MIN_SCORED
+    resumed = recover(compressed_dir, tmp_path / "out", data=corpus, max_steps=18, resume=True, overwrite=True,
+                      **settings)
+    assert resumed.report["steps"] == 18 and resumed.report["validation_examples_scored"] == MIN_SCORED
+    fresh = recover(compressed_dir, tmp_path / "fresh", data=corpus, max_steps=18, **settings)
+    assert fresh.report["validation_examples_scored"] == 18
+
+
+def test_activation_checkpointing_trains_exactly_as_without_it(compressed_dir, tmp_path, corpus, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+    from torch.utils.checkpoint import checkpoint
+
+    recomputed = []
+
+    def counted(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counted)  # what gradient_checkpointing_enable binds
+    settings = dict(data=corpus, max_steps=4, **{**FAST, "lora_dropout": 0.3})  # dropout: its RNG is replayed
+    checkpointed = recover(compressed_dir, tmp_path / "checkpointed", **settings)
+    assert recomputed  # the decoder layers ran under checkpointing
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "gradient_checkpointing_enable", lambda self, **kwargs: None)
+    plain = recover(compressed_dir, tmp_path / "plain", **settings)
+    assert checkpointed.report["history"] == plain.report["history"]
+    a, b = _weights(tmp_path / "checkpointed"), _weights(tmp_path / "plain")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _weights(folder):

@@ -10,7 +10,9 @@ from conftest import build_tiny_model
 from lorap import api
 from lorap.errors import LorapError
 from lorap.plan.counting import count_parameters
+from lorap.recover import heldout as heldout_module
 from lorap.recover import objective as objective_module
+from lorap.recover.heldout import HeldOut
 from lorap.recover.objective import Objective
 from lorap.recover.run import recover
 from test_compress import assert_reloads_without_lorap
@@ -73,6 +75,31 @@ def test_a_student_equal_to_its_teacher_has_no_distillation_loss_and_no_teacher_
     assert float(plain.total) == pytest.approx(plain.nll) and plain.kd == 0.0
     _, nll, _ = _direct(model, model, batch, 0.0, 1.0)
     assert plain.nll == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_held_out_scoring_runs_the_teacher_once_and_scores_as_without_its_cache(monkeypatch):
+    student, teacher = build_tiny_model("llama_gqa", seed=0), build_tiny_model("llama_gqa", seed=1).eval()
+    ids = torch.randint(0, student.config.vocab_size, (12, 20), generator=torch.Generator().manual_seed(5)).tolist()
+    examples = [(row[: 12 + i % 8], row[: 12 + i % 8]) for i, row in enumerate(ids)]  # padded batches too
+    teacher_runs = []
+    teacher.get_decoder().register_forward_hook(lambda *args: teacher_runs.append(1))
+    objective = Objective(student, teacher, kd_weight=0.7, temperature=2.0, hidden_weight=0.5)
+    held_out = HeldOut(examples, 10, 4, 0, "cpu")  # the first 10 of 12: batches of 4, 4 and 2
+    first = held_out.score(objective)
+    assert len(teacher_runs) == 3
+    assert held_out.score(objective) == first and len(teacher_runs) == 3  # the teacher ran once per batch
+    monkeypatch.setattr(heldout_module, "TEACHER_CACHE_BYTES", 0)
+    assert HeldOut(examples, 10, 4, 0, "cpu").score(objective) == first and len(teacher_runs) == 6
+    # ... and what it scores is the objective's mean over the first 10 examples' predicted tokens.
+    from lorap.recover.data import collate
+
+    total = tokens = 0
+    with torch.no_grad():
+        for batch in (collate(examples[:4], 0), collate(examples[4:8], 0), collate(examples[8:10], 0)):
+            terms = objective(batch, "cpu")
+            total, tokens = total + float(terms.total.double()), tokens + terms.tokens
+    assert first[0] == pytest.approx(total / tokens, rel=1e-12)
+    assert HeldOut(examples, 12, 4, 0, "cpu").score(objective)[0] != pytest.approx(first[0], rel=1e-6)
 
 
 def test_full_distillation_from_the_base_model_trains_every_compressed_weight_and_no_embedding(compressed_dir, tmp_path, corpus):

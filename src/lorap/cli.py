@@ -17,6 +17,7 @@ from .methods.registry import REGISTRIES, Registry, option_users, part_options
 from .options import csv_of, flag_of
 from .pipeline.config import CalibrationSettings, CompressionConfig
 from .plan.plan import PlanSettings
+from .recover.config import RecoveryConfig
 
 def _add_eval(sub):
     p = sub.add_parser(
@@ -150,6 +151,9 @@ def _add_settings(p, settings_class, *, from_preset: bool = False, skip=(), only
         help_text = meta["help"] + ("" if default is None else f" ({'paper' if from_preset else 'default'}: {shown})")
         flag = meta["flag"] or flag_of(field.name)
         names = [flag, *([meta["short"]] if meta["short"] else [])]
+        if isinstance(default, bool):  # a switch: given or not
+            p.add_argument(*names, dest=field.name, action="store_true", help=meta["help"].replace("%", "%%"))
+            continue
         p.add_argument(*names, dest=field.name, type=meta["parse"] or (str if default is None else type(default)),
                        choices=meta["choices"], default=None if from_preset else default,
                        metavar=None if meta["choices"] else flag.lstrip("-").replace("-", "_").upper(),
@@ -273,70 +277,17 @@ def _run_plan(args):
 
 
 def _add_recover(sub):
-    from .recover.config import DATA_MIXES
-
     p = sub.add_parser(
         "recover",
         help="fine-tune a lorap checkpoint (LoRA or every weight, optionally distilled), save it as small as before",
         description="Recovery after compression: LoRA on every linear layer of the decoder (dense projections and "
         "both factors of each factorized one), or every weight with --full; next-token loss, or distillation from "
         "the dense model with --teacher base. The best state by held-out loss is saved. "
-        "LoRA defaults follow the paper: r 8, alpha 16, dropout 0.05, lr 1e-4, 2 epochs, cutoff 256 (--full: lr 2e-4).",
+        "The LoRA defaults below are the paper's.",
     )
     p.add_argument("checkpoint", type=Path, help="lorap checkpoint folder (from `lorap compress`)")
     p.add_argument("--out", type=Path, required=True, help="recovered checkpoint folder to write")
-    p.add_argument(
-        "--data",
-        help="Alpaca-style instructions (.json/.jsonl with instruction/input/output, or a hub id; 'alpaca' = "
-        "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
-        "hub can be reached, else wiki); several joined by '+' are pooled (e.g. wiki+notes.txt)",
-    )
-    p.add_argument("--data-mix", choices=DATA_MIXES, default="equal",
-                   help="with sources pooled by '+': 'equal' gives each source the same share of the training and "
-                   "held-out examples (a small one repeated, a large one sampled; the total stays the same); 'size' "
-                   "trains on every example of each, so a large corpus dominates (default: equal)")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
-    p.add_argument("--max-steps", type=int,
-                   help="end the schedule after N optimizer steps; held-out evaluation is sized to the steps, so it "
-                   "adds at most about a sixth of the training time (under 16 steps of 4 examples: about 2.5 steps)")
-    p.add_argument("--max-minutes", type=float,
-                   help="stop training when this many minutes (all resumptions together, loading and held-out "
-                   "evaluation included) would be passed by the final evaluation; the command ends at most one step, "
-                   "plus merging and saving, later")
-    p.add_argument("--decay-steps", type=int,
-                   help="the learning rate reaches zero at step N (default: at the last step); training never runs "
-                   "past it, and stops before it when --max-steps or --max-minutes is reached first")
-    p.add_argument("--budget-decay", action="store_true",
-                   help="with --max-minutes, also hold the rate to the peak times the share of the budget left, so it "
-                   "reaches zero as the budget runs out (default: the step schedule alone)")
-    p.add_argument("--lr", type=float,
-                   help="peak learning rate (default: 1e-4 for LoRA, 2e-4 with --full, chosen on held-out text)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    p.add_argument("--cutoff", type=int, default=256, help="tokens per example (default 256)")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)")
-    p.add_argument("--val-size", type=int,
-                   help="held-out examples, every one scored at each evaluation (default: min(2000, 5%% of the data) "
-                   "held out, of which each evaluation scores one per 4 examples trained since the last, at least "
-                   "16; with --max-minutes at most a tenth of the budget's worth)")
-    p.add_argument("--max-examples", type=int, help="train on at most N examples")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup (default: min(100, 10%% of the steps))")
-    p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps (default 100)")
-    p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--full", action="store_true",
-                   help="train every compressed weight (factors, kept FFN channels, norms) instead of LoRA")
-    p.add_argument("--train-embeddings", action="store_true", help="with --full: also train the embeddings and LM head")
-    p.add_argument("--teacher", help="distil from this model: 'base' (the model the checkpoint was compressed from), "
-                   "a folder or hub id, or 'none' (default: none)")
-    p.add_argument("--kd-weight", type=float, default=1.0,
-                   help="share of the distillation loss, the rest next-token loss (default 1: distillation only)")
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (default 1)")
-    p.add_argument("--kd-hidden-weight", type=float, default=0.0,
-                   help="weight of a loss matching each layer's output to the teacher's (default 0: off)")
+    _add_settings(p, RecoveryConfig)
     p.add_argument("--work-dir", type=Path, help="periodic checkpoints (default: .OUT.recovery beside --out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new one is complete)")
@@ -347,37 +298,9 @@ def _add_recover(sub):
 
 
 def _run_recover(args):
-    from .recover.run import RecoveryConfig, format_recovery, recover
+    from .recover.run import format_recovery, recover
 
-    config = RecoveryConfig(
-        data=args.data,
-        data_mix=args.data_mix,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        max_minutes=args.max_minutes,
-        decay_steps=args.decay_steps,
-        budget_decay=args.budget_decay,
-        lr=args.lr,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        cutoff=args.cutoff,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        val_size=args.val_size,
-        max_examples=args.max_examples,
-        warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        seed=args.seed,
-        device=args.device,
-        full=args.full,
-        train_embeddings=args.train_embeddings,
-        teacher=args.teacher,
-        kd_weight=args.kd_weight,
-        kd_temperature=args.kd_temperature,
-        kd_hidden_weight=args.kd_hidden_weight,
-    )
+    config = RecoveryConfig(**{field.name: getattr(args, field.name) for field in fields(RecoveryConfig)})
     result = recover(
         args.checkpoint,
         args.out,

@@ -2,6 +2,7 @@
 from dataclasses import asdict, dataclass
 
 from ..errors import LorapError
+from ..options import require_positive_int, setting
 
 # How sources pooled with '+' share the training data: "equal" gives each the same number of
 # examples (recover/data.py: equal_shares), as calibration gives each the same number of windows;
@@ -19,39 +20,60 @@ FULL_LR = 2e-4
 
 @dataclass
 class RecoveryConfig:
-    """One recovery run. Defaults follow method.md: r 8, alpha 16, dropout 0.05, lr 1e-4 (2e-4 with
-    full), 2 epochs, cutoff 256 tokens, 2000 held-out examples (at most 5% of the data)."""
+    """One recovery run; `lorap recover` offers every field as a flag. The LoRA defaults (rank, alpha,
+    dropout, rate, epochs, cutoff) are the paper's."""
 
-    data: str | None = None  # None: alpaca-cleaned when the hub can be reached, else wiki (train)
-    data_mix: str = "equal"  # sources pooled with '+': "equal" shares, or "size" (each in proportion to its size)
-    epochs: int = 2
-    max_steps: int | None = None  # the schedule ends here (warmup and decay are fitted to it)
-    max_minutes: float | None = None  # training time budget, over all resumptions
-    decay_steps: int | None = None  # the learning rate reaches zero here; None: at the schedule's last step
-    # With max_minutes: also hold the rate to the share of the budget left, so it reaches zero as the
-    # budget runs out. Off by default: at 430 steps of the 50% run, decaying to zero did no better on
-    # held-out text than a rate that barely decays (docs/recovery.md, the schedule control).
-    budget_decay: bool = False
-    lr: float | None = None  # peak learning rate; None: LORA_LR, or FULL_LR with full (set when the run is made)
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    cutoff: int = 256  # tokens per example (a text window, or a truncated instruction)
-    batch_size: int = 4
-    grad_accum: int = 1
-    val_size: int | None = None  # held-out examples; None: min(2000, 5% of the data)
-    max_examples: int | None = None  # use at most this many training examples
-    warmup_steps: int | None = None  # None: min(100, 10% of the steps)
-    eval_every: int = 100
-    save_every: int = 50
-    seed: int = 0
-    device: str | None = None
-    full: bool = False  # train every compressed weight (factors, kept FFN channels, norms) instead of LoRA
-    train_embeddings: bool = False  # with full: also the embeddings and LM head
-    teacher: str | None = None  # None / "none": no teacher; "base": the model it was compressed from; or a model
-    kd_weight: float = 1.0  # share of the distillation term in the loss (the rest: next-token loss)
-    kd_temperature: float = 1.0
-    kd_hidden_weight: float = 0.0  # weight of the layer-output matching term (0: off)
+    data: str | None = setting(
+        None, "Alpaca-style instructions (.json/.jsonl with instruction/input/output, or a hub id; 'alpaca' = "
+        "yahma/alpaca-cleaned) or plain text ('wiki' train split, a .txt/.jsonl file) (default: alpaca when the "
+        "hub can be reached, else wiki); several joined by '+' are pooled (e.g. wiki+notes.txt)")
+    data_mix: str = setting(
+        "equal", "with sources pooled by '+': 'equal' gives each source the same share of the training and held-out "
+        "examples (a small one repeated, a large one sampled; the total stays the same); 'size' trains on every "
+        "example of each, so a large corpus dominates", choices=DATA_MIXES)
+    epochs: int = setting(2, "passes over the training data")
+    max_steps: int | None = setting(
+        None, "end the schedule after N optimizer steps; held-out evaluation is sized to the steps, so it adds at most "
+        "about a sixth of the training time (under 16 steps of 4 examples: about 2.5 steps)", parse=int)
+    max_minutes: float | None = setting(
+        None, "stop training when this many minutes (all resumptions together, loading and held-out evaluation "
+        "included) would be passed by the final evaluation; the command ends at most one step, plus merging and "
+        "saving, later", parse=float)
+    decay_steps: int | None = setting(
+        None, "the learning rate reaches zero at step N (default: at the last step); training never runs past it, and "
+        "stops before it when --max-steps or --max-minutes is reached first", parse=int)
+    # Off by default: at 430 steps of the 50% run, decaying to zero did no better on held-out text
+    # than a rate that barely decays (docs/recovery.md, the schedule control).
+    budget_decay: bool = setting(
+        False, "with --max-minutes, also hold the rate to the peak times the share of the budget left, so it reaches "
+        "zero as the budget runs out (default: the step schedule alone)")
+    lr: float | None = setting(
+        None, f"peak learning rate (default: {LORA_LR:g} for LoRA, {FULL_LR:g} with --full, chosen on held-out text)",
+        parse=float)
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: float = setting(16.0, "LoRA alpha")
+    lora_dropout: float = setting(0.05, "LoRA dropout")
+    cutoff: int = setting(256, "tokens per example (a text window, or a truncated instruction)")
+    batch_size: int = setting(4, "examples per forward pass")
+    grad_accum: int = setting(1, "forward passes per optimizer step")
+    val_size: int | None = setting(
+        None, "held-out examples, every one scored at each evaluation (default: min(2000, 5% of the data) held out, "
+        "of which each evaluation scores one per 4 examples trained since the last, at least 16; with --max-minutes "
+        "at most a tenth of the budget's worth)", parse=int)
+    max_examples: int | None = setting(None, "train on at most N examples", parse=int)
+    warmup_steps: int | None = setting(None, "linear warmup (default: min(100, 10% of the steps))", parse=int)
+    eval_every: int = setting(100, "held-out loss every N steps")
+    save_every: int = setting(50, "resumable checkpoint every N steps")
+    seed: int = setting(0, "seed of the held-out split, the example order and LoRA's initialisation")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    full: bool = setting(False, "train every compressed weight (factors, kept FFN channels, norms) instead of LoRA")
+    train_embeddings: bool = setting(False, "with --full: also train the embeddings and LM head")
+    teacher: str | None = setting(
+        None, "distil from this model: 'base' (the model the checkpoint was compressed from), a folder or hub id, or "
+        "'none' (default: none)")
+    kd_weight: float = setting(1.0, "share of the distillation loss, the rest next-token loss (1: distillation only)")
+    kd_temperature: float = setting(1.0, "distillation temperature")
+    kd_hidden_weight: float = setting(0.0, "weight of a loss matching each layer's output to the teacher's (0: off)")
 
     def __post_init__(self):
         # Resolved here, so the recorded settings (and a resumption's comparison with them) hold the rate used.
@@ -76,8 +98,7 @@ class RecoveryConfig:
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LorapError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+            require_positive_int(name.replace("_", " "), value)
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise LorapError(f"warmup steps must be a non-negative integer, got {self.warmup_steps!r}")
         if not self.lr > 0:

@@ -19,13 +19,16 @@ def make_fully_trainable(model, train_embeddings: bool) -> None:
         model.get_output_embeddings().requires_grad_(False)
 
 
-def activation_bytes(config, batch_size: int, cutoff: int) -> int:
+def activation_bytes(config, batch_size: int, cutoff: int, checkpointed: bool = False) -> int:
     """A rough upper figure for what backward keeps of one micro-batch: per layer and token, about a
     dozen hidden-size vectors (norms, attention in and out, residuals) and four FFN-width ones, and
-    per layer the attention probabilities of eager attention; float32."""
+    per layer the attention probabilities of eager attention; float32. With the decoder layers
+    `checkpointed`, every layer keeps only its input, and one layer at a time the rest."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     width = getattr(config, "intermediate_size", 4 * hidden)
     per_layer = batch_size * cutoff * (12 * hidden + 4 * width) + 2 * batch_size * config.num_attention_heads * cutoff**2
+    if checkpointed:
+        return 4 * (layers * batch_size * cutoff * hidden + per_layer)
     return 4 * layers * per_layer
 
 
@@ -40,7 +43,8 @@ def training_bytes(model, teacher, batch_size: int, cutoff: int) -> int:
 
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (_bytes(model) + trained * (ADAM_BYTES_PER_WEIGHT + BEST_STATE_BYTES_PER_WEIGHT) + _bytes(teacher)
-            + activation_bytes(model.config, batch_size, cutoff) + 6 * LOGITS_BYTES_AT_ONCE + RUNTIME_BYTES)
+            + activation_bytes(model.config, batch_size, cutoff, getattr(model, "is_gradient_checkpointing", False))
+            + 6 * LOGITS_BYTES_AT_ONCE + RUNTIME_BYTES)
 
 
 def check_memory(model, teacher, device, batch_size: int, cutoff: int) -> int:

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import LorapError
 from ..io.instructions import IGNORE_INDEX
 
-LOGITS_BYTES_AT_ONCE = 64 * 2**20  # one float32 logits matrix of a chunk; a few live at once
+LOGITS_BYTES_AT_ONCE = 16 * 2**20  # one float32 logits matrix of a chunk; a few live at once
 MIN_CHUNK_TOKENS = 16
 
 
@@ -81,14 +81,21 @@ class Objective:
                                             output_hidden_states=with_layers)
         return out.last_hidden_state, (out.hidden_states if with_layers else None)
 
-    def __call__(self, batch, device) -> Terms:
+    def teacher_states(self, batch, device) -> tuple:
+        """The teacher's (final hidden states, layer outputs or None) on a batch; (None, None) without one."""
+        if self.teacher is None:
+            return None, None
+        input_ids, mask, _ = (t.to(device) for t in batch)
+        with torch.no_grad():
+            return self._hidden_states(self.teacher, input_ids, mask, self.hidden_weight > 0)
+
+    def __call__(self, batch, device, teacher_states: tuple | None = None) -> Terms:
+        """The batch's loss terms. `teacher_states` are the teacher's outputs on this very batch when
+        already known (teacher_states()); otherwise the teacher runs."""
         input_ids, mask, labels = (t.to(device) for t in batch)
         with_layers = self.hidden_weight > 0
         hidden, layers = self._hidden_states(self.student, input_ids, mask, with_layers)
-        teacher_hidden = teacher_layers = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_hidden, teacher_layers = self._hidden_states(self.teacher, input_ids, mask, with_layers)
+        teacher_hidden, teacher_layers = teacher_states or self.teacher_states(batch, device)
         targets = labels[:, 1:]
         predicted = targets != IGNORE_INDEX
         rows = hidden[:, :-1][predicted]

@@ -14,7 +14,7 @@ def format_recovery(report: dict) -> str:
         f"{report['tokens_seen']:,} tokens, stopped by {report['stopped_by']}), {minutes:.1f} min of training",
         *_learning_rate(report),
         f"trained: {_trained(report)}; loss: {_loss(report['loss'])}",
-        f"validation loss: {report['validation_loss_before']:.4f} before -> "
+        f"validation loss{_scored(report)}: {report['validation_loss_before']:.4f} before -> "
         f"{report['best_validation_loss']:.4f} best (step {report['best_step']}, "
         f"{'merged' if report['method'] == 'lora' else 'kept'})",
         f"parameters: {report['parameters']:,} (unchanged)",
@@ -27,6 +27,12 @@ def format_recovery(report: dict) -> str:
         lines.insert(-1, f"held-out next-token loss: {report['validation_nll_before']:.4f} before -> "
                          f"{report['best_validation_nll']:.4f} at the best step")
     return "\n".join(lines)
+
+
+def _scored(report: dict) -> str:
+    """How many held-out examples each evaluation scored (not said by a report written before it was recorded)."""
+    scored = report.get("validation_examples_scored")
+    return f" ({scored} held-out examples)" if scored is not None else ""
 
 
 def _learning_rate(report: dict) -> list:

@@ -23,6 +23,8 @@ class TrainingState:
     sessions: int = 0
     tokens_seen: int = 0  # predicted (supervised) tokens trained on
     last_lr: float | None = None  # the learning rate of the last step taken
+    validation_scored: int | None = None  # held-out examples each evaluation scores (heldout.py)
+    validation_seconds: float | None = None  # how long the last evaluation took
 
 
 class WorkFolder:
