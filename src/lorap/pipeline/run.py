@@ -168,12 +168,9 @@ class CompressionJob:
     # streamed run, whose point is to hold no more than one layer
     predict_speed: bool = True
 
-    @property
-    def streamed(self) -> bool:
-        return bool(self.stream or self.stream_options.resume or (self.stream is None and should_stream(self.spec)))
-
-    def __post_init__(self):
-        self.spec = None  # the resolved model (io.models.ModelSpec), set by compress_checkpoint
+    def streams(self, spec) -> bool:
+        """Whether this job reads `spec` (the resolved model, io.models.ModelSpec) layer by layer."""
+        return bool(self.stream or self.stream_options.resume or (self.stream is None and should_stream(spec)))
 
 
 @dataclass
@@ -186,14 +183,14 @@ class _Loaded:
 def _load(job: CompressionJob, timings: dict) -> _Loaded:
     """The layer source: the model's shards for a streamed run, else the whole model in memory."""
     started = time.perf_counter()
-    job.spec = resolve_model(job.model)
-    if job.streamed:
+    spec = resolve_model(job.model)
+    if job.streams(spec):
         if job.evaluate is not None:
             raise LorapError("a streamed run never holds the whole model, so it cannot --eval; run `lorap eval OUT` after it")
-        source = ShardedLayers(job.spec, job.out, job.config, job.overwrite, job.stream_options)
-        return _Loaded(source, source.tokenizer, job.spec)
+        source = ShardedLayers(spec, job.out, job.config, job.overwrite, job.stream_options)
+        return _Loaded(source, source.tokenizer, spec)
     if job.out is not None:  # fail before the long work, not after it
-        check_output_folder(job.out, job.overwrite, protected=[job.spec.location] if job.spec.kind != "hub" else [])
+        check_output_folder(job.out, job.overwrite, protected=[spec.location] if spec.kind != "hub" else [])
     model, tokenizer, spec = load_model(job.model)
     own_weights(model, spec.location if spec.kind in ("default", "folder", "lorap") else None)
     timings["load"] = time.perf_counter() - started
