@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the whole test suite (tiny models and the real default model).
 #   bash scripts/test.sh            everything, as CI runs it (.ci/run)
-#   bash scripts/test.sh --quick    the tiny-model tests alone (-m "not slow"), without building llama.cpp:
-#                                   a few minutes; the GGUF-in-llama.cpp tests run only if the binding
-#                                   is already installed
+#   bash scripts/test.sh --quick    the tiny-model tests alone (-m "not slow"), on both cores (pytest-xdist),
+#                                   without building llama.cpp; the GGUF-in-llama.cpp tests run only if
+#                                   the binding is already installed
 # Any other arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +15,7 @@ done
 bash "$root/scripts/setup.sh"
 cd "$root"
 if [ "$quick" = 1 ]; then
-  exec "$root/.venv/bin/python" -m pytest -m "not slow" ${args[@]+"${args[@]}"}
+  exec "$root/.venv/bin/python" -m pytest -m "not slow" -n 2 ${args[@]+"${args[@]}"}
 fi
 # The llama.cpp binding, so that the tests run exported GGUF files in llama.cpp itself. It compiles
 # llama.cpp (about 10 minutes on 2 cores, once per .venv); lorap does not need it otherwise. The
