@@ -1,4 +1,4 @@
-"""One dataclass for a compression run: what the CLI fills in and what the checkpoint records."""
+"""The settings of a compression run: what the CLI fills in and what the checkpoint records."""
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LorapError
@@ -6,6 +6,8 @@ from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEA
                                 MethodSpec, part_options)
 from ..options import require_positive_int, setting
 from ..plan.plan import PlanSettings
+
+SVD_DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -54,7 +56,7 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
     options: dict = field(default_factory=dict)
     preset: str = "paper"  # the named method (methods/presets.py) these settings started from
     svd_dtype: str = setting("float32", "precision of the factorizations' SVDs (never the model's fp16/bf16)",
-                             choices=("float32", "float64"))
+                             choices=SVD_DTYPES)
 
     def plan_settings(self) -> PlanSettings:
         """The plan's fields of this config, as the plan records them."""
@@ -78,7 +80,7 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
             raise LorapError(f"unknown method options {sorted(unknown)}; known: {', '.join(sorted(known))}")
         for name, value in self.options.items():
             known[name].check(value)
-        if self.svd_dtype not in ("float32", "float64"):
+        if self.svd_dtype not in SVD_DTYPES:
             raise LorapError(f"svd dtype must be float32 or float64, got {self.svd_dtype!r}")
 
     def specs(self) -> dict:
