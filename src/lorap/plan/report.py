@@ -1,13 +1,12 @@
 """What `lorap plan` reports before any weight loads: the plan, the peak memory a run will need,
 what calibration data will change in it, and (optionally) the speedup its shapes predict."""
+from ..methods.registry import FFN_ALLOCATIONS, RANK_ALLOCATIONS
 from .memory import memory_estimate
 from .plan import make_plan
 
 
 def _calibration_notes(config) -> list:
     """What a run decides from calibration data, where the plan can only show shapes' defaults."""
-    from ..methods.registry import FFN_ALLOCATIONS, RANK_ALLOCATIONS
-
     notes = []
     if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
         notes.append("adaptive heads and widths depend on calibration data: the head counts and widths shown are "
