@@ -13,7 +13,7 @@ averaged over the rows (over the N every row measured), is within TOLERANCE of t
 larger multiples cost quality (a coarser grid of ranks), so they must buy speed to be chosen. lorap's
 default per device (plan/alignment.py) follows the rule, or says why not.
 
-    .venv/bin/python benchmarks/align_choice.py            # section align-choice-cpu of docs/speed.md
+    .venv/bin/python benchmarks/align_choice.py            # section align-choice-cpu of docs/records/speed.md
     python benchmarks/align_choice.py --device cuda --dtype bfloat16
     .venv/bin/python benchmarks/align_choice.py --device cuda --page-only   # from the stored record
 

@@ -1,5 +1,5 @@
 """Benchmark: choosing the parts of `--preset best` on validation text of two domains
-(docs/benchmarks.md, section "Choosing best on validation data").
+(docs/records/benchmarks.md, section "Choosing best on validation data").
 
 Each candidate is best's parts with some changed (BASE: SVD-LLM whitening as published and the
 default refit ridge, which best used before this benchmark chose its strengths). It compresses the
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--only", help="candidates to measure, comma-separated (default: all)")
     parser.add_argument("--max-tokens", type=int, default=16384, help="validation tokens per corpus")
     parser.add_argument("--work", type=Path, default=RUNS / "choose-best")
-    parser.add_argument("--page", type=Path, default=DOCS / "benchmarks.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/benchmarks.md")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     chosen = args.only.split(",") if args.only else list(CANDIDATES)

@@ -4,7 +4,8 @@ written from, and the marked docs sections the tables go into.
 
 Each script declares the sections it writes in a module-level literal, `SECTIONS = {section: the
 script's arguments that re-measure it}` (or `(arguments, note)`); benchmarks/index.py reads those
-declarations, without importing the scripts, into docs/records.md.
+declarations, without importing the scripts, into docs/records/README.md. Every page a script writes is
+a record under docs/records/ (RECORDS); the guides in docs/ link to them and hold no marked section.
 
 Only the standard library is imported here at the top: benchmarks/index.py and its test import this
 module, and must stay quick."""
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 DOCS = ROOT / "docs"
+RECORDS = DOCS / "records"  # the pages the benchmarks write; the guides in docs/ link to them
 RUNS = ROOT / "runs"
 CONFIGS = BENCHMARKS / "configs"
 LORAP = [sys.executable, "-m", "lorap.cli"]
@@ -152,7 +154,7 @@ def device_sweep(parser, name: str, repeats: int, measure) -> tuple:
     runs/bench-align/NAME-DEVICE.json (see stored_or_measured)."""
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
+    parser.add_argument("--page", type=Path, default=RECORDS / "speed.md")
     parser.add_argument("--record", type=Path, help=f"the measured record (default: runs/bench-align/{name}-DEVICE.json)")
     parser.add_argument("--page-only", action="store_true",
                         help="rewrite the section from the record of an earlier run instead of measuring")

@@ -1,4 +1,4 @@
-"""Benchmark: every method side by side on the built-in default model (docs/benchmarks.md).
+"""Benchmark: every method side by side on the built-in default model (docs/records/benchmarks.md).
 
 Two `lorap compare` runs on the same calibration samples and evaluation windows:
   main       the paper, the best preset, the baselines as published (heads and channels) and the
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--ablation-ratios", default="0.2", help="of the ablation table")
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
     parser.add_argument("--work", type=Path, default=RUNS / "bench-compare")
-    parser.add_argument("--page", type=Path, default=DOCS / "benchmarks.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/benchmarks.md")
     parser.add_argument("--only", choices=list(TABLES), help="run one of the tables")
     args = parser.parse_args()
     images = args.page.parent / "img"

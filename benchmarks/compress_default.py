@@ -4,7 +4,7 @@ For each ratio: parameters removed, compression wall time, peak memory, and perp
 128 and 2048 tokens on the `wiki` test split, dense vs compressed. Each compression and
 each evaluation runs in its own process, so peak memory is that run's alone.
 
-    .venv/bin/python benchmarks/compress_default.py              # writes docs/results.md
+    .venv/bin/python benchmarks/compress_default.py              # writes docs/records/results.md
     .venv/bin/python benchmarks/compress_default.py --max-tokens 0   # full test split (slower)
 """
 import argparse
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32768, help="test tokens per window length (0: the whole split)")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--work", type=Path, default=RUNS / "bench-compress")
-    parser.add_argument("--page", type=Path, default=DOCS / "results.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/results.md")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     seqlens = args.seqlens.split(",")

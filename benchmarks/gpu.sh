@@ -2,14 +2,14 @@
 # Everything lorap measures and tests on a GPU, in one go (a machine with CUDA and lorap's
 # requirements; the CPU machines CI and the default job run on never need it):
 #   - the tests that need CUDA (skipped elsewhere);
-#   - docs/speed.md's GPU sections: which multiple --align should default to on CUDA
+#   - docs/records/speed.md's GPU sections: which multiple --align should default to on CUDA
 #     (align-choice-cuda), when a factor pair beats its dense matrix there (pair-break-even-cuda),
 #     and dense against compressed whole models (speed-cuda).
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]
 #
 # PYTHON picks the interpreter (default python3). Each step runs even when one before it failed;
-# the exit status says whether every step passed. With RESULTS_DIR, docs/speed.md and the benchmarks'
+# the exit status says whether every step passed. With RESULTS_DIR, docs/records/speed.md and the benchmarks'
 # JSON records (one archive: runs/bench-speed-cuda, runs/bench-align) are copied there as each step ends.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ status=0
 save() {
     [ -n "$RESULTS" ] || return 0
     mkdir -p "$RESULTS"
-    cp docs/speed.md "$RESULTS/speed.md"
+    cp docs/records/speed.md "$RESULTS/speed.md"
     tar -czf "$RESULTS/records.tar.gz" runs/bench-speed-cuda runs/bench-align 2>/dev/null
 }
 

@@ -1,25 +1,29 @@
-"""Writes docs/records.md: every marked section of docs/ (`<!-- BEGIN name -->` ... `<!-- END name -->`),
-the script that writes it, and the one command that re-measures it.
+"""Writes docs/records/README.md, the index of the records: every marked section of docs/records/
+(`<!-- BEGIN name -->` ... `<!-- END name -->`), the script that writes it, and the one command that
+re-measures it.
 
 The commands come from each script's SECTIONS declaration (see common.py), read as a literal without
 importing the script (most import torch); a section no script writes is listed in BY_HAND.
-tests/test_benchmarks_index.py fails when a marker has no entry, an entry has no marker, or
-docs/records.md is not what this writes.
+tests/test_benchmarks_index.py fails when a marker has no entry, an entry has no marker, a marker sits
+outside docs/records/ (the guides in docs/ hold none), or docs/records/README.md is not what this writes.
 
     .venv/bin/python benchmarks/index.py
 """
 import ast
+import os
 import re
 import sys
 from dataclasses import dataclass
 
-from common import BENCHMARKS, DOCS, ROOT
+from common import BENCHMARKS, DOCS, RECORDS, ROOT
 
-INDEX = DOCS / "records.md"
+INDEX = RECORDS / "README.md"
 ARCHIVE = BENCHMARKS / "archive"
 # Sections that no script writes, with what stands in for their command.
 BY_HAND = {
-    "recovery": "by hand, the `lorap` commands in the section itself; superseded by docs/recovery.md",
+    "recovery": "by hand, the `lorap` commands in the section itself; superseded by the other sections of recovery.md",
+    "scaling-default-in-memory": "by hand, the `lorap compress` command in the section itself",
+    "lowrank-analysis": "by hand, the `lorap analyze` command in the section itself",
 }
 
 
@@ -52,7 +56,8 @@ def entries() -> dict:
 
 
 def sections_in_docs() -> dict:
-    """{section: the page it is on, relative to docs/}, pages in name order, sections in page order."""
+    """{section: the page it is on, relative to docs/}, pages in name order, sections in page order; every
+    page of docs/ is read, so that a marker outside docs/records/ is found too."""
     found = {}
     for page in sorted(DOCS.rglob("*.md")):
         text = page.read_text()
@@ -72,6 +77,10 @@ def render() -> str:
     lines = [
         "# Records: the command behind every section",
         "",
+        "The pages in this folder are records: measured tables, each with the command, commit, date and machine "
+        "that produced it, and notes on what was measured when. The guides in `docs/` describe what lorap does "
+        "and link here for the figures.",
+        "",
         "Each table in these pages sits between `<!-- BEGIN name -->` and `<!-- END name -->` markers and is "
         "written by one command, listed here. `current`: re-run the command to refresh the section. `frozen`: "
         "evidence measured once, whose script is kept in `benchmarks/archive/` (its README says what each "
@@ -81,7 +90,8 @@ def render() -> str:
         "`tests/test_benchmarks_index.py` checks it against the markers.",
     ]
     for page, sections in pages.items():
-        lines += ["", f"## [{page}]({page})", "", "| section | re-measured by | kept |", "|---|---|---|"]
+        link = os.path.relpath(DOCS / page, INDEX.parent)
+        lines += ["", f"## [{link}]({link})", "", "| section | re-measured by | kept |", "|---|---|---|"]
         for section in sections:
             entry = listed.get(section)
             if entry is None:

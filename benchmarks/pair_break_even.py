@@ -10,7 +10,7 @@ size fraction (pair weights / dense weights = its share of the dense multiply-ad
 The plan keeps a projection dense where its pair's size fraction is above the device's limit
 (plan/alignment.py, PAIR_MAX_FRACTION); this table is where that limit comes from.
 
-    .venv/bin/python benchmarks/pair_break_even.py     # section pair-break-even-cpu of docs/speed.md
+    .venv/bin/python benchmarks/pair_break_even.py     # section pair-break-even-cpu of docs/records/speed.md
     python benchmarks/pair_break_even.py --device cuda --dtype bfloat16   # pair-break-even-cuda
     .venv/bin/python benchmarks/pair_break_even.py --device cuda --page-only   # from the stored record
 

@@ -9,7 +9,7 @@ calibrates on, `pydocs` (the Python documentation) and `fortunes` (quotations, j
 Each step runs in its own process, one at a time: the recipes share a time budget, so nothing
 else may run beside them.
 
-Each section of docs/recovery.md is one run, named in SECTIONS with the options that measured it:
+Each section of docs/records/recovery.md is one run, named in SECTIONS with the options that measured it:
 `--section NAME` alone re-measures it (options given beside it override the table's), and
 `--page-only` rewrites it from the work folder's record of the last run.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from common import (DOCS, RUNS, Load, debian_text, evaluate, head_commit, lorap, machine_line, stored_or_measured,
                     update_section)
 
-# The sections of docs/recovery.md, each with the options of the run that measured it.
+# The sections of docs/records/recovery.md, each with the options of the run that measured it.
 SECTIONS = {
     "recovery-best-20": "--ratio 0.2 --minutes 8.0 --recipes lora,lora-kd,full,full-kd,full-kd-mix,dense-control "
                         "--section recovery-best-20",
@@ -320,7 +320,7 @@ def parse(argv=None):
     parser.add_argument("--work", type=Path)
     parser.add_argument("--section", default="recovery-best-20",
                         help=f"the section written; one of {', '.join(SECTIONS)} also sets the options it was measured with")
-    parser.add_argument("--page", type=Path, default=DOCS / "recovery.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/recovery.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from the work folder's results")
     argv = sys.argv[1:] if argv is None else argv
     section = parser.parse_args(argv).section

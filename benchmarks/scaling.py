@@ -7,7 +7,7 @@ process each, and deleted. For each: checkpoint size, peak host RSS of the compr
 series: depth grows at a fixed width, and width grows at a fixed depth. The smallest model is
 also compressed in memory, for comparison.
 
-    LORAP_CACHE=/tmp/lorapcache nice -n 19 .venv/bin/python benchmarks/scaling.py   # writes docs/scaling.md
+    LORAP_CACHE=/tmp/lorapcache nice -n 19 .venv/bin/python benchmarks/scaling.py   # writes docs/records/scaling.md
 """
 import argparse
 import datetime
@@ -113,7 +113,7 @@ def compress(folder: Path, out: Path, stream: bool, corpus: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-scaling"))
-    parser.add_argument("--page", type=Path, default=DOCS / "scaling.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/scaling.md")
     parser.add_argument("--quick", action="store_true", help="only the first model of each series")
     args = parser.parse_args()
     from lorap.io.default_model import default_model_dir

@@ -4,7 +4,7 @@ Each run generates a random checkpoint with LLaMA-2-7B's shapes (hidden 4096, FF
 vocabulary 32,000; float16, safetensors shards of at most 2 GiB, the same bytes for every run:
 every tensor has its own seed) at the depth asked for, compresses it with `lorap compress --stream`
 in a fresh process, checks the output against the plan, and deletes both. Rows accumulate in
-WORK/rows.json; the docs/scaling.md section `scaling-7b` is rewritten from all rows after each run,
+WORK/rows.json; the docs/records/scaling.md section `scaling-7b` is rewritten from all rows after each run,
 so presets may be measured in separate invocations (and commits; each row records its own).
 
     .venv/bin/python benchmarks/scaling_7b.py --runs paper:4,paper:8,paper:32
@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--runs", default="paper:4,paper:8,paper:32,svd-llm:4,best:4",
                         help="PRESET:LAYERS, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-7b"))
-    parser.add_argument("--page", type=Path, default=DOCS / "scaling.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/scaling.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from WORK/rows.json")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Benchmark: lorap's models in llama.cpp (docs/serving.md, sections serving-quality and serving-speed).
+"""Benchmark: lorap's models in llama.cpp (docs/records/serving.md, sections serving-quality and serving-speed).
 
 The built-in model dense, and compressed to exact 20% of its parameters by the serving, best and
 paper presets (best's and paper's factor pairs are multiplied back for export):
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=RUNS / "bench-serving")
-    parser.add_argument("--page", type=Path, default=DOCS / "serving.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/serving.md")
     args = parser.parse_args()
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)

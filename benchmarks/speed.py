@@ -17,7 +17,7 @@ without --align, paper and best presets (real compression, wiki calibration, wik
 Section `real`: those checkpoints timed against the dense model by plain transformers, lorap not
 importable (benchmarks/plain_transformers_speed.py).
 
-    .venv/bin/python benchmarks/speed.py                      # every section into docs/speed.md
+    .venv/bin/python benchmarks/speed.py                      # every section into docs/records/speed.md
     .venv/bin/python benchmarks/speed.py --only speed         # one section
     python benchmarks/speed.py --only speed-cuda              # on a machine with a GPU: section speed-cuda
 
@@ -393,7 +393,7 @@ def main() -> None:
                         "whose other rows are shown from earlier records) (default: all)")
     parser.add_argument("--work", type=Path, help="where records go (default: runs/bench-speed, or "
                         "runs/bench-speed-cuda with --only speed-cuda)")
-    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/speed.md")
     args = parser.parse_args()
     args.work = args.work or RUNS / ("bench-speed-cuda" if args.only == "speed-cuda" else "bench-speed")
     args.work.mkdir(parents=True, exist_ok=True)

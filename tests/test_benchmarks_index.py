@@ -1,4 +1,4 @@
-"""docs/records.md, the index of the docs' marked sections, against the markers themselves and the
+"""docs/records/README.md, the index of the records' marked sections, against the markers themselves and the
 scripts' SECTIONS declarations (benchmarks/index.py): every section has the command that writes it,
 and every command a section."""
 import re
@@ -33,7 +33,7 @@ def test_every_script_that_writes_a_section_declares_it():
 
 
 def test_recovery_table_builds_the_command_each_section_quotes():
-    docs = (index.DOCS / "recovery.md").read_text()
+    docs = (index.RECORDS / "recovery.md").read_text()
     for section in recovery.SECTIONS:
         body = re.search(f"<!-- BEGIN {section} -->(.*?)<!-- END {section} -->", docs, re.S).group(1)
         quoted = re.search(r"```\n(.*?)\n```", body).group(1)
@@ -43,3 +43,9 @@ def test_recovery_table_builds_the_command_each_section_quotes():
 def test_options_beside_a_section_override_its_table():
     args = recovery.parse(["--section", "recovery-best-50-kd", "--minutes", "5"])
     assert (args.minutes, args.ratio, args.calibration) == (5.0, 0.5, "wiki+perldoc")
+
+
+def test_every_marked_section_is_in_a_record_page():
+    outside = sorted(f"{section} ({page})" for section, page in index.sections_in_docs().items()
+                     if not (index.DOCS / page).is_relative_to(index.RECORDS))
+    assert not outside, f"marked sections outside docs/records/ (the guides in docs/ hold none): {outside}"

@@ -1,11 +1,12 @@
 """Every measured figure the README and the guides quote comes from one record, and says which.
 
-Records are the sections of docs/*.md between `<!-- BEGIN name -->` and `<!-- END name -->`, each
-written by the command docs/records.md names. The convention for quoting one:
+Records are the sections of docs/records/*.md between `<!-- BEGIN name -->` and `<!-- END name -->`,
+each written by the command docs/records/README.md names; the guides (GUIDES) hold no such section
+and narrate no development. The convention for quoting one:
 
 * A table row, a list item or a paragraph that quotes measured figures carries a source tag, a link
-  whose text is `page.md#section` (or `docs/page.md#section`), e.g.
-  `[benchmarks.md#compare_main](docs/benchmarks.md)`.
+  whose text is `page.md#section` (or `records/page.md#section`, `docs/records/page.md#section`), e.g.
+  `[benchmarks.md#compare_main](docs/records/benchmarks.md)`.
 * Every number in that unit (outside inline code, link targets and the tags themselves; a number
   glued to a word, like `7B`, `f16` or `LLaMA-2`, is a name, not a figure) must appear, written the
   same way (`31.19`, `1.25x`, `46,080`, `20%`), in the text of at least one section the unit names.
@@ -25,10 +26,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-# The pages a user reads, held to the conventions above (guides join this list as docs/ is split).
-GUIDES = ["README.md", "docs/options.md", "docs/getting-started.md"]
+RECORDS = DOCS / "records"
+# The pages a user reads, held to the conventions above: the README and every page of docs/ (the
+# records live in docs/records/).
+GUIDES = ["README.md", "docs/getting-started.md", "docs/concepts.md", "docs/options.md", "docs/evaluation.md",
+          "docs/recovery.md", "docs/serving.md", "docs/scaling.md", "docs/architecture.md"]
 
-TAG = re.compile(r"\[(?:docs/)?(?P<page>[\w.-]+\.md)#(?P<section>[\w-]+)\]\([^)]*\)")
+TAG = re.compile(r"\[(?:docs/)?(?:records/)?(?P<page>[\w.-]+\.md)#(?P<section>[\w-]+)\]\([^)]*\)")
 # A figure: digits (with thousands commas and decimals), then an optional unit; not part of a word.
 FIGURE = re.compile(r"(?<![\w.,])(?<![A-Za-z]-)\d{1,3}(?:,\d{3})+(?:\.\d+)?[x%]?(?![\w]|[.,]\d)"
                     r"|(?<![\w.,])(?<![A-Za-z]-)\d+(?:\.\d+)?[x%]?(?![\w]|[.,]\d)")
@@ -36,9 +40,9 @@ SECTION = re.compile(r"<!-- BEGIN (?P<name>[\w-]+) -->(?P<text>.*?)<!-- END (?P=
 
 
 def records() -> dict:
-    """{(page, section): its text} for every record section in docs/."""
+    """{(page, section): its text} for every record section in docs/records/ (page: the file's name)."""
     found = {}
-    for page in sorted(DOCS.glob("*.md")):
+    for page in sorted(RECORDS.glob("*.md")):
         for match in SECTION.finditer(page.read_text()):
             found[(page.name, match["name"])] = match["text"]
     return found
@@ -104,7 +108,7 @@ def test_every_guide_quotes_figures_from_records():
 def test_a_quoted_figure_is_in_the_record_it_names(page, unit, tags):
     sections = records()
     missing = [f"{p}#{s}" for p, s in tags if (p, s) not in sections]
-    assert not missing, f"{page}: no record section {missing} (docs/records.md lists them)"
+    assert not missing, f"{page}: no record section {missing} (docs/records/README.md lists them)"
     text = "\n".join(sections[tag] for tag in tags)
     wrong = [figure for figure in figures(unit) if not quoted_in(figure, text)]
     assert figures(unit), f"{page}: a source tag on a line that quotes no figure: {unit[:120]}"
@@ -149,3 +153,31 @@ def test_the_guides_do_not_narrate_development():
         assert not hashes, f"{page}: commit hashes {hashes}"
         assert not re.search(r"\bsessions?\b", text, re.I), f"{page}: the word 'session'"
         assert not re.search(r"today's best|method\.md|\.\./shared", text, re.I), f"{page}: a reference a reader cannot follow"
+
+
+def test_every_page_of_docs_is_a_guide_or_a_record():
+    pages = {str(page.relative_to(ROOT)) for page in DOCS.glob("*.md")}
+    assert pages == set(GUIDES) - {"README.md"}, "a page of docs/ is a guide (in GUIDES) or belongs in docs/records/"
+    for page in GUIDES:
+        assert not re.search(r"^<!-- BEGIN \S+ -->$", (ROOT / page).read_text(), re.M), \
+            f"{page}: a marked section belongs in docs/records/"
+
+
+def test_a_tag_links_to_the_record_it_names():
+    for page in GUIDES:
+        for unit in units((ROOT / page).read_text()):
+            for match in TAG.finditer(unit):
+                target = re.search(r"\(([^)#]*)", match[0])[1]
+                assert (ROOT / page).parent.joinpath(target).resolve() == RECORDS / match["page"], \
+                    f"{page}: {match[0]} links elsewhere than the record it names"
+
+
+def test_relative_links_of_the_guides_and_records_resolve():
+    pages = [ROOT / page for page in GUIDES] + sorted(RECORDS.glob("*.md"))
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose(page.read_text())):
+            path = target.split("#", 1)[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken

@@ -54,7 +54,7 @@ def disagreements(first: dict, second: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1)
-    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/speed.md")
     args = parser.parse_args()
     runs = {name: [] for name in SCORERS}
     with tempfile.TemporaryDirectory() as scratch:

@@ -8,7 +8,7 @@ with on the CPU), the same values are read along `out`. This times both layouts,
 the left factors of real plans, at one token and at a 512-token prefill: the evidence for applying
 that layout, and for applying it on the CPU only.
 
-    .venv/bin/python benchmarks/archive/left_layout.py      # section left-layout of docs/speed.md
+    .venv/bin/python benchmarks/archive/left_layout.py      # section left-layout of docs/records/speed.md
 
 At one token the weights rotate over copies larger than the last-level cache, as a decode step
 reads every layer's weights once.
@@ -87,7 +87,7 @@ def section(rows: list, repeats: int, load: tuple) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/speed.md")
     args = parser.parse_args()
     with Load() as load:
         rows = [(label, tokens, time_layouts(out_features, rank, tokens, args.repeats if tokens == 1 else PREFILL_REPEATS))

@@ -6,11 +6,11 @@ documentation in equal shares (--data: other text), the schedule decaying to zer
 or, with --decay-steps, at each step given (a later end is what a run stopped by its time budget got
 before the budget shaped the rate: the rate still near its peak when training stops). The settings
 are ranked by the held-out loss `lorap recover` already measures: windows of the training sources'
-train splits that no step trains on. No judge of docs/recovery.md (the `wiki` test split, `pydocs`,
+train splits that no step trains on. No judge of docs/records/recovery.md (the `wiki` test split, `pydocs`,
 `fortunes`) is read, so the setting chosen here can be judged on them afterwards without having been
 fitted to them. Steps, not minutes, bound each run: the comparison does not depend on machine load.
 
-The sections of docs/recovery.md it wrote, and the options of each, are SECTIONS; --page-only
+The sections of docs/records/recovery.md it wrote, and the options of each, are SECTIONS; --page-only
 rewrites one from its sweep's record.
 
 --judge pydocs adds, for each run, the perplexity on the validation split of the Python
@@ -37,7 +37,7 @@ SECTIONS = {
                             '--steps 430 --decay-steps 430,7458 --section recovery-schedule-50',
 }
 
-DATA = "wiki+perldoc"  # the default: what the 50% rows of docs/recovery.md train on
+DATA = "wiki+perldoc"  # the default: what the 50% rows of docs/records/recovery.md train on
 JUDGE_TOKENS = 16384  # --judge: validation tokens read per run
 
 
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--section", default="recovery-lr-50")
-    parser.add_argument("--page", type=Path, default=DOCS / "recovery.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/recovery.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from the work folder's results")
     parser.add_argument("--judge", help="also score every run on this corpus's validation split (pydocs: a second "
                         "domain, never trained on), to choose by text of another domain")

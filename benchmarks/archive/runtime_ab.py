@@ -1,6 +1,6 @@
 """Benchmark: what lorap's runtime for factor pairs does to one compressed layer, three models in one process.
 
-Section `runtime` of docs/speed.md times each configuration in two `lorap bench` runs, one with the
+Section `runtime` of docs/records/speed.md times each configuration in two `lorap bench` runs, one with the
 runtime checkpoints load with (`optimize_for_inference`: q/k/v's right factors in one GEMM, left
 factors stored column by column) and one with the pairs as saved. Those runs are minutes apart, and
 on this shared CPU a 20% row's prefill moved by more than the runtime could. Here the dense layer,
@@ -10,7 +10,7 @@ weights: one seed) are timed interleaved in one process, the order reversed ever
 shapes, the paper's plan at `--align auto`, fp32, batch 1: prefill of 512 tokens, and decode (128
 tokens after a 128-token prompt, the three models generating in lockstep).
 
-    .venv/bin/python benchmarks/archive/runtime_ab.py                 # section runtime-ab of docs/speed.md
+    .venv/bin/python benchmarks/archive/runtime_ab.py                 # section runtime-ab of docs/records/speed.md
     .venv/bin/python benchmarks/archive/runtime_ab.py --page-only     # rewrite it from the stored record
 """
 import argparse
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="prefill rounds")
     parser.add_argument("--decode-repeats", type=int, default=4, help="decode runs of 128 tokens")
-    parser.add_argument("--page", type=Path, default=DOCS / "speed.md")
+    parser.add_argument("--page", type=Path, default=DOCS / "records/speed.md")
     parser.add_argument("--page-only", action="store_true", help="rewrite the section from the stored record")
     args = parser.parse_args()
     record = stored_or_measured(RECORD, args.page_only, lambda: measure(args.repeats, args.decode_repeats))
