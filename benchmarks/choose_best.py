@@ -63,6 +63,16 @@ CANDIDATES = {
     "shrink-0.5+ridge-1+wiki-perl": ("whitening halfway to AWSVD, a 100x stronger refit ridge, and calibration on "
                                      "`wiki` and Perl's documentation pooled (benchmarks/get_perldoc.sh)",
                                      dict(whitening_shrink=0.5, lstsq_ridge=1.0, calibration_source=f"wiki+{PERLDOC}")),
+    # Attention as plain narrower heads (--attention headdim) in place of factor pairs, with best's FFN
+    # parts and the ridge best uses at that share (the a:1 split of kept value to query/key dimensions
+    # as factor pairs share theirs, or equal as MoDeGPT keeps them).
+    "headdim+ridge-1": ("heads narrowed in place of factor pairs, and a 100x stronger refit ridge",
+                        dict(attention="headdim", lstsq_ridge=1.0)),
+    "headdim+a1+ridge-1": ("heads narrowed, as many value as query/key dimensions kept, and a 100x stronger "
+                           "refit ridge", dict(attention="headdim", allocation_a=1.0, lstsq_ridge=1.0)),
+    "headdim": ("heads narrowed in place of factor pairs", dict(attention="headdim")),
+    "headdim+a1": ("heads narrowed, as many value as query/key dimensions kept",
+                   dict(attention="headdim", allocation_a=1.0)),
 }
 
 

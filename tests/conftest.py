@@ -130,7 +130,8 @@ def default_model_dir():
 def compressed_dirs(tmp_path_factory, tiny_tokenizer):
     """{name: lorap checkpoint folder} of tiny LLaMA-layout models: factor pairs and uneven FFN widths
     (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, even
-    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, and heads removed.
+    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, heads removed, and
+    heads narrowed (LLaMA and Qwen2).
     Compressed once per session: tests/test_export.py and tests/test_export_llamacpp.py read the same
     checkpoints and never change them."""
     from lorap import api
@@ -149,6 +150,9 @@ def compressed_dirs(tmp_path_factory, tiny_tokenizer):
         "qwen2-best": ("qwen2", dict(preset="best", ratio=0.3, mode="exact", align=1)),  # q/k/v biases too
         "heads": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1)),  # one of two KV groups removed
         "heads-bias": ("llama_gqa", dict(preset="wanda-sp", ratio=0.4, align=1, head_update="bias")),  # o_proj bias
+        # heads narrowed (padded back with zeros on export), with and without q/k/v biases
+        "headdim": ("llama_gqa", dict(preset="best", attention="headdim", ratio=0.3, mode="exact", align=1)),
+        "qwen2-headdim": ("qwen2", dict(preset="best", attention="headdim", ratio=0.3, mode="exact", align=1)),
     }.items():
         api.compress(str(root / arch), root / name, **common, **settings)
         folders[name] = root / name

@@ -106,7 +106,7 @@ def test_rotary_reorder_is_a_permutation_of_each_heads_rows():
     assert torch.equal(reordered[:4], weight[[0, 2, 1, 3]]) and torch.equal(reordered[4:], weight[[4, 6, 5, 7]])
 
 
-@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best"])
+@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best", "headdim", "qwen2-headdim"])
 def test_gguf_holds_the_compressed_model(compressed_dirs, tmp_path, name):
     out = tmp_path / f"{name}.gguf"
     assert main(["export", str(compressed_dirs[name]), "--format", "gguf", "--out", str(out), "--dtype", "f32",
@@ -127,8 +127,11 @@ def test_gguf_holds_the_compressed_model(compressed_dirs, tmp_path, name):
     pairs = sum(rank is not None for rank in ranks)
     assert report["parameters"]["merged_factor_pairs"] == pairs
     assert (report["parameters"]["added_back_by_merging"] > 0) == (pairs > 0)
+    narrowed = [layer for layer in layout if "qk_head_dim" in layer]
+    assert report["parameters"]["padded_layers"] == len(narrowed)
+    assert (report["parameters"]["added_by_padding_heads"] > 0) == bool(narrowed)
     assert report["parameters"]["exported"] == report["parameters"]["checkpoint"] + report["parameters"][
-        "added_back_by_merging"]
+        "added_back_by_merging"] + report["parameters"]["added_by_padding_heads"]
 
 
 def test_gguf_f16_is_close_and_half_the_size(compressed_dirs, tmp_path):

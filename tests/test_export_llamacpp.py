@@ -26,7 +26,7 @@ def lorap_nll(folder, windows) -> float:
                                              reduction="sum").item()
 
 
-@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best", "heads", "heads-bias"])
+@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best", "heads", "heads-bias", "headdim", "qwen2-headdim"])
 def test_llamacpp_scores_the_windows_as_lorap_does(compressed_dirs, tmp_path, name):
     out = tmp_path / f"{name}.gguf"
     assert main(["export", str(compressed_dirs[name]), "--format", "gguf", "--out", str(out), "--dtype", "f32"]) == 0

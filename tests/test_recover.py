@@ -265,7 +265,7 @@ def test_decay_steps_set_where_the_rate_reaches_zero_apart_from_where_training_s
 def test_the_default_peak_rate_is_the_papers_for_lora_and_the_measured_one_for_full():
     from lorap.recover.config import FULL_LR, LORA_LR
 
-    assert (LORA_LR, FULL_LR) == (1e-4, 2e-4)  # the paper's; docs/recovery.md's sweeps at 20% and 50%
+    assert (LORA_LR, FULL_LR) == (1e-4, 2e-4)  # the paper's; docs/records/recovery.md's sweeps at 20% and 50%
     assert RecoveryConfig().lr == LORA_LR and RecoveryConfig(full=True).lr == FULL_LR
     assert RecoveryConfig(full=True, lr=5e-5).lr == 5e-5  # an explicit rate is kept
     assert RecoveryConfig(full=True).to_dict()["lr"] == FULL_LR  # the recorded settings hold the rate used

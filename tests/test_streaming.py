@@ -93,9 +93,23 @@ def test_every_preset_streams_equal_to_in_memory(sharded_model_dir, preset, tmp_
     assert not (tmp_path / "str" / "taylor").exists()
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(sharded_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sharded_model_dir", [("qwen2", True), ("phi3", False)], indirect=True, ids=str)
+def test_narrowed_heads_stream_equal_to_in_memory(sharded_model_dir, tmp_path):
+    settings = {**SMALL, "preset": "best", "attention": "headdim", "align": 1}
+    in_memory = api.compress(str(sharded_model_dir), tmp_path / "mem", progress=False, **settings)
+    streamed = api.compress(str(sharded_model_dir), tmp_path / "str", progress=False, stream=True, **settings)
+    assert streamed.report["plan"] == in_memory.report["plan"]
+    _assert_same_checkpoints(tmp_path / "mem", tmp_path / "str")
+
+
+# Resuming must restore what earlier layers chose from data: with narrowed heads, the kept RoPE dims
+# (saved with each layer's weights). Uniform widths: no scoring pass, so the layers walked are the compressing walk's.
+@pytest.mark.parametrize("settings", [{}, {"preset": "best", "attention": "headdim", "align": 1, "ffn_allocation": "uniform"}],
+                         ids=["paper", "headdim"])
+def test_interrupted_run_resumes_to_the_same_bytes(sharded_model_dir, tmp_path, monkeypatch, settings):
     import lorap.pipeline.sharded
 
+    SMALL = {**globals()["SMALL"], **settings}
     api.compress(str(sharded_model_dir), tmp_path / "whole", progress=False, stream=True, **SMALL)
 
     real_step = lorap.pipeline.sharded.process_layer

@@ -7,7 +7,7 @@ The modeling file of a checkpoint reads the same description from `config.lorap[
 from torch import nn
 
 from .families import FFN_PROJECTIONS, PROJECTIONS, SHARED_INPUTS, attention_shapes, family_of, ffn_shapes
-from .modeling_lorap import SplitLinear, module_at, set_module_at
+from .modeling_lorap import SplitLinear, module_at, narrow_head_dims, set_module_at
 
 
 class Architecture:
@@ -66,10 +66,13 @@ class Architecture:
             return module, None
         if isinstance(module, SplitLinear):
             return module.parts[name], None
-        # Parts keep their dense rows, except FFN parts, which all have the (pruned) width.
+        # Parts keep their dense rows, except FFN parts, which all have the (pruned) width, and attention
+        # parts whose heads were narrowed.
         sizes = [self.dense_rows[part] for part in parts]
         if sum(sizes) != module.out_features and set(parts) <= set(FFN_PROJECTIONS):
             sizes = [module.out_features // len(parts)] * len(parts)
+        elif sum(sizes) != module.out_features and hasattr(self.attention(layer), "qk_head_dim"):
+            sizes = [self._narrowed_rows(layer)[part] for part in parts]
         index = parts.index(name)
         start = sum(sizes[:index])
         return module, slice(start, start + sizes[index])
@@ -95,6 +98,22 @@ class Architecture:
                 continue
             whole = {name: replaced.get(name) or self._own_module(layer, name) for name in parts}
             set_module_at(layer, path, fuse_or_split(whole))
+
+    def attention(self, layer) -> nn.Module:
+        """The layer's attention module (the one holding q_proj)."""
+        return module_at(layer, self.locations["q_proj"].rpartition(".")[0])
+
+    def _narrowed_rows(self, layer) -> dict:
+        """{q_proj, k_proj, v_proj: rows} of a layer whose heads were narrowed."""
+        attention = self.attention(layer)
+        groups = attention.rope_index.shape[0]
+        heads = groups * attention.num_key_value_groups
+        return {"q_proj": heads * attention.qk_head_dim, "k_proj": groups * attention.qk_head_dim,
+                "v_proj": groups * attention.v_head_dim}
+
+    def narrow_attention(self, layer, qk_head_dim: int, v_head_dim: int, rope_index) -> None:
+        """Make the layer's attention run heads of the narrowed dimensions its projections now have."""
+        narrow_head_dims(self.attention(layer), qk_head_dim, v_head_dim, rope_index)
 
     def _own_module(self, layer, name: str) -> nn.Module:
         """Projection `name` as a module of its own (a copy of its rows where it is part of a fused linear)."""

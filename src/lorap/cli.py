@@ -178,7 +178,7 @@ def _add_ratio_options(p, ratio_required: bool = True):
         choices=list(METHODS),
         default=CompressionConfig.preset,
         help="named method: 'paper' (LoRAP as published, the default), 'best' (lorap's best measured combination), "
-        "or a baseline/ablation (docs/benchmarks.md); the options below override its settings",
+        "or a baseline/ablation (docs/records/benchmarks.md); the options below override its settings",
     )
     _add_settings(p, PlanSettings, from_preset=True, skip=("ratio",))
     for registry in REGISTRIES.values():

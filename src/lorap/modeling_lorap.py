@@ -10,6 +10,14 @@ rank of each attention projection (null when it stayed dense), the FFN width kep
 heads were removed, the layer's `num_attention_heads` and `num_key_value_heads` (with
 `o_proj_bias: true` where o_proj gained a bias). The attention code of these families reads a
 layer's head count from its projections' widths, so narrowing the projections is all it takes.
+Where each head kept fewer dimensions (head-dimension narrowing), the layer records `qk_head_dim`
+(query/key dims per head, even) and `v_head_dim` (value dims per head). Which dense dims each KV
+group's queries and keys kept is data the compression chose, so it is saved with the weights, as
+the attention's `rope_index` buffer (KV groups x qk_head_dim): the RoPE dims i < head_dim/2 in
+ascending order, then their partners i + head_dim/2 in the same order (a layout may also give it
+as `rope_index`, lists per group). q/k rows (and biases) follow that order per
+head, v keeps v_head_dim rows per group and o_proj v_head_dim columns per query head; the layer's
+attention then runs HeadDimAttention's forward, so its KV cache holds the narrowed dims.
 `config.lorap["architecture"]` says where the projections live (written by lorap's
 architectures.py; checkpoints without it have LLaMA's names): the decoder layer list, the
 module of each logical projection, and the fused modules with [part, rows] in row order.
@@ -17,6 +25,12 @@ module of each logical projection, and the fused modules with [part, rows] in ro
 import torch
 from torch import nn
 from transformers import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gemma import modeling_gemma
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.phi3 import modeling_phi3
+from transformers.models.qwen2 import modeling_qwen2
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -144,13 +158,170 @@ def _linear(in_features, out_features, bias, like):
     return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
 
 
+HEAD_DIM_KEYS = ("qk_head_dim", "v_head_dim", "rope_index")
+# Saved tensors that are not parameters (what counts of parameters skip)
+SAVED_BUFFERS = (".rope_index",)
+
+
+def _attention_module(layer, architecture: dict):
+    return module_at(layer, architecture["projections"]["q_proj"].rpartition(".")[0])
+
+
+def _head_dim_layout(attention, layout: dict):
+    """(qk_head_dim, v_head_dim, rope_index as a (KV groups, qk_head_dim) long tensor) of a layer whose
+    heads were narrowed, or None where the layout keeps them whole; a malformed layout is refused
+    here rather than as a shape mismatch when the weights load."""
+    if not any(key in layout for key in HEAD_DIM_KEYS):
+        return None
+    config, head_dim = attention.config, attention.head_dim
+    # the narrowed q/k gather cos/sin at their kept dims, which presumes every dim is rotated
+    if getattr(config, "partial_rotary_factor", 1.0) < 1:
+        raise ValueError(f"head-dimension narrowing needs full rotary embeddings; this {config.model_type} model "
+                         f"rotates only a part of each head (partial_rotary_factor={config.partial_rotary_factor})")
+    groups = layout.get("num_key_value_heads") or config.num_key_value_heads
+    rope_index = layout.get("rope_index")
+    qk = layout.get("qk_head_dim", head_dim if rope_index is None else len(rope_index[0]) if rope_index else 0)
+    v = layout.get("v_head_dim", head_dim)
+    if rope_index is None:  # the saved buffer fills it in when the weights load; a valid stand-in until then
+        pairs = list(range(qk // 2))
+        rope_index = [pairs + [i + head_dim // 2 for i in pairs]] * groups
+    try:
+        index = torch.tensor(rope_index, dtype=torch.long)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"rope_index must be one list of {qk} ints per KV group: {error}") from None
+    half = head_dim // 2
+    if qk % 2 or not 2 <= qk <= head_dim or not 1 <= v <= head_dim:
+        raise ValueError(f"qk_head_dim {qk} must be even and in [2, {head_dim}], v_head_dim {v} in [1, {head_dim}]")
+    if tuple(index.shape) != (groups, qk):
+        raise ValueError(f"rope_index has shape {tuple(index.shape)}, expected ({groups} KV groups, {qk} dims)")
+    first, second = index[:, : qk // 2], index[:, qk // 2 :]
+    if ((first < 0) | (first >= half)).any() or (first.diff(dim=1) <= 0).any() or not torch.equal(second, first + half):
+        raise ValueError(f"each rope_index row must be ascending dims i < {half} then the same dims + {half}")
+    return qk, v, index
+
+
+class HeadDimAttention:
+    """Attention whose heads keep `qk_head_dim` query/key dims and `v_head_dim` value dims, mixed in
+    before a family's attention class and swapped onto the instance by narrow_head_dims.
+
+    Each KV group g kept the dense dims `rope_index[g]` of its queries and keys, in RoPE pair order,
+    so cos/sin are gathered at those dims and rotate_half on the narrowed vectors pairs the same dims
+    the dense one does. `scaling` stays the dense head_dim's: the narrowed q.k approximates the dense
+    one. The cache receives the narrowed keys and values. Each family's class below names its own
+    eager attention and the extra arguments its attention call passes."""
+
+    def _project(self, hidden_states):
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    def _attention_kwargs(self) -> dict:
+        """Keyword arguments the family adds to its attention call (its sliding window)."""
+        return {}
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
+                cache_position=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        groups = self.rope_index.shape[0]
+        query, key, value = self._project(hidden_states)
+        query = query.view(*input_shape, groups, -1, self.qk_head_dim)  # (B, T, KV, queries per group, qk)
+        key = key.view(*input_shape, groups, self.qk_head_dim)
+        value = value.view(*input_shape, groups, self.v_head_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings  # (B, T, head_dim) -> each group's kept dims (B, T, KV, qk)
+        cos, sin = cos[..., self.rope_index], sin[..., self.rope_index]
+        key = key * cos + modeling_llama.rotate_half(key) * sin
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        query = query * cos + modeling_llama.rotate_half(query) * sin
+        query, key = query.flatten(2, 3).transpose(1, 2), key.transpose(1, 2)
+
+        if past_key_values is not None:
+            dense_cos, dense_sin = position_embeddings
+            cache_kwargs = {"sin": dense_sin, "cos": dense_cos, "cache_position": cache_position}
+            key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
+
+        attention_interface = self._eager_attention
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **self._attention_kwargs(),
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class LlamaHeadDimAttention(HeadDimAttention, modeling_llama.LlamaAttention):
+    _eager_attention = staticmethod(modeling_llama.eager_attention_forward)
+
+
+class GemmaHeadDimAttention(HeadDimAttention, modeling_gemma.GemmaAttention):
+    _eager_attention = staticmethod(modeling_gemma.eager_attention_forward)
+
+
+class MistralHeadDimAttention(HeadDimAttention, modeling_mistral.MistralAttention):
+    _eager_attention = staticmethod(modeling_mistral.eager_attention_forward)
+
+    def _attention_kwargs(self) -> dict:
+        return {"sliding_window": getattr(self.config, "sliding_window", None)}
+
+
+class Qwen2HeadDimAttention(HeadDimAttention, modeling_qwen2.Qwen2Attention):
+    _eager_attention = staticmethod(modeling_qwen2.eager_attention_forward)
+
+    def _attention_kwargs(self) -> dict:
+        return {"sliding_window": self.sliding_window}
+
+
+class Phi3HeadDimAttention(HeadDimAttention, modeling_phi3.Phi3Attention):
+    _eager_attention = staticmethod(modeling_phi3.eager_attention_forward)
+
+    def _project(self, hidden_states):
+        groups = self.rope_index.shape[0]
+        qk_rows = groups * self.qk_head_dim
+        sizes = [qk_rows * self.num_key_value_groups, qk_rows, groups * self.v_head_dim]  # rows [q | k | v]
+        return self.qkv_proj(hidden_states).split(sizes, dim=-1)
+
+    def _attention_kwargs(self) -> dict:
+        return {"sliding_window": getattr(self.config, "sliding_window", None)}
+
+
+HEAD_DIM_ATTENTION = {  # a family's attention class: its narrowed one
+    modeling_llama.LlamaAttention: LlamaHeadDimAttention,
+    modeling_gemma.GemmaAttention: GemmaHeadDimAttention,
+    modeling_mistral.MistralAttention: MistralHeadDimAttention,
+    modeling_qwen2.Qwen2Attention: Qwen2HeadDimAttention,
+    modeling_phi3.Phi3Attention: Phi3HeadDimAttention,
+}
+
+
+def narrow_head_dims(attention, qk_head_dim: int, v_head_dim: int, rope_index) -> None:
+    """Make `attention` (a family's attention module, its projections already narrowed) run the
+    narrowed forward. The rope indices are a buffer saved with the weights: they were chosen from
+    data, and a layer compressed in an earlier (resumed) run has them only in its saved tensors."""
+    family = type(attention)
+    if family not in HEAD_DIM_ATTENTION:
+        raise ValueError(f"head-dimension narrowing does not support {family.__name__}")
+    attention.__class__ = HEAD_DIM_ATTENTION[family]
+    attention.qk_head_dim, attention.v_head_dim = qk_head_dim, v_head_dim
+    device = next(attention.parameters()).device
+    device = torch.device("cpu") if device.type == "meta" else device
+    attention.register_buffer("rope_index", torch.as_tensor(rope_index, dtype=torch.long, device=device))
+
+
 # The projections narrowed on their input side (the others on their output side)
 NARROWED_INPUTS = ("o_proj", "down_proj")
 
 
 def _narrowed_sizes(layer, layout: dict, architecture: dict) -> dict:
     """{projection: its narrowed size (output rows, or input columns for NARROWED_INPUTS)}: the FFN's
-    kept width, and where heads were removed, the kept heads' rows of q, k, v and columns of o."""
+    kept width, where heads were removed, the kept heads' rows of q, k, v and columns of o, and where
+    heads were narrowed, their kept dims' rows and columns."""
     sizes = {}
     if layout.get("intermediate_size") is not None:
         sizes.update({name: layout["intermediate_size"] for name in FFN_PROJECTIONS})
@@ -158,6 +329,13 @@ def _narrowed_sizes(layer, layout: dict, architecture: dict) -> dict:
         attention = module_at(layer, architecture["projections"]["q_proj"].rpartition(".")[0])
         queries, kv = layout["num_attention_heads"] * attention.head_dim, layout["num_key_value_heads"] * attention.head_dim
         sizes.update(q_proj=queries, k_proj=kv, v_proj=kv, o_proj=queries)
+    attention = _attention_module(layer, architecture)
+    narrowed = _head_dim_layout(attention, layout)
+    if narrowed is not None:
+        qk, v, rope_index = narrowed
+        kv = rope_index.shape[0]
+        heads = kv * attention.num_key_value_groups  # head removal drops whole groups
+        sizes.update(q_proj=heads * qk, k_proj=kv * qk, v_proj=kv * v, o_proj=heads * v)
     return sizes
 
 
@@ -212,6 +390,10 @@ def apply_layout(model, layers_layout, architecture=None):
     for layer, layout in zip(decoder_layers, layers_layout):
         for path, module in _layer_modules(layer, layout, architecture).items():
             set_module_at(layer, path, module)
+        attention = _attention_module(layer, architecture)
+        narrowed = _head_dim_layout(attention, layout)
+        if narrowed is not None:
+            narrow_head_dims(attention, *narrowed)
         ffn = module_at(layer, architecture["ffn"])
         if layout.get("intermediate_size") is not None and hasattr(ffn, "intermediate_size"):
             ffn.intermediate_size = layout["intermediate_size"]

@@ -34,6 +34,8 @@ def format_plan(plan_dict: dict) -> str:
     header = (
         f"LoRAP plan: {settings['mode']} mode, ratio {settings['ratio']:g}"
         + (f" of the whole model (per-layer ratio {plan_dict['layer_ratio']:.4f})" if settings["mode"] == "exact" else " per layer")
+        + ("; attention: every head narrowed to fewer query/key and value dimensions" if settings.get("attention") == "headdim"
+           else "")
         + (f"; attention: whole KV groups removed with their query heads" if settings.get("attention") == "heads"
            else f"; a = {settings['allocation_a']:g}")
         + f", bottom-keep {settings['bottom_keep']:g}, sublayers {'+'.join(settings['sublayers'])}"
@@ -50,6 +52,8 @@ def format_plan(plan_dict: dict) -> str:
                 size = f"width {row['width']}"
             elif "heads" in row:
                 size = f"{row['heads']} {'kv heads' if row['module'] in ('k_proj', 'v_proj') else 'heads'}"
+            elif "head_dim" in row:
+                size = f"head dim {row['head_dim']}"
             else:
                 size = "dense" if row["rank"] is None else f"rank {row['rank']}"
             removed = 1 - row["parameters"] / row["dense_parameters"]

@@ -64,15 +64,18 @@ def macs_per_token(model, seqlen: int = MACS_SEQLEN) -> dict:
     """Multiply-accumulates per token of a batch-1 forward over `seqlen` tokens, from shapes.
 
     - linear: every nn.Linear (projections, FFN, LM head) does in x out MACs per token.
-    - attention: scores Q K^T and the weighted sum over V, each heads x head_dim x seqlen
-      MACs per token per layer (each layer's own head count, where heads were removed). The kernels compute the full seqlen x seqlen square and
-      mask it, so this is what runs (a count of only the causal half would be about half).
+    - attention: scores Q K^T (heads x query/key dims x seqlen MACs per token per layer) and the
+      weighted sum over V (heads x value dims x seqlen), with each layer's own head count and head
+      dimensions where heads were removed or narrowed. The kernels compute the full seqlen x seqlen
+      square and mask it, so this is what runs (a count of only the causal half would be about half).
     - rotary: the table of rotary angles is one [head_dim/2, 1] x [1, seqlen] product per
       forward, head_dim/2 MACs per token; negligible, counted so the total is exact.
     """
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     _, _, head_dim = _attention_shape(model.config)
-    attention = 2 * sum(queries for queries, _, _ in _attention_widths(model)) * seqlen
+    config = model.config
+    group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    attention = sum(queries + values * group for queries, _, values in _attention_widths(model)) * seqlen
     rotary = head_dim // 2 if _has_rotary(model) else 0
     return {"seqlen": seqlen, "linear": linear, "attention": attention, "rotary": rotary, "total": linear + attention + rotary}
 

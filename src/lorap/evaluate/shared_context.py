@@ -3,7 +3,7 @@
 lm-eval's HFLM scores each (context, continuation) request on its own: a multiple-choice item
 with four endings runs its context four times, and the vocabulary projection and softmax are
 computed at every context position although only the continuation's are read. On a CPU that
-repetition is most of the time of the proxy tasks (docs/speed.md, section `eval-speed`, times the
+repetition is most of the time of the proxy tasks (docs/records/speed.md, section `eval-speed`, times the
 default `lorap eval` with both scorers). `SharedContextLM` answers the same requests thus:
 
   * requests are grouped by context, and a context that is the beginning of a longer one

@@ -74,6 +74,9 @@ def export_model(spec, fmt: str, out, dtype: str = "f16", ffn_multiple: str = "r
     model, tokenizer, source = load_model(spec, fuse=False)  # in its own dtype: a 7B fp16 model stays 13 GB
     dense = dense_model(model)
     notes = []
+    if dense.padded_layers:
+        notes.append(f"the narrowed heads of {dense.padded_layers} layers were padded back with zeros (engines take one "
+                     f"head dimension): +{dense.added_by_padding:,} parameters over the checkpoint, the same logits")
     if dense.merged_pairs:
         notes.append(f"{dense.merged_pairs} factor pairs were multiplied back into dense matrices (engines run no "
                      f"factor pairs): +{dense.added_back:,} parameters over the checkpoint")
@@ -94,7 +97,8 @@ def export_model(spec, fmt: str, out, dtype: str = "f16", ffn_multiple: str = "r
         "bytes": _size(out),
         **written,
         "parameters": {"checkpoint": dense.source_parameters, "exported": exported,
-                       "added_back_by_merging": dense.added_back, "merged_factor_pairs": dense.merged_pairs},
+                       "added_back_by_merging": dense.added_back, "merged_factor_pairs": dense.merged_pairs,
+                       "added_by_padding_heads": dense.added_by_padding, "padded_layers": dense.padded_layers},
         "layers": {"ffn_widths": dense.ffn_widths, "heads": dense.head_counts, "kv_heads": dense.kv_head_counts},
         "notes": notes,
     }

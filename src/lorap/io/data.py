@@ -16,7 +16,7 @@ Sources:
   a path      a local .txt file (the whole file) or .jsonl file (one record per line,
               text in the field "text", or `file.jsonl:FIELD`); used for every split
 
-Settings are chosen on validation and reported on test (docs/benchmarks.md).
+Settings are chosen on validation and reported on test (docs/records/benchmarks.md).
 """
 import hashlib
 import importlib.util

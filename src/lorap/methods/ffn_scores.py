@@ -10,6 +10,8 @@ adapter's view) and what the calibration inputs of gate/up/down looked like
   flap            FLAP's fluctuation: Var(x_c) over tokens * ||W_down[:,c]||^2
   llm-pruner-l2   LLM-Pruner's group L2: sum of the squared weights of row c of gate and up and column c of down
   llm-pruner-taylor  LLM-Pruner's first-order Taylor (taylor.py: a whole-model pass before the walk)
+  nystrom         MoDeGPT's ridge leverage scores of the down projection's input correlation C:
+                  diag(C (C + lambda I)^-1), lambda = NYSTROM_RIDGE x the mean of diag(C)
 """
 import torch
 
@@ -46,6 +48,24 @@ def wanda_sp_scores(mlp, inputs: dict) -> torch.Tensor:
 def flap_scores(mlp, inputs: dict) -> torch.Tensor:
     down = _weights(mlp.down_proj)
     return inputs["down_proj"].variance.to(down.device, torch.float32) * down.pow(2).sum(0)
+
+
+# MoDeGPT's ridge, relative to the channels' mean second moment (the paper's absolute value depends on
+# how C is normalised, so it is stated relative to C here)
+NYSTROM_RIDGE = 1e-2
+
+
+def nystrom_scores(mlp, inputs: dict) -> torch.Tensor:
+    """How much of each channel the others cannot express (its ridge leverage), as MoDeGPT keeps the
+    channels a Nystrom approximation of the FFN needs most: 1 - lambda diag((C + lambda I)^-1)."""
+    down = inputs["down_proj"]
+    if down.gram is None:
+        raise ValueError("the nystrom criterion needs the Gram matrix of the down projection's input")
+    second = down.gram.double().cpu() / max(down.tokens, 1)
+    ridge = NYSTROM_RIDGE * float(second.diagonal().mean().clamp_min(1e-300))
+    second.diagonal().add_(ridge)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(second))
+    return (1 - ridge * inverse.diagonal()).float()
 
 
 def channel_scores(mlp, statistics: dict, method: str = "lorap", options: dict | None = None) -> torch.Tensor:

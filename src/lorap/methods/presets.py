@@ -25,7 +25,7 @@ from ..plan.alignment import AUTO_ALIGN
 
 DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
 # best's --whitening-shrink: 0.5 beat 0 (SVD-LLM as published) on the two-domain validation mean at
-# 20% and at 50% removed (docs/benchmarks.md, "Choosing best on validation data")
+# 20% and at 50% removed (docs/records/benchmarks.md, "Choosing best on validation data")
 BEST_WHITENING_SHRINK = 0.5
 # best's --lstsq-ridge by the ratio asked for, chosen on that validation data in exact mode (where the
 # ratio is the share of the whole model removed). The less is removed, the less the refit has to make
@@ -52,7 +52,7 @@ METHODS = {
     m.name: m
     for m in (
         Method("paper", "LoRAP (paper)", "AWSVD, a = 3", "LoRAP score, 1% rule", {}),
-        # Chosen by measurement on the default model (docs/benchmarks.md): each part helped alone, and
+        # Chosen by measurement on the default model (docs/records/benchmarks.md): each part helped alone, and
         # the whitening's shrink toward its diagonal and the refit's ridge were chosen on the validation
         # split of two domains (benchmarks/choose_best.py): whitening as published and a weak ridge fit
         # the calibration text and lose out of domain.
@@ -70,6 +70,13 @@ METHODS = {
                                            ffn_update="lstsq", bottom_keep=0.0, align=SERVING_ALIGN)),
         Method("svd-magnitude", "plain SVD + magnitude", "plain SVD, a = 3", "weight magnitude",
                dict(factorization="svd", ffn_score="magnitude", bottom_keep=0.0, **DEPLOYED)),
+        # MoDeGPT (arXiv 2408.09632) as published: query/key RoPE pairs and value dimensions kept per head
+        # in equal numbers, FFN channels by ridge leverage with a least-squares refit of down, and the
+        # budget spread over layers by Block Influence (methods/layer_importance.py).
+        Method("modegpt", "MoDeGPT", "head dims: whitened RoPE pairs and value basis, equal",
+               "ridge leverage (Nystrom), least-squares refit; layers by Block Influence",
+               dict(attention="headdim", allocation_a=1.0, ffn_score="nystrom", ffn_update="lstsq",
+                    layer_allocation="block-influence", bottom_keep=0.0, **DEPLOYED)),
         Method("wanda-sp", "Wanda-sp", "heads: Wanda-sp score", "Wanda-sp score",
                dict(attention="heads", head_score="wanda-sp", ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
         Method("flap", "FLAP", "heads: fluctuation score, bias compensation",
@@ -113,7 +120,7 @@ METHODS = {
 }
 # `lorap compare`'s rows by default: the paper, best, the baselines as published, and best's closest
 # rival (FLAP's FFN criterion beside LoRAP's attention), so that the default table tests best against
-# the strongest row lorap knows (docs/benchmarks.md) rather than against a floor like svd-magnitude.
+# the strongest row lorap knows (docs/records/benchmarks.md) rather than against a floor like svd-magnitude.
 DEFAULT_COMPARISON = ("paper", "best", "flap", "wanda-sp", "llm-pruner-l2", "llm-pruner-taylor", "flap-ffn")
 
 

@@ -156,6 +156,9 @@ FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
     MethodSpec("llm-pruner-l2", ".ffn_scores:llm_pruner_l2_scores", "LLM-Pruner's group L2 of the weights"),
     MethodSpec("llm-pruner-taylor", None, "LLM-Pruner's first-order Taylor abs(w * dL/dw), from calibration gradients",
                prepare=".taylor:prepare_taylor_scores", prepare_phase="gradients"),
+    MethodSpec("nystrom", ".ffn_scores:nystrom_scores",
+               "MoDeGPT's ridge leverage scores of the down projection's input correlation",
+               statistics=("gram",), reads=("down_proj",)),
 ])
 
 FFN_UPDATES = Registry("FFN update", "--ffn-update", [
@@ -183,9 +186,10 @@ RANK_ALLOCATIONS = Registry("rank allocation", "--rank-allocation", [
                prepare=".rank_allocation:prepare_adaptive_ranks", prepare_phase="rank_scoring"),
 ])
 
-# What happens to attention (--attention): "lowrank" factor pairs (the paper), or "heads": whole KV
-# groups removed with their query heads (every query head is its own group without GQA).
-ATTENTION_METHODS = ("lowrank", "heads")
+# What happens to attention (--attention): "lowrank" factor pairs (the paper), "heads": whole KV
+# groups removed with their query heads (every query head is its own group without GQA), or
+# "headdim": every head kept, each with fewer query/key and value dimensions (methods/head_dims.py).
+ATTENTION_METHODS = ("lowrank", "heads", "headdim")
 
 # Head pruning (--attention heads) removes whole KV groups with their query heads
 # (methods/head_pruning.py). The criteria score a group from its weights and the statistics of the
@@ -216,10 +220,30 @@ HEAD_UPDATES = Registry("head update", "--head-update", [
                statistics=("mean", "gram"), reads=("o_proj",), adds_bias=True, options=(LSTSQ_RIDGE,)),
 ], paper=False, when=" with --attention heads")
 
-# The parts of a run, in the order their whole-model passes run (scores before allocations).
-REGISTRIES = {"factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
+# Head-dimension narrowing (--attention headdim) keeps RoPE pairs of query/key dimensions by a score
+# and the value dimensions of a reduced basis of each KV group's value-to-output map
+# (methods/head_dims.py); the criteria read the Gram matrix of the attention's input.
+HEAD_DIM_SCORES = Registry("head-dimension criterion", "--head-dim-score", [
+    MethodSpec("whitened", ".head_dims:whitened_moments",
+               "MoDeGPT's: query/key pairs by their whitened norms, values by a whitened SVD of each KV group's "
+               "value-to-output map", statistics=("gram",), reads=("q_proj",)),
+    MethodSpec("plain", ".head_dims:plain_moments",
+               "the same choices from the weights alone, as if the inputs were white (an ablation)"),
+], paper=False, when=" with --attention headdim")
+
+# How the budget is spread over layers (before any part spreads it further within its sublayer).
+LAYER_ALLOCATIONS = Registry("layer allocation", "--layer-allocation", [
+    MethodSpec("uniform", None, "every layer loses the same share (the plan's per-layer ratio)"),
+    MethodSpec("block-influence", None,
+               "MoDeGPT's: layers that change the residual stream least (Block Influence) lose most, by a softmax",
+               prepare=".layer_importance:prepare_block_influence_allocation", prepare_phase="layer_scoring"),
+])
+
+# The parts of a run, in the order their whole-model passes run (the layer allocation first, scores
+# before allocations).
+REGISTRIES = {"layer_allocation": LAYER_ALLOCATIONS, "factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
               "ffn_allocation": FFN_ALLOCATIONS, "rank_allocation": RANK_ALLOCATIONS,
-              "head_score": HEAD_SCORES, "head_update": HEAD_UPDATES}
+              "head_score": HEAD_SCORES, "head_update": HEAD_UPDATES, "head_dim_score": HEAD_DIM_SCORES}
 
 
 def part_options() -> dict:

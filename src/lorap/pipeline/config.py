@@ -2,8 +2,8 @@
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LorapError
-from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_SCORES, RANK_ALLOCATIONS, REGISTRIES,
-                                MethodSpec, part_options)
+from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_DIM_SCORES, HEAD_SCORES,
+                                LAYER_ALLOCATIONS, RANK_ALLOCATIONS, REGISTRIES, MethodSpec, part_options)
 from ..options import require_positive_int, setting
 from ..plan.plan import PlanSettings
 
@@ -51,6 +51,8 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
     # projections' spectra (methods/rank_allocation.py)
     rank_allocation: str = RANK_ALLOCATIONS.default
     head_score: str = HEAD_SCORES.default  # with attention "heads": which KV groups go
+    head_dim_score: str = HEAD_DIM_SCORES.default  # with attention "headdim": which dimensions each head keeps
+    layer_allocation: str = LAYER_ALLOCATIONS.default  # uniform, or the budget spread over layers by their scores
     # The chosen parts' options (options.Option, declared on their registry entries), where given;
     # the rest take their declared defaults
     options: dict = field(default_factory=dict)
@@ -71,9 +73,12 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
         PlanSettings.validate(self)
         self.validate_calibration()
         self.specs()  # every part is a registered name
-        if self.attention == "heads" and REGISTRIES["rank_allocation"][self.rank_allocation].needs_whole_model:
+        if self.attention != "lowrank" and REGISTRIES["rank_allocation"][self.rank_allocation].needs_whole_model:
             raise LorapError(f"--rank-allocation {self.rank_allocation} shares ranks between factor pairs; "
-                             "with --attention heads there are none (use --rank-allocation rule)")
+                             f"with --attention {self.attention} there are none (use --rank-allocation rule)")
+        if self.layer_allocation != "uniform" and "adaptive" in (self.ffn_allocation, self.rank_allocation):
+            raise LorapError(f"--layer-allocation {self.layer_allocation} sets each layer's budget; adaptive FFN "
+                             "widths or ranks would spread it again (use uniform ones with it)")
         known = part_options()
         unknown = set(self.options) - set(known)
         if unknown:
@@ -90,10 +95,12 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
     def active_parts(self) -> dict:
         """{part: the sublayer it compresses}, for the parts this run uses: the attention parts of the
         chosen attention method (factor pairs or heads), the FFN parts where the FFN is compressed."""
-        attention = ("head_score", "head_update") if self.attention == "heads" else ("factorization", "rank_allocation")
+        attention = {"heads": ("head_score", "head_update"), "headdim": ("head_dim_score",)}.get(
+            self.attention, ("factorization", "rank_allocation"))
         parts = {part: "attention" for part in attention}
         parts.update({part: "ffn" for part in ("ffn_score", "ffn_update", "ffn_allocation")})
-        return {part: sublayer for part, sublayer in parts.items() if sublayer in self.sublayers}
+        active = {part: sublayer for part, sublayer in parts.items() if sublayer in self.sublayers}
+        return {"layer_allocation": "+".join(self.sublayers), **active}
 
     def options_of(self, part: str) -> dict:
         """The keyword arguments the chosen `part`'s function takes ({} for most)."""

@@ -12,6 +12,7 @@ from ..errors import LorapError
 from ..methods.factorizations import factorized_linear
 from ..methods.ffn_pruning import kept_channels, prune_ffn
 from ..methods.ffn_scores import channel_scores
+from ..methods.head_dims import narrow_head_dims
 from ..methods.head_pruning import HeadLayout, head_scores, kept_groups, prune_heads
 from ..methods.registry import FFN_SCORES, HEAD_SCORES
 from ..plan.plan import Plan
@@ -70,6 +71,9 @@ class LayerCompressor:
         if self.plan.layers[index].kv_heads is not None:
             self.prune_heads(index, layer, stats)
             return
+        if self.plan.layers[index].qk_head_dim is not None:
+            self.narrow_head_dims(index, layer, stats)
+            return
         factorized = {}
         for name in ATTENTION_PROJECTIONS:
             rank = self.plan.layers[index].ranks[name]
@@ -95,6 +99,15 @@ class LayerCompressor:
         keep = kept_groups(scores, kept)
         self.architecture.replace(layer, prune_heads(attention, keep, layout, self.config.head_update, o_inputs,
                                                      self.config.options_of("head_update")))
+
+    def narrow_head_dims(self, index, layer, stats) -> None:
+        planned = self.plan.layers[index]
+        layout = HeadLayout.of(self.plan)
+        narrowed = narrow_head_dims(AttentionView(self.architecture, layer), stats.inputs("q_proj"), layout,
+                                    planned.qk_head_dim, planned.v_head_dim, self.config.head_dim_score,
+                                    self.config.options_of("head_dim_score"))
+        self.architecture.replace(layer, narrowed.projections)
+        self.architecture.narrow_attention(layer, planned.qk_head_dim, planned.v_head_dim, narrowed.rope_index)
 
     def compress_ffn(self, index, layer, stats) -> None:
         ffn = FfnView(self.architecture, layer)

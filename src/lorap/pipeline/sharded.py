@@ -31,6 +31,7 @@ from ..errors import LorapError
 from ..io.checkpoint import check_output_folder, mark_compressed
 from ..io.models import check_tokenizer_files
 from ..io.shards import ShardReader, shard_contents, shard_name, write_index, write_shard
+from ..modeling_lorap import SAVED_BUFFERS
 from ..plan.memory import memory_estimate
 from .activations import ACTIVATION_DTYPES, ACTIVATION_STORES, store_batches
 from .staging import activations_file, open_staging, remove_run_state, staging_folder, write_progress
@@ -275,7 +276,8 @@ class ShardedLayers:
             for tensor, (shape, size) in shard_contents(self.staging, name).items():
                 weight_map[tensor] = name
                 total_size += size
-                compressed += math.prod(shape)
+                if not tensor.endswith(SAVED_BUFFERS):
+                    compressed += math.prod(shape)
         write_index(self.staging, weight_map, total_size)
         self.output_bytes = total_size
         return compressed

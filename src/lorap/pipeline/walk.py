@@ -6,7 +6,7 @@ layers before it. Only the layer being processed is on the compute device. The i
 the streamed run both go through `process_layer`, one layer at a time.
 
 A float16 or bfloat16 layer on a CPU is computed in float32 while it is processed: CPU kernels
-for half-precision matrix products are several times slower than float32 ones (docs/speed.md,
+for half-precision matrix products are several times slower than float32 ones (docs/records/speed.md,
 the half-precision bullet after section `speed`) and accumulate less precisely. The weights are rounded
 back to the layer's own dtype before it propagates, so the next layer sees what the saved
 checkpoint computes.

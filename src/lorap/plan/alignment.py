@@ -1,15 +1,15 @@
 """`--align auto`: the multiple ranks and FFN widths are rounded to on this device.
 
 Shapes the matrix kernels handle badly waste what compression saves: the paper's unaligned 20%
-shapes of LLaMA-7B (q/k rank 1228) gain far less at prefill than the same plan aligned (docs/speed.md,
+shapes of LLaMA-7B (q/k rank 1228) gain far less at prefill than the same plan aligned (docs/records/speed.md,
 section `speed`). The multiple is chosen per device from `benchmarks/align_choice.py`, which times
-each multiple's widths against their neighbours (docs/speed.md, sections `align-choice-cpu` and
+each multiple's widths against their neighbours (docs/records/speed.md, sections `align-choice-cpu` and
 `align-choice-cuda`):
 
   cpu   16. Every multiple from 8 to 64 gains at prefill and nothing at decode, and the sweep does
         not separate them on a shared CPU (its rows change order between runs). 16 stays until a
         steadier machine separates them, because a new default changes every `--preset best`
-        checkpoint and every table of best in docs/ (the record: docs/speed.md, the paragraph after
+        checkpoint and every table of best in docs/ (the record: docs/records/speed.md, the paragraph after
         section `align-choice-cpu`).
   cuda  8: bf16 tensor-core kernels want multiples of 8, which on LLaMA shapes run two to three
         times more width per second than their neighbours from 128 tokens up; coarser multiples do
@@ -18,7 +18,7 @@ each multiple's widths against their neighbours (docs/speed.md, sections `align-
 With the multiple comes a limit on factor pairs: a pair runs two thin GEMMs where its dense
 matrix runs one, so a pair just smaller than the matrix is slower than it. A pair larger than
 its device's limit (PAIR_LIMITS, by the matrix's size) stays dense and its share of the budget goes to the rest
-(plan/ranks.py). The limits come from `benchmarks/pair_break_even.py` (docs/speed.md, sections
+(plan/ranks.py). The limits come from `benchmarks/pair_break_even.py` (docs/records/speed.md, sections
 `pair-break-even-cpu` and `pair-break-even-cuda`):
 
   cpu   depends on the matrix's size. Small matrices are bound by the cost of a call at decode, so
@@ -28,7 +28,7 @@ its device's limit (PAIR_LIMITS, by the matrix's size) stays dense and its share
   cuda  set from the 4096-token rows, where the time follows the shapes; smaller matrices take the
         smallest measured limit. At fewer tokens a GPU's time is set by the number of kernels, not
         by their sizes, a cost no rank lowers, and keeping every pair dense would only move the
-        budget to FFN channels that run no faster there either (docs/speed.md, the paragraph after
+        budget to FFN channels that run no faster there either (docs/records/speed.md, the paragraph after
         section `pair-break-even-cuda`).
 
 The device is the one lorap computes on here (CUDA when available), as the model is most likely

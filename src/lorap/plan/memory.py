@@ -25,7 +25,7 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
     LM head in float32, a batch of logits, the gradient store). Whole-model passes streamed before
     the walk (adaptive widths) hold less than the walk, so they do not raise the peak. In memory:
     the whole model instead of one layer. Each term was checked against measured peaks at LLaMA-7B
-    width (docs/scaling.md).
+    width (docs/records/scaling.md).
     """
     if dtype_bytes is None:
         dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "float32"

@@ -32,7 +32,8 @@ class PlanSettings:
         "reference",
         "reference: RATIO of every layer's attention and FFN, as in the paper (the whole model loses a bit less); "
         "exact: RATIO of the whole model's parameters, within 0.2 points", choices=MODES)
-    allocation_a: float = setting(3.0, "kept (v+o):(q+k) parameters of a layer's factor pairs", short="-a")
+    allocation_a: float = setting(3.0, "kept (v+o):(q+k) parameters of a layer's factor pairs (with --attention "
+                                  "headdim: kept value to query/key dimensions)", short="-a")
     bottom_keep: float = setting(0.01, "share of the lowest-scoring FFN channels kept anyway")
     sublayers: tuple = setting(SUBLAYERS, "what to compress: attention, ffn or both (comma-separated)",
                                parse=csv_of(str))
@@ -41,14 +42,15 @@ class PlanSettings:
     attention_scale: float = setting(1.0, "attention's per-layer ratio as a multiple of the FFN's")
     align: int | str = setting(
         1, "make every rank and FFN width a multiple of N, shapes the matrix kernels run faster; exact mode still "
-        f"meets the budget. '{AUTO_ALIGN}': this device's measured multiple (docs/speed.md), which best and the "
+        f"meets the budget. '{AUTO_ALIGN}': this device's measured multiple (docs/records/speed.md), which best and the "
         "baselines use", parse=parse_align)
     # Whose measured limits keep dense a factor pair too large to run faster than its matrix
     # ("none": only a pair that is not smaller, the paper's rule; "auto" alignment sets the device's)
     pair_limit: str = "none"
     attention: str = setting(
         ATTENTION_METHODS[0], "lowrank: factor pairs (the paper); heads: remove whole KV groups with their query "
-        "heads (each head is its own group without GQA), which also shrinks the KV cache", choices=ATTENTION_METHODS)
+        "heads (each head is its own group without GQA); headdim: keep every head but narrow its query/key and "
+        "value dimensions, plain matrices that also shrink the KV cache (MoDeGPT's attention)", choices=ATTENTION_METHODS)
     head_update: str = HEAD_UPDATES.default  # adds a bias to o_proj? (registry.HEAD_UPDATES)
 
     def validate(self) -> None:
@@ -86,6 +88,10 @@ class LayerPlan:
     kv_heads: int | None = None
     heads: int | None = None
     o_bias_added: bool = False
+    # Head-dimension narrowing (None: every head keeps its dimensions): query/key and value dimensions
+    # kept per head
+    qk_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def layout(self) -> dict:
         """What a checkpoint records to rebuild this layer's shapes."""
@@ -96,6 +102,8 @@ class LayerPlan:
             layout.update(num_attention_heads=self.heads, num_key_value_heads=self.kv_heads)
         if self.o_bias_added:
             layout["o_proj_bias"] = True
+        if self.qk_head_dim is not None:
+            layout.update(qk_head_dim=self.qk_head_dim, v_head_dim=self.v_head_dim)
         return layout
 
 
@@ -144,10 +152,18 @@ class Plan:
         if len(widths) != len(self.layers):
             raise ValueError(f"{len(widths)} widths for {len(self.layers)} layers")
         return replace(self, layers=[
-            _layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias,
-                        layer.kv_heads, self._group_size, layer.o_bias_added)
+            replace(_layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias,
+                                layer.kv_heads, self._group_size, layer.o_bias_added),
+                    qk_head_dim=layer.qk_head_dim, v_head_dim=layer.v_head_dim)
             for layer, width in zip(self.layers, widths)
         ])
+
+    def with_head_dims(self, dims: list) -> "Plan":
+        """The same plan with other per-layer (query/key, value) head dimensions kept, counted afresh."""
+        if len(dims) != len(self.layers):
+            raise ValueError(f"{len(dims)} head dimension pairs for {len(self.layers)} layers")
+        return replace(self, layers=[replace(layer, qk_head_dim=qk, v_head_dim=v)
+                                     for layer, (qk, v) in zip(self.layers, dims)])
 
     def with_attention_ranks(self, ranks: list) -> "Plan":
         """The same plan with other per-layer ranks (adaptive rank allocation), counted afresh."""
@@ -177,8 +193,12 @@ class Plan:
 
     def kv_cache_values_per_token(self, dense: bool = False) -> int:
         """Keys and values cached per token, over all layers (times the dtype's bytes: the KV cache)."""
-        return sum(2 * (self.kv_heads if dense or layer.kv_heads is None else layer.kv_heads) * self.head_dim
-                   for layer in self.layers)
+        total = 0
+        for layer in self.layers:
+            kv = self.kv_heads if dense or layer.kv_heads is None else layer.kv_heads
+            narrowed = not dense and layer.qk_head_dim is not None
+            total += kv * ((layer.qk_head_dim + layer.v_head_dim) if narrowed else 2 * self.head_dim)
+        return total
 
     def to_dict(self) -> dict:
         return {
@@ -210,6 +230,8 @@ def module_rows(plan: Plan) -> list:
             }
             if layer.kv_heads is not None:
                 row["heads"] = layer.kv_heads if name in ("k_proj", "v_proj") else layer.heads
+            if layer.qk_head_dim is not None:
+                row["head_dim"] = layer.v_head_dim if name in ("v_proj", "o_proj") else layer.qk_head_dim
             rows.append(row)
         dense_ffn = ffn_shapes_from(plan, plan.intermediate_size)
         kept_ffn = ffn_shapes_from(plan, layer.ffn_width, layer.down_bias_added)
@@ -229,7 +251,13 @@ def module_rows(plan: Plan) -> list:
 
 
 def kept_attention_shapes(plan: Plan, layer: LayerPlan) -> dict:
-    """{projection: (out, in, bias)} of a layer's attention after head pruning (the dense shapes without)."""
+    """{projection: (out, in, bias)} of a layer's attention after head pruning or head-dimension
+    narrowing (the dense shapes without)."""
+    if layer.qk_head_dim is not None:
+        (_, d, qkv_bias), o_bias = plan.attention["q_proj"], plan.attention["o_proj"][2]
+        qk, v = layer.qk_head_dim, layer.v_head_dim
+        return {"q_proj": (plan.heads * qk, d, qkv_bias), "k_proj": (plan.kv_heads * qk, d, qkv_bias),
+                "v_proj": (plan.kv_heads * v, d, qkv_bias), "o_proj": (d, plan.heads * v, o_bias)}
     if layer.kv_heads is None:
         return plan.attention
     q_rows, kv_rows = layer.heads * plan.head_dim, layer.kv_heads * plan.head_dim
@@ -277,9 +305,13 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     compress_attention = "attention" in settings.sublayers
     compress_ffn = "ffn" in settings.sublayers
     attention_ratio = min(layer_ratio * settings.attention_scale, MAX_RATIO)
-    ranks, kv_heads, o_bias_added = dense_ranks, None, False
+    ranks, kv_heads, o_bias_added, dims = dense_ranks, None, False, (None, None)
     heads_per_group = shapes["q_proj"][0] // shapes["k_proj"][0]
-    if compress_attention and settings.attention == "heads":
+    if compress_attention and settings.attention == "headdim":
+        dims = kept_head_dims(config, attention_ratio, settings.allocation_a, settings.align)
+        if dims == (head_dim(config),) * 2:  # nothing removed: the layer's attention stays as it is
+            dims = (None, None)
+    elif compress_attention and settings.attention == "heads":
         kv_heads = kept_kv_heads(config, attention_ratio)
         # compensating removed heads needs a bias on o_proj; a model without attention biases gains one
         removes = kv_heads < kv_groups(config)
@@ -291,7 +323,8 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     m = config.intermediate_size
     width = ffn_kept_width(m, layer_ratio, settings.bottom_keep, settings.align) if compress_ffn else m
     ffn_bias = ffn_shapes(config)["gate_proj"][2]
-    layers = [_layer_plan(i, ranks, width, settings, m, ffn_bias, kv_heads, heads_per_group, o_bias_added)
+    layers = [replace(_layer_plan(i, ranks, width, settings, m, ffn_bias, kv_heads, heads_per_group, o_bias_added),
+                      qk_head_dim=dims[0], v_head_dim=dims[1])
               for i in range(config.num_hidden_layers)]
     return Plan(
         settings=settings,
@@ -304,6 +337,16 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
         other_parameters=other_parameters(config),
         head_dim=head_dim(config),
     )
+
+
+def plan_with_layer_ratios(config, settings: PlanSettings, ratios: list) -> Plan:
+    """A plan whose layer i loses ratios[i] of its attention and FFN (a layer allocation), counted afresh."""
+    if len(ratios) != config.num_hidden_layers:
+        raise ValueError(f"{len(ratios)} ratios for {config.num_hidden_layers} layers")
+    by_ratio = {ratio: plan_with_layer_ratio(config, settings, ratio) for ratio in set(ratios)}
+    first = by_ratio[ratios[0]]
+    return replace(first, layer_ratio=sum(ratios) / len(ratios),
+                   layers=[by_ratio[ratio].layers[index] for index, ratio in enumerate(ratios)])
 
 
 def kept_kv_heads(config, attention_ratio: float) -> int:
@@ -323,6 +366,61 @@ def kept_kv_heads(config, attention_ratio: float) -> int:
             f"{groups} KV group(s)); use a smaller --ratio, --mode exact, or --attention lowrank"
         )
     return kept
+
+
+# With --align above 1, kept head dimensions are multiples of this (attention kernels tile head dimensions by 8)
+HEAD_DIM_MULTIPLE = 8
+
+
+def head_dims_refusal(config) -> str | None:
+    """Why this model's attention cannot be narrowed per head dimension, or None where it can."""
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return (f"{config.model_type} applies RoPE to part of each head ({config.partial_rotary_factor:g}); narrowing "
+                "head dimensions needs RoPE on all of them. Use --attention lowrank for this model")
+    if head_dim(config) % 2:
+        return f"head dimension {head_dim(config)} is odd; RoPE pairs need an even one. Use --attention lowrank"
+    return None
+
+
+def kept_head_dims(config, attention_ratio: float, allocation_a: float, align) -> tuple:
+    """(query/key, value) dimensions each head keeps when `attention_ratio` of a layer's attention goes.
+
+    A query/key dimension and a value dimension cost the same parameters (a row of q for every query
+    head and of k for every KV head, against a row of v and a column of o), so the kept dimensions
+    add up to (1 - ratio) of twice the head dimension, shared a:1 between value and query/key, as
+    factor pairs share their parameters (the value side capped at the head dimension). Query/key
+    dimensions come in RoPE pairs."""
+    refusal = head_dims_refusal(config)
+    if refusal:
+        raise LorapError(refusal)
+    dim = head_dim(config)
+    multiple = HEAD_DIM_MULTIPLE if align != 1 else 1
+    kept = 2 * dim * (1 - attention_ratio)
+    v = min(dim, kept * allocation_a / (1 + allocation_a))
+    qk = min(dim, kept - v)
+    v = min(dim, kept - qk)
+    qk_step = max(2, multiple)
+    qk = int(math.floor(qk / qk_step + 0.5)) * qk_step
+    v = int(math.floor(v / multiple + 0.5)) * multiple
+    if qk < 2 or v < 1:
+        raise LorapError(
+            f"removing {attention_ratio:.0%} of each layer's attention leaves heads of dimension {dim} no "
+            f"query/key pair or value dimension" + (f" in multiples of {multiple}" if multiple > 1 else "")
+            + "; use a smaller --ratio, --mode exact, or --align 1")
+    return min(qk, dim), min(v, dim)
+
+
+def most_removable_head_dim_ratio(config, settings: PlanSettings) -> float:
+    """The largest attention ratio at which every head still keeps a query/key pair and a value dimension."""
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        try:
+            kept_head_dims(config, mid, settings.allocation_a, settings.align)
+            low = mid
+        except LorapError:
+            high = mid
+    return low
 
 
 def most_removable_head_ratio(config) -> float:
@@ -380,6 +478,8 @@ def _exact_plan(config, settings: PlanSettings) -> Plan:
     limit = 1 - settings.bottom_keep - 1e-9
     if settings.attention == "heads" and "attention" in settings.sublayers:  # every layer keeps a KV group
         limit = min(limit, most_removable_head_ratio(config) / settings.attention_scale)
+    if settings.attention == "headdim" and "attention" in settings.sublayers:  # every head keeps a pair and a value
+        limit = min(limit, most_removable_head_dim_ratio(config, settings) / settings.attention_scale)
 
     def plan_at(r):
         return plan_with_layer_ratio(config, settings, r)

@@ -7,11 +7,11 @@ from ..options import require_positive_int, setting
 # How sources pooled with '+' share the training data: "equal" gives each the same number of
 # examples (recover/data.py: equal_shares), as calibration gives each the same number of windows;
 # "size" keeps every example of each, so a large corpus dominates. Equal is the default because it
-# measured better in and out of domain (docs/recovery.md, "recovered 30 minutes ... on two domains").
+# measured better in and out of domain (docs/records/recovery.md, "recovered 30 minutes ... on two domains").
 DATA_MIXES = ("equal", "size")
 # The peak learning rate when none is given. LoRA keeps the paper's 1e-4. Full fine-tuning takes the
 # rate that left the lowest held-out loss (windows of the training text's own train split) at both
-# 20% and 50% of the default model, among 5e-5, 2e-4 and 8e-4 (docs/recovery.md: recovery-lr-20,
+# 20% and 50% of the default model, among 5e-5, 2e-4 and 8e-4 (docs/records/recovery.md: recovery-lr-20,
 # recovery-lr-50). On a second domain's validation split (pydocs) it tied 5e-5 at 20% and won at 50%.
 # Judged, it beat 5e-5 on every corpus at 50%, and at 20% only in domain.
 LORA_LR = 1e-4
@@ -43,7 +43,7 @@ class RecoveryConfig:
         None, "the learning rate reaches zero at step N (default: at the last step); training never runs past it, and "
         "stops before it when --max-steps or --max-minutes is reached first", parse=int)
     # Off by default: at 430 steps of the 50% run, decaying to zero did no better on held-out text
-    # than a rate that barely decays (docs/recovery.md, the schedule control).
+    # than a rate that barely decays (docs/records/recovery.md, the schedule control).
     budget_decay: bool = setting(
         False, "with --max-minutes, also hold the rate to the peak times the share of the budget left, so it reaches "
         "zero as the budget runs out (default: the step schedule alone)")

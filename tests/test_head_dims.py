@@ -1,0 +1,165 @@
+"""Head-dimension narrowing (--attention headdim): the method's choices, the plan's shapes and KV
+cache, and compressed checkpoints of every family that reload (with and without lorap)."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_ARCHITECTURES, build_tiny_model, tiny_config
+from lorap import api
+from lorap.errors import LorapError
+from lorap.methods.head_dims import narrow_head_dims, pair_scores, whitened_moments
+from lorap.methods.head_pruning import HeadLayout
+from lorap.pipeline.layer_step import AttentionView
+from lorap.architectures import Architecture
+from lorap.pipeline.statistics import ProjectionInputs
+from lorap.plan.plan import PlanSettings, make_plan
+
+SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
+
+
+def _inputs_of(x: torch.Tensor) -> ProjectionInputs:
+    x = x.double()
+    return ProjectionInputs(norm=x.pow(2).sum(0).sqrt(), mean=x.mean(0), gram=x.T @ x, tokens=x.shape[0])
+
+
+def _correlated_inputs(width: int, tokens: int = 2000) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.randn(width, width, generator=generator, dtype=torch.float64) * 0.3
+    return torch.randn(tokens, width, generator=generator, dtype=torch.float64) @ mixing + 0.2
+
+
+def _layout(config) -> HeadLayout:
+    plan = make_plan(config, PlanSettings(ratio=0.2, sublayers=("ffn",)))
+    return HeadLayout.of(plan)
+
+
+@pytest.mark.parametrize("arch", ["llama_mha", "qwen2", "phi3"])
+def test_keeping_every_dimension_changes_nothing(arch):
+    model = build_tiny_model(arch)
+    layout = _layout(model.config)
+    layer = model.model.layers[0]
+    architecture = Architecture(model.config)
+    x = _correlated_inputs(model.config.hidden_size)
+    narrowed = narrow_head_dims(AttentionView(architecture, layer), _inputs_of(x), layout, layout.head_dim, layout.head_dim)
+    assert narrowed.dropped_pair_score == 0 and narrowed.dropped_value_energy < 1e-12
+    attention = AttentionView(architecture, layer)
+    xs = x.float()
+    for name in ("q_proj", "k_proj"):  # every pair kept, in its place
+        assert torch.equal(narrowed.projections[name].weight, getattr(attention, name).weight)
+    dense_vo = _value_output(attention.v_proj, attention.o_proj, xs, layout)
+    narrowed_vo = _value_output(narrowed.projections["v_proj"], narrowed.projections["o_proj"], xs, layout)
+    assert (dense_vo - narrowed_vo).abs().max() <= 1e-4 * dense_vo.abs().max()
+
+
+def _value_output(v_proj, o_proj, x, layout: HeadLayout) -> torch.Tensor:
+    """What the heads add to the residual if every token attends to itself alone."""
+    with torch.no_grad():
+        values = v_proj(x).reshape(len(x), layout.kv_heads, -1)
+        per_head = values.repeat_interleave(layout.heads_per_group, 1).reshape(len(x), -1)
+        return torch.nn.functional.linear(per_head, o_proj.weight)
+
+
+def _head_outputs(v_proj, o_proj, x, layout: HeadLayout, group: int) -> torch.Tensor:
+    """Each of a group's query heads' map through its values to the residual, side by side: heads
+    weigh the shared values by attention weights of their own, so each map counts on its own."""
+    with torch.no_grad():
+        values = v_proj(x).reshape(len(x), layout.kv_heads, -1)[:, group].double()
+        width = values.shape[1]
+        heads = range(group * layout.heads_per_group, (group + 1) * layout.heads_per_group)
+        weight = o_proj.weight.double()
+        return torch.cat([values @ weight[:, head * width : (head + 1) * width].T for head in heads], dim=1)
+
+
+def test_the_value_basis_drops_what_its_singular_values_say():
+    """Per KV group, the squared error of the narrowed value-to-output map on the calibration inputs is
+    the energy of the dropped singular values (the truncation is optimal for the whitened map)."""
+    model = build_tiny_model("llama_gqa")
+    layout = _layout(model.config)
+    attention = AttentionView(Architecture(model.config), model.model.layers[1])
+    x = _correlated_inputs(model.config.hidden_size)
+    kept = layout.head_dim // 2
+    narrowed = narrow_head_dims(attention, _inputs_of(x), layout, layout.head_dim, kept)
+    xs = x.float()
+    group_errors, group_totals = 0.0, 0.0
+    for group in range(layout.kv_heads):
+        dense = _head_outputs(attention.v_proj, attention.o_proj, xs, layout, group)
+        new = _head_outputs(narrowed.projections["v_proj"], narrowed.projections["o_proj"], xs, layout, group)
+        group_errors += float((dense - new).pow(2).sum())
+        group_totals += float(dense.pow(2).sum())
+    assert group_errors / group_totals == pytest.approx(narrowed.dropped_value_energy, rel=1e-3)
+    assert 0 < narrowed.dropped_value_energy < 0.5
+
+
+def test_query_key_pairs_are_kept_whole_by_their_scores():
+    model = build_tiny_model("qwen2")
+    layout = _layout(model.config)
+    attention = AttentionView(Architecture(model.config), model.model.layers[0])
+    inputs = _inputs_of(_correlated_inputs(model.config.hidden_size))
+    kept = layout.head_dim - 4  # two pairs go
+    narrowed = narrow_head_dims(attention, inputs, layout, kept, layout.head_dim)
+    scores = pair_scores(attention, whitened_moments(inputs), layout)
+    half = layout.head_dim // 2
+    for group, index in enumerate(narrowed.rope_index.tolist()):
+        first, second = index[: kept // 2], index[kept // 2 :]
+        assert second == [i + half for i in first] and first == sorted(first)
+        dropped = sorted(set(range(half)) - set(first))
+        assert max(scores[group, dropped]) <= min(scores[group, first])
+    rows = narrowed.rope_index[0].tolist()
+    assert torch.equal(narrowed.projections["k_proj"].weight[:kept], attention.k_proj.weight[rows])
+    assert torch.equal(narrowed.projections["k_proj"].bias[:kept], attention.k_proj.bias[rows])
+
+
+def test_the_plan_narrows_heads_and_their_cache():
+    config = tiny_config("llama_gqa")
+    plan = make_plan(config, PlanSettings(ratio=0.3, attention="headdim", allocation_a=1.0))
+    layer = plan.layers[0]
+    assert layer.qk_head_dim % 2 == 0 and layer.qk_head_dim < 16 and layer.v_head_dim < 16
+    cache = plan.to_dict()["totals"]["kv_cache_values_per_token"]
+    assert cache["compressed"] == 2 * 2 * (layer.qk_head_dim + layer.v_head_dim)  # 2 layers x 2 KV heads
+    assert cache["dense"] == 2 * 2 * 2 * 16
+    rows = {row["module"]: row for row in plan.rows if row["layer"] == 0}
+    assert rows["q_proj"]["shape"] == [4 * layer.qk_head_dim, 64] and rows["o_proj"]["shape"] == [64, 4 * layer.v_head_dim]
+    assert plan.layout()[0]["qk_head_dim"] == layer.qk_head_dim
+
+
+def test_a_head_dimension_too_small_for_the_budget_is_refused():
+    config = tiny_config("llama_gqa")
+    with pytest.raises(LorapError, match="query/key pair"):
+        make_plan(config, PlanSettings(ratio=0.9, attention="headdim", sublayers=("attention",)))
+
+
+def test_partial_rotary_is_refused_before_any_weight_loads():
+    config = tiny_config("phi3", partial_rotary_factor=0.5)
+    with pytest.raises(LorapError, match="RoPE"):
+        make_plan(config, PlanSettings(ratio=0.2, attention="headdim"))
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
+def test_a_narrowed_checkpoint_reloads_and_caches_fewer_values(arch, tmp_path, tiny_tokenizer):
+    source = tmp_path / "dense"
+    build_tiny_model(arch, vocab_size=len(tiny_tokenizer)).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    out = tmp_path / "narrowed"
+    result = api.compress(str(source), out, preset="best", attention="headdim", ratio=0.2, mode="reference",
+                          align=1, progress=False, stream=False, predict_speed=False, **SMALL)
+    layers = json.loads((out / "config.json").read_text())["lorap"]["layers"]
+    head_dim = result.model.model.layers[0].self_attn.head_dim
+    assert all(layer["qk_head_dim"] + layer["v_head_dim"] < 2 * head_dim for layer in layers)
+    inputs = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    reloaded, _ = api.load(out)
+    with torch.no_grad():
+        expected = result.model(inputs).logits
+        assert (reloaded(inputs).logits - expected).abs().max() <= 1e-5
+        cache = reloaded(inputs, use_cache=True).past_key_values
+    plan = result.report["plan"]["totals"]["kv_cache_values_per_token"]
+    cached = sum(layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) for layer in cache.layers)
+    assert cached == plan["compressed"] < plan["dense"]
+    from lorap.evaluate import efficiency
+
+    assert efficiency.kv_cache_bytes_per_token(reloaded) == 4 * plan["compressed"]  # float32
+    assert efficiency.counted_macs_per_token(reloaded, 16) == efficiency.macs_per_token(reloaded, 16)["total"]
+    if arch == "llama_gqa":  # in plain transformers, without lorap (one family: a subprocess costs seconds)
+        from test_compress import assert_reloads_without_lorap
+
+        assert_reloads_without_lorap(out, inputs, expected, tmp_path)
