@@ -37,12 +37,12 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def _compressed(arch, root, tokenizer):
-    """A tiny model compressed at 50% (attention factorized, FFN pruned) as a lorap checkpoint."""
+def _compressed(arch, root, tokenizer, **settings):
+    """A tiny model compressed at 50% (attention factorized, or as `settings` say; FFN pruned) as a lorap checkpoint."""
     dense = root / "dense"
     build_tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(dense)
     tokenizer.save_pretrained(dense)
-    api.compress(str(dense), root / "compressed", ratio=0.5, progress=False, **SMALL)
+    api.compress(str(dense), root / "compressed", ratio=0.5, progress=False, **{**SMALL, **settings})
     return root / "compressed"
 
 
@@ -51,10 +51,13 @@ def compressed_dir(tmp_path_factory, tiny_tokenizer):
     return _compressed("llama_gqa", tmp_path_factory.mktemp("recover-llama"), tiny_tokenizer)
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "qwen2"])
+@pytest.fixture(scope="module", params=["llama_gqa", "qwen2", "qwen2-headdim"])
 def compressed_any(request, tmp_path_factory, tiny_tokenizer):
-    """Every architecture whose factors differ in kind: plain, and with q/k/v biases (Qwen2)."""
-    return _compressed(request.param, tmp_path_factory.mktemp(f"recover-{request.param}"), tiny_tokenizer)
+    """Every architecture whose factors differ in kind: plain, with q/k/v biases (Qwen2), and heads
+    narrowed (plain narrower matrices and the narrowed attention's forward)."""
+    arch, _, attention = request.param.partition("-")
+    settings = dict(attention=attention, align=1) if attention else {}
+    return _compressed(arch, tmp_path_factory.mktemp(f"recover-{request.param}"), tiny_tokenizer, **settings)
 
 
 RECORDS = [
@@ -77,7 +80,8 @@ def test_lora_attaches_to_dense_projections_and_both_factors(compressed_any):
                 elif isinstance(child, torch.nn.Linear):
                     expected.append(prefix)
     assert sorted(targets) == sorted(expected)
-    assert any(t.endswith("q_proj.right") for t in targets) and any(t.endswith("down_proj") for t in targets)
+    pairs = any(isinstance(module, LowRankLinear) for module in model.modules())
+    assert any(t.endswith("q_proj.right") for t in targets) == pairs and any(t.endswith("down_proj") for t in targets)
     assert not any("lm_head" in t or "embed" in t for t in targets)
     peft_model = attach_lora(model, RecoveryConfig(lora_r=4))
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
