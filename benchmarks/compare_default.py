@@ -33,7 +33,7 @@ TABLES = {
     "main": {"title": "Baselines under one budget", "methods": DEFAULT_COMPARISON, "ratios": "ratios",
              "seqlens": "128,2048"},
     "ablations": {"title": "Ablations and options, one at a time",
-                  "methods": ("paper", "plain-svd", "asvd", "svd-llm", "uniform-ranks", "no-bottom-keep",
+                  "methods": ("paper", "plain-svd", "asvd", "svd-llm-attention", "uniform-ranks", "no-bottom-keep",
                               "attention-only", "ffn-only", "bias", "lstsq", "adaptive"),
                   "ratios": "ablation_ratios", "seqlens": "128"},
 }

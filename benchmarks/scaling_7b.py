@@ -8,7 +8,7 @@ WORK/rows.json; the docs/records/scaling.md section `scaling-7b` is rewritten fr
 so presets may be measured in separate invocations (and commits; each row records its own).
 
     .venv/bin/python benchmarks/scaling_7b.py --runs paper:4,paper:8,paper:32
-    .venv/bin/python benchmarks/scaling_7b.py --runs svd-llm:4,best:4
+    .venv/bin/python benchmarks/scaling_7b.py --runs svd-llm-attention:4,best:4
     .venv/bin/python benchmarks/scaling_7b.py --page-only     # the page from WORK/rows.json
 
 The tokenizer is the built-in model's, cut to LLaMA-2's 32,000 entries (tokens above are dropped
@@ -29,7 +29,7 @@ import torch
 
 from common import CONFIGS, DOCS, Load, head_commit, lorap, machine_line, update_section
 
-SECTIONS = {"scaling-7b": "--runs paper:4,paper:8,paper:32,svd-llm:4,best:4"}
+SECTIONS = {"scaling-7b": "--runs paper:4,paper:8,paper:32,svd-llm-attention:4,best:4"}
 CONFIG = CONFIGS / "llama-2-7b.json"
 SHARD_BYTES = 2 * 2**30
 CORPUS_DOCUMENTS = 200
@@ -193,7 +193,7 @@ def write_page(page: Path, rows: list) -> None:
         "Command (each checkpoint is generated, compressed in a fresh process, checked and deleted):",
         "",
         "```",
-        ".venv/bin/python benchmarks/scaling_7b.py --runs paper:4,paper:8,paper:32,svd-llm:4,best:4",
+        ".venv/bin/python benchmarks/scaling_7b.py --runs paper:4,paper:8,paper:32,svd-llm-attention:4,best:4",
         "# each compression is:",
         " ".join(["lorap", *compress_args(Path("MODEL"), Path("OUT"), "PRESET", Path("calibration.txt"))]),
         "```",
@@ -253,7 +253,7 @@ def findings(rows: list) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="paper:4,paper:8,paper:32,svd-llm:4,best:4",
+    parser.add_argument("--runs", default="paper:4,paper:8,paper:32,svd-llm-attention:4,best:4",
                         help="PRESET:LAYERS, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-7b"))
     parser.add_argument("--page", type=Path, default=DOCS / "records/scaling.md")

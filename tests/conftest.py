@@ -130,8 +130,8 @@ def default_model_dir():
 def compressed_dirs(tmp_path_factory, tiny_tokenizer):
     """{name: lorap checkpoint folder} of tiny LLaMA-layout models: factor pairs and uneven FFN widths
     (adaptive, with a down-projection bias), factor pairs with even widths, FFN channels only, even
-    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, heads removed, and
-    heads narrowed (LLaMA and Qwen2).
+    widths with a down-projection bias, Qwen2 (q/k/v biases) compressed by best, heads removed, heads
+    narrowed (LLaMA and Qwen2), every projection factorized (SVD-LLM) and a layer removed (ShortGPT).
     Compressed once per session: tests/test_export.py and tests/test_export_llamacpp.py read the same
     checkpoints and never change them."""
     from lorap import api
@@ -153,6 +153,8 @@ def compressed_dirs(tmp_path_factory, tiny_tokenizer):
         # heads narrowed (padded back with zeros on export), with and without q/k/v biases
         "headdim": ("llama_gqa", dict(preset="best", attention="headdim", ratio=0.3, mode="exact", align=1)),
         "qwen2-headdim": ("qwen2", dict(preset="best", attention="headdim", ratio=0.3, mode="exact", align=1)),
+        "svd-llm": ("llama_gqa", dict(preset="svd-llm", ratio=0.3)),  # every projection a factor pair, the FFN's too
+        "shortgpt": ("llama_gqa", dict(preset="shortgpt", ratio=0.4)),  # one of two layers removed whole
     }.items():
         api.compress(str(root / arch), root / name, **common, **settings)
         folders[name] = root / name

@@ -106,7 +106,7 @@ def test_align_auto_takes_the_devices_multiple_and_the_paper_keeps_its_integers(
 
     monkeypatch.setattr(alignment, "device_default", lambda: 64)
     assert _shapes(make_plan(llama7b, config_for("paper", ratio=0.2).plan_settings())) == ({1228}, {8807})
-    for preset in ("paper", "best", "svd-llm"):
+    for preset in ("paper", "best", "svd-llm-attention"):
         plan = make_plan(llama7b, config_for(preset, ratio=0.2, align="auto").plan_settings())
         assert plan.settings.align == 64  # the plan records the multiple it used
         ranks, widths = _shapes(plan)
@@ -139,8 +139,8 @@ def test_align_auto_is_recorded_as_the_multiple_used(tiny_model_dir, tmp_path, c
 def test_best_and_the_baselines_align_by_default_and_the_paper_and_its_ablations_do_not():
     from lorap.methods.presets import METHODS
 
-    deployed = {"best", "svd-magnitude", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor", "wanda-sp-ffn", "flap-ffn",
-                "llm-pruner-l2-ffn", "llm-pruner-taylor-ffn"}
+    deployed = {"best", "svd-magnitude", "modegpt", "wanda-sp", "flap", "llm-pruner-l2", "llm-pruner-taylor",
+                "wanda-sp-ffn", "flap-ffn", "llm-pruner-l2-ffn", "llm-pruner-taylor-ffn"}
     for name in METHODS:
         expected = "auto" if name in deployed else 256 if name == "serving" else 1  # serving: the engines' multiple
         assert config_for(name).align == expected, name

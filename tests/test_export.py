@@ -106,7 +106,8 @@ def test_rotary_reorder_is_a_permutation_of_each_heads_rows():
     assert torch.equal(reordered[:4], weight[[0, 2, 1, 3]]) and torch.equal(reordered[4:], weight[[4, 6, 5, 7]])
 
 
-@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best", "headdim", "qwen2-headdim"])
+@pytest.mark.parametrize("name", ["best", "paper", "ffn-only", "lstsq", "qwen2-best", "headdim", "qwen2-headdim",
+                                  "svd-llm", "shortgpt"])
 def test_gguf_holds_the_compressed_model(compressed_dirs, tmp_path, name):
     out = tmp_path / f"{name}.gguf"
     assert main(["export", str(compressed_dirs[name]), "--format", "gguf", "--out", str(out), "--dtype", "f32",
@@ -123,7 +124,8 @@ def test_gguf_holds_the_compressed_model(compressed_dirs, tmp_path, name):
     if expected_arch == "deci":
         assert value("deci.feed_forward_length") == widths
     assert value("tokenizer.ggml.model") == "gpt2" and len(value("tokenizer.ggml.tokens")) == 512
-    ranks = [layer.get(p) for layer in layout for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    ranks = [layer.get(p) for layer in layout for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                          "down_proj")]  # (the FFN's: SVD-LLM)
     pairs = sum(rank is not None for rank in ranks)
     assert report["parameters"]["merged_factor_pairs"] == pairs
     assert (report["parameters"]["added_back_by_merging"] > 0) == (pairs > 0)

@@ -31,8 +31,9 @@ EVERY_PRESET_ON = "llama_gqa"
 # The serving preset's FFN widths are multiples of 256: the tiny FFN (160) would keep every channel.
 # The head-pruning baselines: with 2 KV groups, 20% rounds to keeping both; with 4, one goes.
 FOUR_GROUPS = dict(num_attention_heads=8, num_key_value_heads=4)
+# ShortGPT removes whole layers: 20% of 2 layers rounds to none, of 4 to one.
 MODEL_OVERRIDES = {"serving": dict(intermediate_size=1024), "wanda-sp": FOUR_GROUPS, "flap": FOUR_GROUPS,
-                   "llm-pruner-l2": FOUR_GROUPS, "llm-pruner-taylor": FOUR_GROUPS}
+                   "llm-pruner-l2": FOUR_GROUPS, "llm-pruner-taylor": FOUR_GROUPS, "shortgpt": dict(num_hidden_layers=4)}
 
 
 def golden_cases() -> list:

@@ -234,7 +234,7 @@ def test_memory_estimate_counts_gram_matrices_and_the_scoring_pass_of_a_streamed
         assert main(["plan", str(tmp_path / "config.json"), "--ratio", "0.3", "--json", *options]) == 0
         return json.loads(capsys.readouterr().out)["memory_estimate"]
 
-    paper, whitened, best = estimate(), estimate("--preset", "svd-llm"), estimate("--preset", "best")
+    paper, whitened, best = estimate(), estimate("--preset", "svd-llm-attention"), estimate("--preset", "best")
     assert paper["gram_bytes"] == 0 and whitened["gram_bytes"] == 2 * 8 * 64**2  # q and o inputs, float64
     assert best["gram_bytes"] == whitened["gram_bytes"] + 8 * 160**2  # and the FFN's down input
     assert whitened["streaming_peak_bytes"] > paper["streaming_peak_bytes"]

@@ -100,7 +100,7 @@ def test_whole_model_passes_and_gram_matrices_come_from_the_registry():
     assert best.gram_sources() == ("down_proj", "o_proj", "q_proj")
     assert config_for("paper", ratio=0.2).gram_sources() == ()
     assert not config_for("paper", ratio=0.2).needs_whole_model
-    assert config_for("svd-llm", ratio=0.2, sublayers=("ffn",)).gram_sources() == ()
+    assert config_for("svd-llm-attention", ratio=0.2, sublayers=("ffn",)).gram_sources() == ()
 
 
 def test_a_criterion_of_a_part_the_run_does_not_use_costs_no_whole_model_pass():

@@ -72,7 +72,8 @@ def test_streamed_equals_in_memory(sharded_model_dir, tmp_path):
 PRESET_CASES = [("llama_gqa", False, name) for name in METHODS] + [
     (arch, tied, name) for arch, tied in (("qwen2", True), ("gemma", True))
     for name in ("best", "flap", "llm-pruner-taylor")
-] + [("phi3", False, name) for name in ("best", "llm-pruner-taylor-ffn")]
+] + [("phi3", False, name) for name in ("best", "llm-pruner-taylor-ffn", "svd-llm")] + [
+    ("qwen2", True, "shortgpt")]  # (Phi-3's fused gate_up as factor pairs; Qwen2's per-layer layer_types)
 
 
 @pytest.mark.parametrize("sharded_model_dir,preset", [((arch, tied), name) for arch, tied, name in PRESET_CASES],

@@ -6,7 +6,7 @@ The modeling file of a checkpoint reads the same description from `config.lorap[
 """
 from torch import nn
 
-from .families import FFN_PROJECTIONS, PROJECTIONS, SHARED_INPUTS, attention_shapes, family_of, ffn_shapes
+from .families import FFN_PROJECTIONS, PROJECTIONS, SHARED_INPUTS, attention_shapes, family_of, ffn_shapes, keep_layers
 from .modeling_lorap import SplitLinear, module_at, narrow_head_dims, set_module_at
 
 
@@ -42,6 +42,19 @@ class Architecture:
             except AttributeError:  # optional (a model without a shared rotary module)
                 continue
         return modules
+
+    def remove_layers(self, model, removed) -> None:
+        """Drop the decoder layers `removed` (indices) from `model`: the others are renumbered (each
+        attention's `layer_idx`, its slot in the KV cache) and the model's config describes them alone."""
+        layers = self.decoder_layers(model)
+        kept = [index for index in range(len(layers)) if index not in set(removed)]
+        modules = [layers[index] for index in kept]
+        for new_index, layer in enumerate(modules):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index
+        set_module_at(model, self.family.layers, nn.ModuleList(modules))
+        keep_layers(model.config, kept)
 
     def input_modules(self, layer) -> dict:
         """{input source: the module whose input it is} (see SHARED_INPUTS)."""

@@ -126,3 +126,17 @@ def other_parameters(config) -> int:
     head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * d
     norms = (family_of(config).norms_per_layer * n_layers + 1) * d  # each layer's and the final one
     return embeddings + head + norms
+
+
+# Config entries holding one value per decoder layer (Qwen2's sliding or full attention per layer)
+PER_LAYER_CONFIG_LISTS = ("layer_types",)
+
+
+def keep_layers(config, kept: list) -> None:
+    """Make `config` (in place) describe only the decoder layers `kept` (dense indices, in order): the
+    layer count, and each per-layer list cut to those layers."""
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if values is not None:
+            setattr(config, name, [values[index] for index in kept])
+    config.num_hidden_layers = len(kept)

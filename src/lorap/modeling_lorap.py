@@ -5,7 +5,8 @@ config.json `auto_map`, so `AutoModelForCausalLM.from_pretrained(DIR, trust_remo
 works where lorap is not installed. It must therefore import nothing from lorap.
 
 The compressed shapes are recorded in `config.lorap["layers"]`: for each decoder layer, the
-rank of each attention projection (null when it stayed dense), the FFN width kept, and
+rank of each attention projection (null when it stayed dense), the FFN width kept, where the FFN's
+projections were factorized too the rank of gate_proj, up_proj and down_proj, and
 `down_proj_bias: true` where the down projection gained a bias (compensated channels), and where
 heads were removed, the layer's `num_attention_heads` and `num_key_value_heads` (with
 `o_proj_bias: true` where o_proj gained a bias). The attention code of these families reads a
@@ -18,6 +19,8 @@ ascending order, then their partners i + head_dim/2 in the same order (a layout 
 as `rope_index`, lists per group). q/k rows (and biases) follow that order per
 head, v keeps v_head_dim rows per group and o_proj v_head_dim columns per query head; the layer's
 attention then runs HeadDimAttention's forward, so its KV cache holds the narrowed dims.
+A model whose layers were removed whole (ShortGPT) is a plain smaller model: its config has fewer
+layers, renumbered, and `layers` one entry per kept layer (`removed_layers` names the dense ones gone).
 `config.lorap["architecture"]` says where the projections live (written by lorap's
 architectures.py; checkpoints without it have LLaMA's names): the decoder layer list, the
 module of each logical projection, and the fused modules with [part, rows] in row order.
@@ -355,7 +358,7 @@ def _layer_modules(layer, layout: dict, architecture: dict) -> dict:
         built, changed = {}, False
         for name in sizes:
             out_features, in_features = sizes[name], module.in_features
-            rank = layout.get(name) if name in ATTENTION_PROJECTIONS else None
+            rank = layout.get(name)  # a factor pair's rank, for any projection (the FFN's too: SVD-LLM)
             if name in narrowed:
                 changed |= narrowed[name] != (in_features if name in NARROWED_INPUTS else out_features)
                 if name in NARROWED_INPUTS:

@@ -10,7 +10,7 @@ def format_perplexity(result: dict) -> str:
 
 
 def _layout_key(layer_rows: list) -> tuple:
-    return tuple((r["module"], r.get("rank"), r.get("width")) for r in layer_rows)
+    return tuple((r["module"], r.get("rank"), r.get("width"), r.get("removed", False)) for r in layer_rows)
 
 
 def _layer_groups(rows: list) -> list:
@@ -39,16 +39,26 @@ def format_plan(plan_dict: dict) -> str:
         + (f"; attention: whole KV groups removed with their query heads" if settings.get("attention") == "heads"
            else f"; a = {settings['allocation_a']:g}")
         + f", bottom-keep {settings['bottom_keep']:g}, sublayers {'+'.join(settings['sublayers'])}"
+        + ("; FFN: factor pairs" if settings.get("ffn") == "lowrank" else "")
+        + ("; every factor pair keeps the same share of its matrix" if settings.get("rank_allocation") == "share" else "")
         + (f"; ranks and widths multiples of {settings['align']}" if settings.get("align", 1) > 1 else "")
         + (f"; factor pairs too large to run faster on {settings['pair_limit']} kept dense"
            if settings.get("pair_limit", "none") != "none" else "")
     )
+    removed_layers = totals.get("removed_layers")
+    if removed_layers:  # the rest of the header describes parts that do not apply
+        header = (f"LoRAP plan: {settings['mode']} mode, ratio {settings['ratio']:g}"
+                  + (" of the whole model" if settings["mode"] == "exact" else " of the decoder layers")
+                  + f"; {len(removed_layers['layers'])} of {removed_layers['of']} decoder layers removed whole "
+                  "(the others unchanged)")
     lines = [header, f"{'module':<12}{'shape':>13}{'rank/width':>14}{'dense':>16}{'kept':>16}{'removed':>9}"]
     for first, last, rows in _layer_groups(plan_dict["modules"]):
         span = f"layer {first}" if first == last else f"layers {first}-{last} (each)"
         lines.append(span)
         for row in rows:
-            if "width" in row:
+            if row.get("removed"):
+                size = "removed"
+            elif "width" in row and row.get("rank") is None:
                 size = f"width {row['width']}"
             elif "heads" in row:
                 size = f"{row['heads']} {'kv heads' if row['module'] in ('k_proj', 'v_proj') else 'heads'}"
@@ -62,7 +72,12 @@ def format_plan(plan_dict: dict) -> str:
                 f"{row['dense_parameters']:>16,}{row['parameters']:>16,}{removed:>9.1%}"
             )
     untouched = totals["untouched_parameters"]
-    lines.append(f"{'embeddings, norms, LM head (untouched)':<53}{untouched:>16,}{untouched:>16,}{0:>9.1%}")
+    if removed_layers:  # the removed layers' norms go with them
+        dense_other = untouched + removed_layers["norm_parameters"]
+        lines.append(f"{'embeddings, norms, LM head':<53}{dense_other:>16,}{untouched:>16,}"
+                     f"{1 - untouched / dense_other:>9.1%}")
+    else:
+        lines.append(f"{'embeddings, norms, LM head (untouched)':<53}{untouched:>16,}{untouched:>16,}{0:>9.1%}")
     for group in ("attention", "ffn"):
         g = totals[group]
         lines.append(f"{'all ' + group:<53}{g['dense_parameters']:>16,}{g['parameters']:>16,}{g['removed_fraction']:>9.1%}")

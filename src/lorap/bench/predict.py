@@ -36,10 +36,11 @@ MEMORY_SHARE = 0.25
 
 
 def _layer_parameters(plan) -> list[int]:
+    """Parameters of each layer of the compressed model (as Plan.layout(): a layer removed whole has none)."""
     totals = [0] * len(plan.layers)
     for row in plan.rows:
         totals[row["layer"]] += row["parameters"]
-    return totals
+    return [total for total, layer in zip(totals, plan.layers) if not layer.removed]
 
 
 def _sampled_layouts(plan) -> tuple[list, list]:

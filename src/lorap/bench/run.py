@@ -10,6 +10,7 @@ Prefill (batch x tokens, no cache) and decode (tokens/s with the KV cache after 
 with dense and compressed interleaved (timing.py); the report gives medians, their spread, the
 speedups (dense time / compressed time) and the machine's load.
 """
+import copy
 import os
 import statistics
 
@@ -17,6 +18,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import LorapError
+from ..families import keep_layers
 from ..log import info
 from ..plan.counting import count_parameters
 from ..provenance import environment
@@ -60,7 +62,14 @@ def _models(model, config, layers, dtype, device, fuse) -> tuple:
     plan = make_plan(model_config, config.plan_settings())
     timed = first_layers(model_config, layers)
     dense = random_model(timed, dtype, device)
-    compressed = random_model(timed, dtype, device, layout=plan.layout(), fuse=fuse)
+    compressed_config = timed
+    if plan.removed_layers:  # a smaller model: the kept layers only
+        if layers is not None:
+            raise LorapError("--layers times the first N layers of both models; a plan that removes whole layers "
+                             "is timed whole")
+        compressed_config = copy.deepcopy(model_config)
+        keep_layers(compressed_config, [layer.index for layer in plan.layers if not layer.removed])
+    compressed = random_model(compressed_config, dtype, device, layout=plan.layout(), fuse=fuse)
     return dense, compressed, {"weights": "random (built from shapes)", "source": described,
                                "plan": plan.to_dict()["totals"], "layers_in_model": model_config.num_hidden_layers}
 

@@ -101,7 +101,7 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
     row["removed_parameters"] = result.plan.dense_parameters - result.plan.compressed_parameters
     row["removed_fraction"] = result.plan.removed_fraction
     row["plan_totals"] = result.plan.to_dict()["totals"]
-    row["ffn_widths"] = [layer.ffn_width for layer in result.plan.layers]
+    row["ffn_widths"] = [layer.ffn_width for layer in result.plan.layers if not layer.removed]
     row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
     model.to(device)
     row.update(_evaluate(model, tokenizer, settings, tasks, manager))

@@ -4,7 +4,8 @@ Block Influence (ShortGPT, arXiv 2403.03853) of layer l is 1 - the mean cosine s
 the calibration tokens, between the layer's input and its output hidden states: a layer that
 barely turns the stream matters little. MoDeGPT (arXiv 2408.09632) spreads its compression over
 layers by it: layer l loses phi_l = L * phi * softmax(-BI / temperature)_l of its parameters
-(the average phi), capped, so the layers that change the stream least lose most.
+(the average phi), capped, so the layers that change the stream least lose most. ShortGPT itself
+removes the layers of lowest Block Influence whole (`prepare_layer_removal`).
 """
 from dataclasses import replace
 
@@ -108,3 +109,22 @@ def prepare_block_influence_allocation(run) -> None:
     ratios = [round(ratio, 3) for ratio in softmax_allocation(scores, (low + high) / 2)]
     info(f"layer allocation by Block Influence: {min(ratios):.1%} to {max(ratios):.1%} removed per layer")
     run.plan = replace(best, layer_ratio=plan.layer_ratio)  # the share asked of every layer on average
+
+
+def lowest_influence(scores: list, count: int) -> list:
+    """The `count` layers of lowest Block Influence, in layer order (a tie goes to the earlier layer)."""
+    return sorted(sorted(range(len(scores)), key=lambda index: (scores[index], index))[:count])
+
+
+def prepare_layer_removal(run) -> None:
+    """The registered whole-model pass of `--layer-allocation remove-layers` (ShortGPT, arXiv 2403.03853):
+    as many layers as the plan removes (plan.plan.layer_removal_plan), those of lowest Block Influence
+    in the dense model, measured in one walk."""
+    plan = run.plan
+    scores = block_influence(run)
+    removed = lowest_influence(scores, len(plan.removed_layers))
+    run.plan = plan.with_removed_layers(removed)
+    info(f"removing {len(removed)} of {len(scores)} layers by Block Influence: {removed} "
+         f"(BI {', '.join(f'{scores[index]:.4f}' for index in removed)}; lowest kept "
+         f"{min(score for index, score in enumerate(scores) if index not in removed):.4f}); "
+         f"{run.plan.removed_fraction:.2%} of the parameters")

@@ -7,12 +7,14 @@ Wanda-sp and LLM-Pruner with one ratio for every layer, FLAP with heads and chan
 together across layers and the removed ones' mean output folded into biases. LLM-Pruner as
 published also leaves its first and last layers whole; here every layer is pruned alike. The
 hybrids `*-ffn` apply only their FFN criterion (and FLAP's adaptive widths and compensation) and
-compress attention as the paper does (AWSVD ranks, a = 3).
+compress attention as the paper does (AWSVD ranks, a = 3). SVD-LLM factorizes all seven projections
+of every layer at one truncation ratio; ShortGPT removes whole decoder layers.
 
-Shapes: `best` and the baselines, the methods one deploys, round ranks and FFN widths to this
+Shapes: `best` and the pruning baselines, the methods one deploys, round ranks and FFN widths to this
 device's multiple (`align="auto"`, plan/alignment.py), which runs faster at the same budget. The
 paper's method keeps its exact integers (it reproduces the published ranks and widths), and so do
-its ablations and options, which each change exactly one thing from the paper.
+its ablations and options, which each change exactly one thing from the paper, and SVD-LLM, whose
+ranks are its published rule's.
 """
 import math
 from collections.abc import Callable
@@ -77,6 +79,14 @@ METHODS = {
                "ridge leverage (Nystrom), least-squares refit; layers by Block Influence",
                dict(attention="headdim", allocation_a=1.0, ffn_score="nystrom", ffn_update="lstsq",
                     layer_allocation="block-influence", bottom_keep=0.0, **DEPLOYED)),
+        # SVD-LLM (arXiv 2403.07378) as published: every projection, attention's and the FFN's, a factor pair
+        # truncated after whitening by the Cholesky factor of its input Gram matrix, all at one truncation ratio
+        # (each matrix keeps the same share of its parameters), exact integer ranks.
+        Method("svd-llm", "SVD-LLM", "SVD-LLM whitening, one truncation ratio", "SVD-LLM whitening, one truncation ratio",
+               dict(factorization="svdllm", ffn="lowrank", rank_allocation="share")),
+        # ShortGPT (arXiv 2403.03853): whole decoder layers with the lowest Block Influence removed, the rest unchanged.
+        Method("shortgpt", "ShortGPT", "whole layers removed (lowest Block Influence)",
+               "whole layers removed (lowest Block Influence)", dict(layer_allocation="remove-layers")),
         Method("wanda-sp", "Wanda-sp", "heads: Wanda-sp score", "Wanda-sp score",
                dict(attention="heads", head_score="wanda-sp", ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
         Method("flap", "FLAP", "heads: fluctuation score, bias compensation",
@@ -102,8 +112,8 @@ METHODS = {
                "first-order Taylor, abs(w * grad)", dict(ffn_score="llm-pruner-taylor", bottom_keep=0.0, **DEPLOYED)),
         Method("plain-svd", "ablation: plain SVD", "plain SVD, a = 3", "LoRAP score, 1% rule", dict(factorization="svd")),
         Method("asvd", "ablation: ASVD", "ASVD (mean |x|^0.5), a = 3", "LoRAP score, 1% rule", dict(factorization="asvd")),
-        Method("svd-llm", "ablation: SVD-LLM whitening", "SVD-LLM whitening, a = 3", "LoRAP score, 1% rule",
-               dict(factorization="svdllm")),
+        Method("svd-llm-attention", "ablation: SVD-LLM whitening of attention", "SVD-LLM whitening, a = 3",
+               "LoRAP score, 1% rule", dict(factorization="svdllm")),
         Method("uniform-ranks", "ablation: uniform ranks", "AWSVD, one rank for q, k, v, o (a = 1)", "LoRAP score, 1% rule",
                dict(allocation_a=1.0)),
         Method("no-bottom-keep", "ablation: no 1% rule", "AWSVD, a = 3", "LoRAP score, lowest channels removed too",

@@ -90,7 +90,7 @@ def prepare_adaptive_ranks(run) -> None:
     if settings.pair_limit != "none":
         limit = partial(pair_max_fraction, settings.pair_limit)
         limits = {name: limit(out * inp) for name, (out, inp, _) in plan.attention.items()}
-    sources = tuple(name for name in config.gram_sources() if name != "down_proj")
+    sources = tuple(name for name in config.gram_sources() if name in ("q_proj", "o_proj"))  # attention's
     scorer = RankScorer(plan, run.source.architecture, config.factorization, sources, limits,
                         config.options_of("factorization"))
     run.dense_walk(scorer, desc="scoring attention spectra")

@@ -134,15 +134,17 @@ LSTSQ_RIDGE = Option(
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_INPUTS = ("gate_proj", "up_proj", "down_proj")
 
+# A factorization reads the inputs of every projection it may factorize: attention's, and the FFN's with
+# --ffn lowrank (CompressionConfig.part_projections says which a run factorizes).
 FACTORIZATIONS = Registry("factorization", "--factorization", [
     MethodSpec("awsvd", ".factorizations:awsvd", "activation-weighted SVD: SVD of W diag(norm of x_j)",
-               statistics=("norm",), reads=ATTENTION_INPUTS),
+               statistics=("norm",), reads=ATTENTION_INPUTS + FFN_INPUTS),
     MethodSpec("svd", ".factorizations:plain_svd", "plain truncated SVD of W"),
     MethodSpec("asvd", ".factorizations:asvd", "ASVD scaling: SVD of W diag(mean abs(x_j))^0.5",
-               statistics=("mean_abs",), reads=ATTENTION_INPUTS),
+               statistics=("mean_abs",), reads=ATTENTION_INPUTS + FFN_INPUTS),
     MethodSpec("svdllm", ".factorizations:svdllm",
                "SVD-LLM whitening by the Cholesky factor of the input Gram matrix (--whitening-shrink moves it "
-               "toward awsvd)", statistics=("gram",), reads=ATTENTION_INPUTS, options=(WHITENING_SHRINK,)),
+               "toward awsvd)", statistics=("gram",), reads=ATTENTION_INPUTS + FFN_INPUTS, options=(WHITENING_SHRINK,)),
 ])
 
 FFN_SCORES = Registry("FFN channel criterion", "--ffn-score", [
@@ -179,17 +181,26 @@ FFN_ALLOCATIONS = Registry("FFN allocation", "--ffn-allocation", [
                prepare=".allocations:prepare_adaptive_widths", prepare_phase="adaptive_scoring"),
 ])
 
+# How attention's kept parameters become ranks (factor pairs of the FFN, with --ffn lowrank, always keep
+# the FFN's share of each matrix, as `share` does).
 RANK_ALLOCATIONS = Registry("rank allocation", "--rank-allocation", [
     MethodSpec("rule", None, "the a:1 rule from shapes: one rank for q and k, one for v and o"),
     MethodSpec("adaptive", None,
                "each layer's pair budget shared by the projections' truncated singular values per parameter",
                prepare=".rank_allocation:prepare_adaptive_ranks", prepare_phase="rank_scoring"),
+    MethodSpec("share", None,
+               "every factor pair keeps the same share of its matrix's parameters, rank floor(keep m n / (m + n)) "
+               "(SVD-LLM's one truncation ratio)"),
 ])
+SHARE_RANKS = "share"
 
 # What happens to attention (--attention): "lowrank" factor pairs (the paper), "heads": whole KV
 # groups removed with their query heads (every query head is its own group without GQA), or
 # "headdim": every head kept, each with fewer query/key and value dimensions (methods/head_dims.py).
 ATTENTION_METHODS = ("lowrank", "heads", "headdim")
+# What happens to the FFN (--ffn): "channels": whole intermediate channels removed (the paper), or
+# "lowrank": gate, up and down each become a factor pair by the factorization (SVD-LLM's FFN).
+FFN_METHODS = ("channels", "lowrank")
 
 # Head pruning (--attention heads) removes whole KV groups with their query heads
 # (methods/head_pruning.py). The criteria score a group from its weights and the statistics of the
@@ -237,7 +248,12 @@ LAYER_ALLOCATIONS = Registry("layer allocation", "--layer-allocation", [
     MethodSpec("block-influence", None,
                "MoDeGPT's: layers that change the residual stream least (Block Influence) lose most, by a softmax",
                prepare=".layer_importance:prepare_block_influence_allocation", prepare_phase="layer_scoring"),
+    MethodSpec("remove-layers", None,
+               "ShortGPT's: whole decoder layers with the lowest Block Influence removed, as many as the ratio asks "
+               "(to the nearest layer); the kept layers stay as they are, so the other parts do not apply",
+               prepare=".layer_importance:prepare_layer_removal", prepare_phase="layer_scoring"),
 ])
+LAYER_REMOVAL = "remove-layers"
 
 # The parts of a run, in the order their whole-model passes run (the layer allocation first, scores
 # before allocations).

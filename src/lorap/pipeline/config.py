@@ -2,8 +2,9 @@
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LorapError
-from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_DIM_SCORES, HEAD_SCORES,
-                                LAYER_ALLOCATIONS, RANK_ALLOCATIONS, REGISTRIES, MethodSpec, part_options)
+from ..families import ATTENTION_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS
+from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_DIM_SCORES, HEAD_SCORES, REGISTRIES,
+                                MethodSpec, part_options)
 from ..options import require_positive_int, setting
 from ..plan.plan import PlanSettings
 
@@ -41,18 +42,15 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
     options, and the calibration."""
 
     # The method parts, each a name in its registry (methods/registry.py); the default is the first,
-    # the paper's where it has one. ffn_update and head_update are PlanSettings' (they add biases).
-    factorization: str = FACTORIZATIONS.default  # attention factor pairs
+    # the paper's where it has one. ffn_update and head_update (they add biases), rank_allocation (its
+    # `share` rule) and layer_allocation (it may remove layers) are PlanSettings', which shape the plan.
+    factorization: str = FACTORIZATIONS.default  # factor pairs (attention's; the FFN's with --ffn lowrank)
     ffn_score: str = FFN_SCORES.default  # FFN channel criterion
     # uniform: every layer keeps the plan's FFN width; adaptive: the same total is removed, the
     # channels chosen across layers by their scores standardised per layer (FLAP's AL rule)
     ffn_allocation: str = FFN_ALLOCATIONS.default
-    # rule: the plan's a:1 ranks from shapes; adaptive: each layer's pair budget shared by the
-    # projections' spectra (methods/rank_allocation.py)
-    rank_allocation: str = RANK_ALLOCATIONS.default
     head_score: str = HEAD_SCORES.default  # with attention "heads": which KV groups go
     head_dim_score: str = HEAD_DIM_SCORES.default  # with attention "headdim": which dimensions each head keeps
-    layer_allocation: str = LAYER_ALLOCATIONS.default  # uniform, or the budget spread over layers by their scores
     # The chosen parts' options (options.Option, declared on their registry entries), where given;
     # the rest take their declared defaults
     options: dict = field(default_factory=dict)
@@ -76,7 +74,8 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
         if self.attention != "lowrank" and REGISTRIES["rank_allocation"][self.rank_allocation].needs_whole_model:
             raise LorapError(f"--rank-allocation {self.rank_allocation} shares ranks between factor pairs; "
                              f"with --attention {self.attention} there are none (use --rank-allocation rule)")
-        if self.layer_allocation != "uniform" and "adaptive" in (self.ffn_allocation, self.rank_allocation):
+        if (self.layer_allocation != "uniform" and not self.removes_layers
+                and "adaptive" in (self.ffn_allocation, self.rank_allocation)):
             raise LorapError(f"--layer-allocation {self.layer_allocation} sets each layer's budget; adaptive FFN "
                              "widths or ranks would spread it again (use uniform ones with it)")
         known = part_options()
@@ -93,14 +92,22 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
         return {part: registry[getattr(self, part)] for part, registry in REGISTRIES.items()}
 
     def active_parts(self) -> dict:
-        """{part: the sublayer it compresses}, for the parts this run uses: the attention parts of the
-        chosen attention method (factor pairs or heads), the FFN parts where the FFN is compressed."""
+        """{part: the logical projections it compresses}, for the parts this run uses: the attention parts
+        of the chosen attention method (factor pairs or heads) where attention is compressed, the FFN's
+        (channel parts, or the factorization with --ffn lowrank) where the FFN is. Removing whole layers
+        uses the layer allocation alone: the kept layers stay as they are."""
+        if self.removes_layers:
+            return {"layer_allocation": PROJECTIONS}
         attention = {"heads": ("head_score", "head_update"), "headdim": ("head_dim_score",)}.get(
             self.attention, ("factorization", "rank_allocation"))
-        parts = {part: "attention" for part in attention}
-        parts.update({part: "ffn" for part in ("ffn_score", "ffn_update", "ffn_allocation")})
-        active = {part: sublayer for part, sublayer in parts.items() if sublayer in self.sublayers}
-        return {"layer_allocation": "+".join(self.sublayers), **active}
+        ffn = ("factorization",) if self.ffn == "lowrank" else ("ffn_score", "ffn_update", "ffn_allocation")
+        active = {}
+        for sublayer, parts, projections in (("attention", attention, ATTENTION_PROJECTIONS),
+                                             ("ffn", ffn, FFN_PROJECTIONS)):
+            if sublayer in self.sublayers:
+                for part in parts:
+                    active[part] = active.get(part, ()) + projections
+        return {"layer_allocation": PROJECTIONS, **active}
 
     def options_of(self, part: str) -> dict:
         """The keyword arguments the chosen `part`'s function takes ({} for most)."""
@@ -112,7 +119,7 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
         with low-rank attention) costs no pass. FLAP's joint allocation of heads and channels is the
         FFN allocation's pass, so with head pruning it serves the attention as well."""
         used = set(self.active_parts())
-        if self.attention == "heads" and "attention" in self.sublayers:
+        if self.attention == "heads" and "attention" in self.sublayers and self.ffn == "channels" and not self.removes_layers:
             used.add("ffn_allocation")
         return {part: spec for part, spec in self.specs().items() if part in used and spec.needs_whole_model}
 
@@ -129,10 +136,11 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
         from ..families import SHARED_INPUTS
 
         sources = set()
-        for part in self.active_parts():
+        for part, projections in self.active_parts().items():
             spec: MethodSpec = self.specs()[part]
             if spec.needs_gram:
-                sources |= {source for source, served in SHARED_INPUTS.items() if set(served) & set(spec.reads)}
+                read = set(spec.reads) & set(projections)
+                sources |= {source for source, served in SHARED_INPUTS.items() if set(served) & read}
         return tuple(sorted(sources))
 
     def to_dict(self) -> dict:

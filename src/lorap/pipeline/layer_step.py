@@ -1,4 +1,5 @@
-"""The per-layer step of the walk: factorize attention projections (or remove heads), remove FFN channels.
+"""The per-layer step of the walk: factorize attention projections (or remove heads), remove FFN channels
+(or factorize the FFN's projections, --ffn lowrank).
 
 With the paper's settings this is LoRAP (AWSVD, the paper's channel score, nothing compensated);
 the config chooses the registered alternatives. Projections are read and replaced through the
@@ -62,10 +63,18 @@ class LayerCompressor:
                 and config.attention == "heads" and "attention" in config.sublayers):
             raise LorapError(f"the {config.head_score} head criterion needs scores computed before the layer walk")
         self.gram_sources = config.gram_sources()
+        # Layers the walk leaves alone (walk.process_layer: no statistics, no forward pass): when whole
+        # layers are removed, every layer, as the kept ones stay as they are and the removed ones go
+        # (the run drops them after the walk; a streamed one writes only the kept ones).
+        self.removed_layers = frozenset(plan.removed_layers)
+        self.skipped_layers = frozenset(range(len(plan.layers))) if plan.settings.removes_layers else frozenset()
 
     def __call__(self, index, layer, stats) -> None:
         self.compress_attention(index, layer, stats)
-        self.compress_ffn(index, layer, stats)
+        if self.plan.layers[index].ffn_ranks is not None:
+            self.factorize(layer, stats, self.plan.layers[index].ffn_ranks)
+        else:
+            self.compress_ffn(index, layer, stats)
 
     def compress_attention(self, index, layer, stats) -> None:
         if self.plan.layers[index].kv_heads is not None:
@@ -74,9 +83,15 @@ class LayerCompressor:
         if self.plan.layers[index].qk_head_dim is not None:
             self.narrow_head_dims(index, layer, stats)
             return
+        self.factorize(layer, stats, self.plan.layers[index].ranks)
+
+    def factorize(self, layer, stats, ranks: dict) -> None:
+        """Replace each projection of `ranks` ({name: rank, or None: it stays dense}) by a factor pair of
+        the config's factorization. Every pair is computed from the dense projections before any is put in
+        place, so the parts of a fused module (Phi-3's gate_up_proj) are read whole; a fused module holding
+        a pair becomes a SplitLinear (architectures.py)."""
         factorized = {}
-        for name in ATTENTION_PROJECTIONS:
-            rank = self.plan.layers[index].ranks[name]
+        for name, rank in ranks.items():
             if rank is not None:
                 dense = self.architecture.projection(layer, name)
                 factorized[name] = factorized_linear(dense, stats.inputs(name), rank, self.config.factorization,

@@ -114,6 +114,8 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
 
     step = LayerCompressor(config, run.plan, source.architecture, run.channel_scores, run.head_scores)
     source.walk(samples, step, device, timings, progress, config.batch_size)
+    if run.plan.removed_layers:
+        source.remove_layers(run.plan.removed_layers)
     peaks["layer_walk"] = phase_peak_rss_mb()
     counted = source.compressed_parameters()
     if counted != run.plan.compressed_parameters:
@@ -132,12 +134,14 @@ def checkpoint_metadata(result: CompressionResult, base_model, architecture: Arc
     from .. import __version__
 
     config = result.config
+    removed = {"removed_layers": result.plan.removed_layers} if result.plan.removed_layers else {}
     return {
         "version": __version__,
         "base_model": base_model,
         "base_architecture": architecture.family.base_class,
         "architecture": architecture.record(),
         "layers": result.plan.layout(),
+        **removed,  # the dense model's layers removed whole: `layers` lists the others, renumbered
         "compression": config.to_dict(),
         "calibration": {
             "source": config.calibration_source,
@@ -250,6 +254,7 @@ def compress_checkpoint(job: CompressionJob) -> Compressed:
     from ..evaluate.perplexity import protocol
 
     job.config.validate()  # before anything loads
+    _check_plan(job)
     started = time.perf_counter()
     timings = {}
     device = resolve_device(job.config.device)
@@ -274,6 +279,16 @@ def compress_checkpoint(job: CompressionJob) -> Compressed:
         report = _report(job, loaded, result, evaluation, timings, device)
         finish_checkpoint(staging, Path(job.out).resolve(), loaded.tokenizer, {REPORT_FILE: report})
     return Compressed(result.model, loaded.tokenizer, report)
+
+
+def _check_plan(job: CompressionJob) -> None:
+    """Refuse a budget the model's shapes cannot meet (the plan's LorapError) from its config alone, before
+    any weight loads. A config that cannot be read here is left to the load, which says what is wrong."""
+    try:
+        model_config = load_config(job.model)
+    except (OSError, ValueError, LorapError):
+        return
+    make_plan(model_config, job.config.plan_settings())
 
 
 def _predicted_speed(model, plan, config, streamed: bool) -> dict:

@@ -243,6 +243,10 @@ class ShardedLayers:
             self.store.load(self.staging / activations_file(self.finished))
         timings["embeddings"] = time.perf_counter() - begin
 
+        # Layers removed whole (ShortGPT) are neither read nor written; the kept ones are renumbered.
+        removed = getattr(step, "removed_layers", frozenset())
+        numbers = {index: number for number, index in enumerate(i for i in range(self.n_layers) if i not in removed)}
+        self.total_shards = 1 + len(numbers) + (1 if self.head_names else 0)
         begin = time.perf_counter()
         for number, names in ((1, self.first_names), (self.total_shards, self.head_names)):
             if names and not (self.staging / shard_name(number, self.total_shards)).exists():
@@ -253,11 +257,13 @@ class ShardedLayers:
         begin = time.perf_counter()
         for index in tqdm(range(self.finished, self.n_layers), desc="compressing layers (streamed)", unit="layer",
                           disable=not progress):
-            prefix = f"{self.architecture.state_prefix}{index}."
-            with self.dense_layer(index) as layer:
-                process_layer(index, layer, batches, device, step, self.architecture)
-                write_shard(self.staging, shard_name(index + 2, self.total_shards),
-                            {prefix + k: v for k, v in layer.state_dict().items()})
+            if index in numbers:
+                number = numbers[index]
+                prefix = f"{self.architecture.state_prefix}{number}."
+                with self.dense_layer(index) as layer:
+                    process_layer(index, layer, batches, device, step, self.architecture)
+                    write_shard(self.staging, shard_name(number + 2, self.total_shards),
+                                {prefix + k: v for k, v in layer.state_dict().items()})
             self.store.save(self.staging / activations_file(index + 1))
             write_progress(self.staging, self.identity, index + 1)
             previous = self.staging / activations_file(index)
@@ -281,6 +287,10 @@ class ShardedLayers:
         write_index(self.staging, weight_map, total_size)
         self.output_bytes = total_size
         return compressed
+
+    def remove_layers(self, removed: list) -> None:
+        """The shards hold only the kept layers already (walk); the skeleton and its config follow."""
+        self.architecture.remove_layers(self.skeleton, removed)
 
     def mark_compressed(self, metadata: dict) -> None:
         mark_compressed(self.skeleton, metadata)

@@ -14,6 +14,7 @@ metadata, report, the atomic write) is the run's, once. A source has:
   check_room(plan)               refuse before any pass what cannot be written (a streamed output's disk)
   walk(samples, step, device, timings, progress)
                                  run `step` on every layer in order (walk.process_layer)
+  remove_layers(removed)         drop the layers the plan removed whole (after the walk), renumbering the rest
   compressed_parameters()        counted afterwards, checked against the plan
   mark_compressed(metadata)      give the model its lorap class and config entry
   staging                        the folder it writes into before the swap, or None for a fresh one
@@ -65,6 +66,9 @@ class InMemoryLayers:
         batches = capture_first_layer_inputs(self.model, samples, batch_size, device)
         walk_layers(self.model, batches, device, step, progress)
         timings["layer_walk"] = time.perf_counter() - started
+
+    def remove_layers(self, removed: list) -> None:
+        self.architecture.remove_layers(self.model, removed)
 
     def mark_compressed(self, metadata: dict) -> None:
         mark_compressed(self.model, metadata)

@@ -120,7 +120,10 @@ def walk_layers(model, batches: list, device, compress_layer, progress: bool = T
 @torch.no_grad()
 def process_layer(index, layer, batches, device, compress_layer, architecture: Architecture) -> None:
     """One step of the walk (shared by the in-memory and the streamed walk): statistics, compression,
-    propagation. Only this layer visits the compute device; `batch.hidden` becomes its output."""
+    propagation. Only this layer visits the compute device; `batch.hidden` becomes its output. A layer the
+    step skips (its `skipped_layers`: whole layers removed) is left as it is, and its input passes on."""
+    if index in getattr(compress_layer, "skipped_layers", ()):
+        return
     first = next(layer.parameters())
     home, stored = first.device, first.dtype
     computed = compute_dtype(stored, device)

@@ -43,13 +43,15 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
     batch = min(batch_size, samples)
     working = 4 * batch * seqlen * (3 * m + heads * seqlen + 4 * d)
     decompose = 3 * 4 * max(o * i for o, i in matrices)
-    gram_inputs = {"q_proj": d, "o_proj": attention["o_proj"][1], "down_proj": m}
+    gram_inputs = {"q_proj": d, "o_proj": attention["o_proj"][1], "gate_proj": d, "down_proj": m}
     grams = sum(8 * gram_inputs[name] ** 2 for name in gram_sources)  # float64, held together
-    attention_grams = [gram_inputs[name] for name in gram_sources if name != "down_proj"]
-    whitening = 4 * 8 * max(attention_grams) ** 2 if attention_grams else 0  # factor, whitened weight, SVD
+    # the inputs a factorization whitens: attention's, and the FFN's when it is factorized too (--ffn lowrank)
+    factorized_ffn = getattr(plan.settings, "ffn", "channels") == "lowrank"
+    whitened = [gram_inputs[name] for name in gram_sources if name != "down_proj" or factorized_ffn]
+    whitening = 4 * 8 * max(whitened) ** 2 if whitened else 0  # factor, whitened weight, SVD
     attention_phase = grams + decompose + whitening
     kept = max(layer_plan.ffn_width for layer_plan in plan.layers)
-    ffn_phase = 8 * (2 * kept * kept + kept * (m - kept)) if "down_proj" in gram_sources else 0
+    ffn_phase = 8 * (2 * kept * kept + kept * (m - kept)) if "down_proj" in gram_sources and not factorized_ffn else 0
     widest = max((gram_inputs[name] for name in gram_sources), default=0)
     collection = grams + 4 * widest**2  # while the calibration batches run: one batch's float32 product
     per_layer = activations + working + max(collection, attention_phase, ffn_phase)

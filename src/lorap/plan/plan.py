@@ -10,12 +10,13 @@ from functools import partial
 
 from ..errors import LorapError
 from ..families import ATTENTION_PROJECTIONS, attention_shapes, family_of, ffn_shapes, head_dim, other_parameters
-from ..methods.registry import ATTENTION_METHODS, FFN_UPDATES, HEAD_UPDATES
+from ..methods.registry import (ATTENTION_METHODS, FFN_METHODS, FFN_UPDATES, HEAD_UPDATES, LAYER_ALLOCATIONS, LAYER_REMOVAL,
+                                RANK_ALLOCATIONS, SHARE_RANKS)
 from ..options import csv_of, setting
 from . import alignment
 from .alignment import AUTO_ALIGN, PAIR_LIMITS, default_alignments, pair_max_fraction, parse_align
 from .counting import linear_parameters
-from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width, no_limit
+from .ranks import MAX_RATIO, aligned_ranks, attention_ranks, ffn_kept_width, no_limit, share_ranks
 
 EXACT_TOLERANCE = 0.002  # exact mode must land within 0.2 percentage points
 SUBLAYERS = ("attention", "ffn")
@@ -52,6 +53,13 @@ class PlanSettings:
         "heads (each head is its own group without GQA); headdim: keep every head but narrow its query/key and "
         "value dimensions, plain matrices that also shrink the KV cache (MoDeGPT's attention)", choices=ATTENTION_METHODS)
     head_update: str = HEAD_UPDATES.default  # adds a bias to o_proj? (registry.HEAD_UPDATES)
+    ffn: str = setting(
+        FFN_METHODS[0], "channels: remove whole FFN channels (the paper); lowrank: gate, up and down become factor "
+        "pairs by --factorization, each keeping the same share of its parameters (SVD-LLM's FFN)", choices=FFN_METHODS)
+    # How attention's ranks come from its kept parameters, and whether whole layers go (registry.RANK_ALLOCATIONS,
+    # registry.LAYER_ALLOCATIONS; CompressionConfig offers them with the other method parts)
+    rank_allocation: str = RANK_ALLOCATIONS.default
+    layer_allocation: str = LAYER_ALLOCATIONS.default
 
     def validate(self) -> None:
         if not (0 < self.ratio <= MAX_RATIO):
@@ -75,6 +83,15 @@ class PlanSettings:
         if self.attention not in ATTENTION_METHODS:
             raise LorapError(f"--attention must be one of {', '.join(ATTENTION_METHODS)}, got {self.attention!r}")
         HEAD_UPDATES[self.head_update]
+        if self.ffn not in FFN_METHODS:
+            raise LorapError(f"--ffn must be one of {', '.join(FFN_METHODS)}, got {self.ffn!r}")
+        RANK_ALLOCATIONS[self.rank_allocation]
+        LAYER_ALLOCATIONS[self.layer_allocation]
+
+    @property
+    def removes_layers(self) -> bool:
+        """Whole decoder layers go (ShortGPT); the kept ones stay as they are."""
+        return self.layer_allocation == LAYER_REMOVAL
 
 
 @dataclass
@@ -92,10 +109,15 @@ class LayerPlan:
     # kept per head
     qk_head_dim: int | None = None
     v_head_dim: int | None = None
+    # FFN factor pairs (--ffn lowrank): {gate_proj, up_proj, down_proj: rank, or None for dense}; None: channels
+    ffn_ranks: dict | None = None
+    removed: bool = False  # the whole layer is removed (ShortGPT): the checkpoint has no such layer
 
     def layout(self) -> dict:
         """What a checkpoint records to rebuild this layer's shapes."""
         layout = {**self.ranks, "intermediate_size": self.ffn_width}
+        if self.ffn_ranks is not None:
+            layout.update(self.ffn_ranks)
         if self.down_bias_added:
             layout["down_proj_bias"] = True
         if self.kv_heads is not None:
@@ -118,6 +140,7 @@ class Plan:
     ffn_bias: bool
     other_parameters: int  # embeddings, norms, LM head: never compressed
     head_dim: int  # of every attention head
+    layer_norms: int = 0  # parameters of one decoder layer's norms (within other_parameters; a removed layer takes them)
     rows: list = field(default_factory=list)
 
     @property
@@ -137,15 +160,31 @@ class Plan:
         return self.other_parameters + sum(row["dense_parameters"] for row in self.rows)
 
     @property
+    def removed_layers(self) -> list:
+        """Indices of the dense layers removed whole (ShortGPT), in order."""
+        return [layer.index for layer in self.layers if layer.removed]
+
+    @property
+    def kept_other_parameters(self) -> int:
+        """Embeddings, LM head and the kept layers' norms."""
+        return self.other_parameters - len(self.removed_layers) * self.layer_norms
+
+    @property
     def compressed_parameters(self) -> int:
-        return self.other_parameters + sum(row["parameters"] for row in self.rows)
+        return self.kept_other_parameters + sum(row["parameters"] for row in self.rows)
 
     @property
     def removed_fraction(self) -> float:
         return 1 - self.compressed_parameters / self.dense_parameters
 
     def layout(self) -> list:
-        return [layer.layout() for layer in self.layers]
+        """One layout per layer of the compressed model (a removed layer has none)."""
+        return [layer.layout() for layer in self.layers if not layer.removed]
+
+    def with_removed_layers(self, indices) -> "Plan":
+        """The same plan with exactly the dense layers `indices` removed, counted afresh."""
+        removed = set(indices)
+        return replace(self, layers=[replace(layer, removed=layer.index in removed) for layer in self.layers])
 
     def with_ffn_widths(self, widths: list) -> "Plan":
         """The same plan with other per-layer FFN widths (adaptive allocation), counted afresh."""
@@ -154,7 +193,7 @@ class Plan:
         return replace(self, layers=[
             replace(_layer_plan(layer.index, layer.ranks, width, self.settings, self.intermediate_size, self.ffn_bias,
                                 layer.kv_heads, self._group_size, layer.o_bias_added),
-                    qk_head_dim=layer.qk_head_dim, v_head_dim=layer.v_head_dim)
+                    qk_head_dim=layer.qk_head_dim, v_head_dim=layer.v_head_dim, ffn_ranks=layer.ffn_ranks)
             for layer, width in zip(self.layers, widths)
         ])
 
@@ -170,8 +209,9 @@ class Plan:
         if len(ranks) != len(self.layers):
             raise ValueError(f"{len(ranks)} rank sets for {len(self.layers)} layers")
         return replace(self, layers=[
-            _layer_plan(layer.index, layer_ranks, layer.ffn_width, self.settings, self.intermediate_size, self.ffn_bias,
-                        layer.kv_heads, self._group_size, layer.o_bias_added)
+            replace(_layer_plan(layer.index, layer_ranks, layer.ffn_width, self.settings, self.intermediate_size,
+                                self.ffn_bias, layer.kv_heads, self._group_size, layer.o_bias_added),
+                    ffn_ranks=layer.ffn_ranks)
             for layer, layer_ranks in zip(self.layers, ranks)
         ])
 
@@ -195,6 +235,8 @@ class Plan:
         """Keys and values cached per token, over all layers (times the dtype's bytes: the KV cache)."""
         total = 0
         for layer in self.layers:
+            if layer.removed and not dense:
+                continue
             kv = self.kv_heads if dense or layer.kv_heads is None else layer.kv_heads
             narrowed = not dense and layer.qk_head_dim is not None
             total += kv * ((layer.qk_head_dim + layer.v_head_dim) if narrowed else 2 * self.head_dim)
@@ -216,6 +258,9 @@ def module_rows(plan: Plan) -> list:
     """One row per compressible module: the single source of every parameter figure."""
     rows = []
     for layer in plan.layers:
+        if layer.removed:
+            rows += _removed_layer_rows(plan, layer.index)
+            continue
         kept = kept_attention_shapes(plan, layer)
         for name, (out_f, in_f, bias) in plan.attention.items():
             rank = layer.ranks[name]
@@ -237,17 +282,27 @@ def module_rows(plan: Plan) -> list:
         kept_ffn = ffn_shapes_from(plan, layer.ffn_width, layer.down_bias_added)
         for name in dense_ffn:
             (out_d, in_d, bias), (out_k, in_k, kept_bias) = dense_ffn[name], kept_ffn[name]
-            rows.append(
-                {
-                    "layer": layer.index,
-                    "module": name,
-                    "shape": [out_k, in_k],
-                    "width": layer.ffn_width,
-                    "dense_parameters": linear_parameters(in_d, out_d, bias),
-                    "parameters": linear_parameters(in_k, out_k, kept_bias),
-                }
-            )
+            rank = None if layer.ffn_ranks is None else layer.ffn_ranks[name]
+            row = {
+                "layer": layer.index,
+                "module": name,
+                "shape": [out_k, in_k],
+                "width": layer.ffn_width,
+                "dense_parameters": linear_parameters(in_d, out_d, bias),
+                "parameters": linear_parameters(in_k, out_k, kept_bias, rank),
+            }
+            if layer.ffn_ranks is not None:
+                row["rank"] = rank
+            rows.append(row)
     return rows
+
+
+def _removed_layer_rows(plan: Plan, index: int) -> list:
+    """The rows of a layer removed whole: every projection's parameters go (its norms: Plan.layer_norms)."""
+    shapes = {**plan.attention, **ffn_shapes_from(plan, plan.intermediate_size)}
+    return [{"layer": index, "module": name, "shape": [out_f, in_f], "removed": True,
+             "dense_parameters": linear_parameters(in_f, out_f, bias), "parameters": 0}
+            for name, (out_f, in_f, bias) in shapes.items()]
 
 
 def kept_attention_shapes(plan: Plan, layer: LayerPlan) -> dict:
@@ -276,18 +331,22 @@ def totals(plan: Plan) -> dict:
     dense, compressed = plan.dense_parameters, plan.compressed_parameters
     attention_rows = [r for r in plan.rows if r["module"] in ATTENTION_PROJECTIONS]
     ffn_rows = [r for r in plan.rows if r["module"] not in ATTENTION_PROJECTIONS]
-    return {
+    result = {
         "dense_parameters": dense,
         "compressed_parameters": compressed,
         "removed_parameters": dense - compressed,
         "removed_fraction": 1 - compressed / dense,
-        "untouched_parameters": plan.other_parameters,
+        "untouched_parameters": plan.kept_other_parameters,
         "attention": _group_totals(attention_rows),
         "ffn": _group_totals(ffn_rows),
         # for every plan, so that a low-rank plan says plainly that its cache keeps its size
         "kv_cache_values_per_token": {"dense": plan.kv_cache_values_per_token(dense=True),
                                       "compressed": plan.kv_cache_values_per_token()},
     }
+    if plan.removed_layers:
+        result["removed_layers"] = {"layers": plan.removed_layers, "of": len(plan.layers),
+                                    "norm_parameters": len(plan.removed_layers) * plan.layer_norms}
+    return result
 
 
 def _group_totals(rows: list) -> dict:
@@ -307,6 +366,7 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
     attention_ratio = min(layer_ratio * settings.attention_scale, MAX_RATIO)
     ranks, kv_heads, o_bias_added, dims = dense_ranks, None, False, (None, None)
     heads_per_group = shapes["q_proj"][0] // shapes["k_proj"][0]
+    limit = no_limit if settings.pair_limit == "none" else partial(pair_max_fraction, settings.pair_limit)
     if compress_attention and settings.attention == "headdim":
         dims = kept_head_dims(config, attention_ratio, settings.allocation_a, settings.align)
         if dims == (head_dim(config),) * 2:  # nothing removed: the layer's attention stays as it is
@@ -317,14 +377,22 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
         removes = kv_heads < kv_groups(config)
         o_bias_added = HEAD_UPDATES[settings.head_update].adds_bias and removes and not shapes["o_proj"][2]
     elif compress_attention:
-        limit = no_limit if settings.pair_limit == "none" else partial(pair_max_fraction, settings.pair_limit)
-        ranks = attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a, limit)
+        if settings.rank_allocation == SHARE_RANKS:
+            ranks = share_ranks(shapes, 1 - attention_ratio, limit)
+        else:
+            ranks = attention_ranks(shapes, 1 - attention_ratio, settings.allocation_a, limit)
         ranks = aligned_ranks(ranks, shapes, settings.align, limit)
     m = config.intermediate_size
-    width = ffn_kept_width(m, layer_ratio, settings.bottom_keep, settings.align) if compress_ffn else m
+    width, ffn_ranks = m, None
+    if compress_ffn and settings.ffn == "lowrank":  # SVD-LLM's FFN: every matrix keeps the same share
+        dense_ffn = ffn_shapes(config)
+        ffn_ranks = aligned_ranks(share_ranks(dense_ffn, 1 - min(layer_ratio, MAX_RATIO), limit), dense_ffn,
+                                  settings.align, limit)
+    elif compress_ffn:
+        width = ffn_kept_width(m, layer_ratio, settings.bottom_keep, settings.align)
     ffn_bias = ffn_shapes(config)["gate_proj"][2]
     layers = [replace(_layer_plan(i, ranks, width, settings, m, ffn_bias, kv_heads, heads_per_group, o_bias_added),
-                      qk_head_dim=dims[0], v_head_dim=dims[1])
+                      qk_head_dim=dims[0], v_head_dim=dims[1], ffn_ranks=ffn_ranks)
               for i in range(config.num_hidden_layers)]
     return Plan(
         settings=settings,
@@ -336,6 +404,7 @@ def plan_with_layer_ratio(config, settings: PlanSettings, layer_ratio: float) ->
         ffn_bias=ffn_bias,
         other_parameters=other_parameters(config),
         head_dim=head_dim(config),
+        layer_norms=family_of(config).norms_per_layer * config.hidden_size,
     )
 
 
@@ -450,6 +519,8 @@ def make_plan(config, settings: PlanSettings) -> Plan:
     its candidates for this model that meets the budget, and the device's limit on factor pairs
     that run faster than dense; the plan's settings record both as used."""
     settings.validate()
+    if settings.removes_layers:
+        return layer_removal_plan(config, settings)
     if settings.align == AUTO_ALIGN:
         return _plan_with_default_alignment(config, settings)
     if settings.mode == "reference":
@@ -504,7 +575,8 @@ def _exact_plan(config, settings: PlanSettings) -> Plan:
             low = mid
         else:
             high = mid
-    if abs(best.removed_fraction - target) > EXACT_TOLERANCE and settings.align > 1 and "ffn" in settings.sublayers:
+    if (abs(best.removed_fraction - target) > EXACT_TOLERANCE and settings.align > 1 and "ffn" in settings.sublayers
+            and settings.ffn == "channels"):
         best = _closest_with_blocks_moved(best, target, settings.align)
     if abs(best.removed_fraction - target) > EXACT_TOLERANCE:
         raise LorapError(
@@ -531,3 +603,36 @@ def _closest_with_blocks_moved(plan: Plan, target: float, align: int) -> Plan:
             if abs(candidate.removed_fraction - target) < abs(best.removed_fraction - target):
                 best = candidate
     return best
+
+
+# ---------------------------------------------------------------- whole layers removed (ShortGPT)
+
+
+def layer_removal_plan(config, settings: PlanSettings) -> Plan:
+    """Whole decoder layers removed, the others dense: as many as the ratio asks, to the nearest layer.
+
+    Reference mode: `ratio` of the decoder layers; exact mode: the count whose removal comes closest to
+    `ratio` of the whole model's parameters (the plan's totals say the share it removes). Which layers
+    go is the calibration data's choice (methods/layer_importance.py: the lowest Block Influence); until
+    a run has measured it, the plan marks the deepest layers before the last as placeholders. A budget
+    below half a layer's share, or one that would leave no layer, is refused."""
+    settings = replace(settings, align=1, pair_limit="none")  # nothing is factorized or narrowed
+    dense = plan_with_layer_ratio(config, replace(settings, sublayers=()), 0.0)
+    count_layers = len(dense.layers)
+    per_layer = dense.layer_norms + sum(row["dense_parameters"] for row in dense.rows if row["layer"] == 0)
+    if settings.mode == "reference":
+        share, of = 1 / count_layers, "of its decoder layers"
+    else:
+        share, of = per_layer / dense.dense_parameters, "of its parameters"
+    count = math.floor(settings.ratio / share + 0.5)
+    if count < 1:
+        raise LorapError(
+            f"removing whole layers: one of this model's {count_layers} decoder layers is {share:.2%} {of}, and "
+            f"{settings.ratio:.2%} asked is less than half of that; ask for at least {share / 2:.2%}, or compress "
+            "within the layers (another preset)")
+    if count >= count_layers:
+        raise LorapError(f"removing {settings.ratio:.0%} {of} would remove every one of this model's {count_layers} "
+                         "decoder layers; ask for less")
+    placeholders = range(count_layers - 1 - count, count_layers - 1)
+    plan = replace(dense.with_removed_layers(placeholders), settings=settings)
+    return replace(plan, layer_ratio=settings.ratio if settings.mode == "reference" else count / count_layers)

@@ -1,8 +1,9 @@
-"""The plan's two rules: ranks of attention factor pairs and kept widths of FFNs, from shapes alone.
+"""The plan's rules: ranks of factor pairs and kept widths of FFNs, from shapes alone.
 
 `attention_ranks` is LoRAP's a:1 split of attention's kept parameters between {v, o} and {q, k}
 (the authors' integer rule on square attention, the same idea on parameter counts for GQA);
-`ffn_kept_width` is its channel count per FFN. With an alignment N > 1 both become multiples of N,
+`ffn_kept_width` is its channel count per FFN. `share_ranks` is SVD-LLM's rule: every matrix keeps
+the same share of its parameters. With an alignment N > 1 ranks and widths become multiples of N,
 the shapes GEMM kernels run fastest (`--align`); N = 1 is the paper's exact rule.
 """
 import math
@@ -73,6 +74,18 @@ def attention_ranks(shapes: dict, keep: float, a: float, limit=no_limit) -> dict
     if None in qk_ranks.values() and None not in vo_ranks.values():
         vo_ranks, _ = _group_ranks(weights, ("v_proj", "o_proj"), budget - qk_used, limit)
     return {**qk_ranks, **vo_ranks}
+
+
+def share_ranks(shapes: dict, keep: float, limit=no_limit) -> dict:
+    """SVD-LLM's one truncation ratio: every matrix keeps `keep` of its parameters, its rank
+    floor(keep m n / (m + n)) (at least 1). A pair that would not be smaller than its matrix (or not
+    faster, by `limit`) stays dense."""
+    ranks = {}
+    for name, (out_features, in_features, *_) in shapes.items():
+        # (the tiny slack: keep m n / (m + n) computed as 15.9999... where it is 16)
+        rank = max(1, math.floor(keep * out_features * in_features / (out_features + in_features) + 1e-9))
+        ranks[name] = rank if _pair_fits((out_features, in_features), rank, limit) else None
+    return ranks
 
 
 def _pair_fits(shape, rank: int, limit) -> bool:

@@ -8,7 +8,10 @@ from .plan import make_plan
 def _calibration_notes(config) -> list:
     """What a run decides from calibration data, where the plan can only show shapes' defaults."""
     notes = []
-    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model:
+    if config.removes_layers:
+        return ["which layers are removed depends on calibration data: the layers shown removed are placeholders; "
+                "a run removes as many, those that change the residual stream least (lowest Block Influence)"]
+    if FFN_ALLOCATIONS[config.ffn_allocation].needs_whole_model and config.ffn == "channels":
         notes.append("adaptive heads and widths depend on calibration data: the head counts and widths shown are "
                      "uniform; a run removes as many parameters, heads and channels chosen across layers by their scores"
                      if config.attention == "heads" else
