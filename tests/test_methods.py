@@ -48,7 +48,8 @@ def test_options_override_a_preset_and_unknown_names_are_refused():
 WIDER_FFN = {"serving": dict(intermediate_size=1024)}
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# SliceGPT rotates the whole stream outside the layer walk (tests/test_slicegpt.py)
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"slicegpt"}))
 def test_every_method_compresses_to_its_plan(name, tiny_tokenizer):
     model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer), **WIDER_FFN.get(name, {}))
     dense = count_parameters(model)

@@ -37,6 +37,13 @@ def plan(model=None, preset="paper", predict_speed=True, **settings) -> dict:
 
     config = config_for(preset, **settings)
     config.validate()
+    if preset == "slicegpt":  # no per-module plan: say what the slicing keeps, from shapes
+        from .errors import LorapError
+        from .methods.slicegpt import choose_kept_dim, describe_share
+
+        model_config = load_config(model)
+        raise LorapError(f"{describe_share(model_config, choose_kept_dim(model_config, config.ratio))}. `lorap plan` "
+                         "tabulates the layer-walk methods; SliceGPT's one choice is that stream width")
     return plan_report(load_config(model), config, predict_speed)
 
 

@@ -113,6 +113,13 @@ def format_prediction(prediction: dict) -> str:
 
 
 def format_compression(report: dict) -> str:
+    if "slicegpt" in report:
+        sliced, totals = report["slicegpt"], report["plan"]["totals"]
+        return "\n".join([
+            f"SliceGPT: residual stream {sliced['kept_dim']} of {sliced['hidden_size']} dims, head {sliced['head']}; "
+            f"{totals['compressed_parameters']:,} of {totals['dense_parameters']:,} parameters "
+            f"({totals['removed_fraction']:.2%} removed, embeddings and head included)",
+            "wall time: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in report["timings"].items())])
     lines = [format_plan(report["plan"])]
     if "predicted_speed" in report:
         lines.append(format_prediction(report["predicted_speed"]))

@@ -79,6 +79,9 @@ def _dense_row(spec, settings, tasks, manager, device) -> dict:
     return row
 
 
+SLICEGPT = "slicegpt"
+
+
 def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -> dict:
     from ..pipeline.run import compress_model
     from ..io.models import load_model
@@ -89,6 +92,22 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
            "ratio": ratio, "settings": config.to_dict()}
     model, tokenizer, _ = load_model(spec)
     started = time.perf_counter()
+    if name == SLICEGPT:  # a job of its own: the sliced model's totals, as a plan's
+        from ..pipeline.sliced import slice_in_memory
+
+        try:
+            totals = slice_in_memory(model, tokenizer, config, progress)["plan"]["totals"]
+        except LorapError as err:
+            row["error"] = str(err)
+            release_model(model)
+            return row
+        row.update(compress_seconds=time.perf_counter() - started, parameters=totals["compressed_parameters"],
+                   removed_parameters=totals["removed_parameters"], removed_fraction=totals["removed_fraction"],
+                   plan_totals=totals, kv_cache_bytes_per_token=kv_cache_bytes_per_token(model))
+        model.to(device)
+        row.update(_evaluate(model, tokenizer, settings, tasks, manager))
+        release_model(model)
+        return row
     try:
         result = compress_model(model, tokenizer, config, progress)
     except LorapError as err:  # e.g. attention alone cannot remove half of the model

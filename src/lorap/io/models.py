@@ -12,7 +12,7 @@ from ..log import info
 
 @dataclass
 class ModelSource:
-    kind: str  # "default", "folder", "lorap", "gguf" or "hub"
+    kind: str  # "default", "folder", "lorap", "sliced", "gguf" or "hub"
     location: str  # folder, file or hub id
     name: str  # what reports call the model
 
@@ -21,22 +21,32 @@ class ModelSource:
             "default": "built-in default model",
             "folder": "local folder",
             "lorap": "lorap checkpoint",
+            "sliced": "SliceGPT checkpoint",
             "gguf": "GGUF file",
             "hub": "Hugging Face hub",
         }
         return f"{self.name} ({labels[self.kind]}: {self.location})"
 
 
-def is_lorap_checkpoint(folder: Path) -> bool:
+def _config_has(folder: Path, key: str) -> bool:
     import json
 
     config = folder / "config.json"
     if not config.is_file():
         return False
     try:
-        return "lorap" in json.loads(config.read_text())
+        return key in json.loads(config.read_text())
     except ValueError:
         return False
+
+
+def is_lorap_checkpoint(folder: Path) -> bool:
+    return _config_has(folder, "lorap")
+
+
+def is_sliced_checkpoint(folder: Path) -> bool:
+    """A SliceGPT checkpoint (`lorap compress --preset slicegpt`): its own modeling file, modeling_sliced.py."""
+    return _config_has(folder, "slicegpt")
 
 
 def resolve_model(spec: str | None) -> ModelSource:
@@ -53,7 +63,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LorapError(f"{path} is a folder but has no config.json; point at a Hugging Face model folder")
-        kind = "lorap" if is_lorap_checkpoint(path) else "folder"
+        kind = "lorap" if is_lorap_checkpoint(path) else "sliced" if is_sliced_checkpoint(path) else "folder"
         return ModelSource(kind, str(path.resolve()), path.resolve().name)
     if path.exists():
         raise LorapError(f"{path} is a file; give a model folder, a .gguf file or a hub id")
@@ -130,7 +140,7 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
-    if source.kind in ("default", "folder", "lorap"):
+    if source.kind in ("default", "folder", "lorap", "sliced"):
         check_tokenizer_files(Path(source.location))
     info(f"loading {source.describe()}")
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
@@ -151,6 +161,11 @@ def load_model(spec: str | None = None, dtype=None, device: str | None = None, d
             from .checkpoint import load_checkpoint_model
 
             model = load_checkpoint_model(source.location, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.location)
+        elif source.kind == "sliced":
+            from ..methods.slicegpt import load_sliced_checkpoint
+
+            model = load_sliced_checkpoint(source.location, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source.location)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)

@@ -87,6 +87,11 @@ METHODS = {
         # ShortGPT (arXiv 2403.03853): whole decoder layers with the lowest Block Influence removed, the rest unchanged.
         Method("shortgpt", "ShortGPT", "whole layers removed (lowest Block Influence)",
                "whole layers removed (lowest Block Influence)", dict(layer_allocation="remove-layers")),
+        # SliceGPT (arXiv 2401.15024) as published: the residual stream rotated by each block's PCA and
+        # its least-varying directions deleted from every matrix, embeddings included (a job of its own:
+        # pipeline/sliced.py). Its ratio is always the share of the whole model.
+        Method("slicegpt", "SliceGPT", "input side sliced (PCA of the residual stream)",
+               "input side sliced; embeddings and head too", dict(mode="exact")),
         Method("wanda-sp", "Wanda-sp", "heads: Wanda-sp score", "Wanda-sp score",
                dict(attention="heads", head_score="wanda-sp", ffn_score="wanda-sp", bottom_keep=0.0, **DEPLOYED)),
         Method("flap", "FLAP", "heads: fluctuation score, bias compensation",

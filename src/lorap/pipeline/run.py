@@ -125,6 +125,11 @@ def compress_layers(source, tokenizer, config: CompressionConfig, progress: bool
 
 def compress_model(model, tokenizer, config: CompressionConfig, progress: bool = True) -> CompressionResult:
     """Compress `model` in place by `config`."""
+    from .sliced import PRESET as SLICEGPT
+
+    if config.preset == SLICEGPT:
+        raise LorapError("SliceGPT is not a layer walk: slice a model with pipeline.sliced.slice_in_memory, or "
+                         "lorap.compress(preset='slicegpt')")
     config.validate()
     return compress_layers(InMemoryLayers(model), tokenizer, config, progress)
 
@@ -252,7 +257,10 @@ def compress_checkpoint(job: CompressionJob) -> Compressed:
     load -> compress -> report -> save, the report written once, into the checkpoint before it is
     swapped into place."""
     from ..evaluate.perplexity import protocol
+    from .sliced import PRESET as SLICEGPT, slice_checkpoint
 
+    if job.config.preset == SLICEGPT:  # it rotates the whole stream: a job of its own
+        return slice_checkpoint(job)
     job.config.validate()  # before anything loads
     _check_plan(job)
     started = time.perf_counter()
