@@ -1,6 +1,6 @@
 """Benchmark: every method side by side on the built-in default model (docs/records/benchmarks.md).
 
-Two `lorap compare` runs on the same calibration samples and evaluation windows:
+Three `lorap compare` runs on the same calibration samples and evaluation windows:
   main       the paper, the best preset, the baselines as published (heads and channels) and the
              strongest hybrid (flap-ffn), at 20% and 50% of the whole model's parameters:
              perplexity at 128 and 2048 tokens on the test split of both corpora (best's parts were
@@ -8,7 +8,9 @@ Two `lorap compare` runs on the same calibration samples and evaluation windows:
              items a task the offline proxies could not tell the leading rows apart (0.51 to 0.57
              at 20%, standard error near 0.035); `lorap eval` reports them for any one model;
   ablations  the paper's parts switched one at a time, and the FFN options alone, at 20% (by
-             default; --ablation-ratios): perplexity at 128 tokens.
+             default; --ablation-ratios): perplexity at 128 tokens;
+  rivals     best against the published rivals of other kinds (MoDeGPT, SVD-LLM, ShortGPT,
+             SliceGPT; --rival-ratios): perplexity at 128 tokens.
 Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes; a row
 another table measured is offered to this one (seed_rows), and `lorap compare` reuses it only where
 its key (method, ratio, settings, calibration, evaluation) is this table's, else measures it again.
@@ -24,7 +26,8 @@ from pathlib import Path
 from common import DOCS, RUNS, lorap, machine_line, update_section
 from lorap.methods.presets import DEFAULT_COMPARISON
 
-SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations"}
+SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations",
+            "compare_rivals": "--only rivals --rival-ratios 0.2 --max-tokens 4096"}
 # The comparisons, each one `lorap compare` run and one section (compare_NAME): its title, its rows
 # (methods), the option of this script that sets its ratios, and the window lengths it scores. The
 # main table is `lorap compare`'s default rows: the paper, best, the baselines as published and the
@@ -36,6 +39,9 @@ TABLES = {
                   "methods": ("paper", "plain-svd", "asvd", "svd-llm-attention", "uniform-ranks", "no-bottom-keep",
                               "attention-only", "ffn-only", "bias", "lstsq", "adaptive"),
                   "ratios": "ablation_ratios", "seqlens": "128"},
+    # The rivals of other kinds, as published, against best (the main table's protocol, shorter).
+    "rivals": {"title": "Rivals of other kinds", "methods": ("best", "modegpt", "svd-llm", "shortgpt", "slicegpt"),
+               "ratios": "rival_ratios", "seqlens": "128"},
 }
 
 
@@ -73,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.2,0.5", help="of the main table")
     parser.add_argument("--ablation-ratios", default="0.2", help="of the ablation table")
+    parser.add_argument("--rival-ratios", default="0.2,0.5", help="of the rivals table")
     parser.add_argument("--max-tokens", type=int, default=16384, help="test tokens per window length")
     parser.add_argument("--work", type=Path, default=RUNS / "bench-compare")
     parser.add_argument("--page", type=Path, default=DOCS / "records/benchmarks.md")
