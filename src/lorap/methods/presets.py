@@ -133,10 +133,13 @@ METHODS = {
                dict(ffn_allocation="adaptive")),
     )
 }
-# `lorap compare`'s rows by default: the paper, best, the baselines as published, and best's closest
+# `lorap compare`'s rows by default: the paper, best, the baselines as published, best's closest
 # rival (FLAP's FFN criterion beside LoRAP's attention), so that the default table tests best against
-# the strongest row lorap knows (docs/records/benchmarks.md) rather than against a floor like svd-magnitude.
-DEFAULT_COMPARISON = ("paper", "best", "flap", "wanda-sp", "llm-pruner-l2", "llm-pruner-taylor", "flap-ffn")
+# the strongest row lorap knows (docs/records/benchmarks.md) rather than against a floor like
+# svd-magnitude, and the published rivals of other kinds (narrowed heads, every projection a pair,
+# whole layers removed, the residual stream sliced).
+DEFAULT_COMPARISON = ("paper", "best", "flap", "wanda-sp", "llm-pruner-l2", "llm-pruner-taylor", "flap-ffn",
+                      "modegpt", "svd-llm", "shortgpt", "slicegpt")
 
 
 def best_ridge(ratio: float) -> float:
