@@ -260,7 +260,7 @@ def compress_checkpoint(job: CompressionJob) -> Compressed:
     from .sliced import PRESET as SLICEGPT, slice_checkpoint
 
     if job.config.preset == SLICEGPT:  # it rotates the whole stream: a job of its own
-        return slice_checkpoint(job)
+        return Compressed(*slice_checkpoint(job))
     job.config.validate()  # before anything loads
     _check_plan(job)
     started = time.perf_counter()

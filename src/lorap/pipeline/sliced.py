@@ -49,12 +49,12 @@ def slice_in_memory(model, tokenizer, config, progress: bool = False) -> dict:
             "plan": {"totals": plan_totals(model.config, sliced)}, "timings": {"slice": seconds}}
 
 
-def slice_checkpoint(job):
-    """`lorap compress --preset slicegpt`: load, slice, report, save (atomically, as every checkpoint)."""
+def slice_checkpoint(job) -> tuple:
+    """`lorap compress --preset slicegpt`: load, slice, report, save (atomically, as every checkpoint);
+    (model, tokenizer, report)."""
     from ..io.checkpoint import REPORT_FILE, check_output_folder
     from ..io.models import load_model
     from ..methods.slicegpt import save_sliced_checkpoint
-    from .run import Compressed
 
     refuse_streaming(job)
     job.config.validate()
@@ -71,4 +71,4 @@ def slice_checkpoint(job):
     report["peak_memory"] = peak
     if job.out is not None:
         save_sliced_checkpoint(model.cpu(), tokenizer, job.out, job.overwrite, {REPORT_FILE: report})
-    return Compressed(model, tokenizer, report)
+    return model, tokenizer, report
