@@ -27,7 +27,7 @@ from common import DOCS, RUNS, lorap, machine_line, update_section
 from lorap.methods.presets import DEFAULT_COMPARISON
 
 SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations",
-            "compare_rivals": "--only rivals --rival-ratios 0.2 --max-tokens 4096"}
+            "compare_rivals": "--only rivals --work runs --rival-ratios 0.2,0.5 --max-tokens 4096"}
 # The comparisons, each one `lorap compare` run and one section (compare_NAME): its title, its rows
 # (methods), the option of this script that sets its ratios, and the window lengths it scores. The
 # main table is `lorap compare`'s default rows: the paper, best, the baselines as published and the
