@@ -256,11 +256,11 @@ def test_shortgpt_plans_whole_layers_closest_to_the_budget_and_refuses_less_than
     assert not (tmp_path / "out").exists()
 
 
-def test_both_rivals_in_a_comparison(tmp_path, tiny_tokenizer):
+def test_the_rivals_in_a_comparison(tmp_path, tiny_tokenizer):
     from lorap.compare.run import ComparisonSettings, compare
 
     source = _saved_model(tmp_path, tiny_tokenizer, num_hidden_layers=4)
-    settings = ComparisonSettings(methods=("svd-llm", "shortgpt"), ratios=(0.3,), seqlens=(32,), max_tokens=1024,
+    settings = ComparisonSettings(methods=("svd-llm", "shortgpt", "slicegpt"), ratios=(0.3,), seqlens=(32,), max_tokens=1024,
                                   datasets=("wiki",), tasks=(), calibration_samples=8, calibration_seqlen=32,
                                   batch_size=4)
     result = compare(str(source), tmp_path / "cmp", settings, progress=False)
@@ -270,6 +270,8 @@ def test_both_rivals_in_a_comparison(tmp_path, tiny_tokenizer):
     # whole layers: one of four is 21% of this model, the closest to 30%
     assert len(rows["shortgpt"]["ffn_widths"]) == 3 and 0.2 < rows["shortgpt"]["removed_fraction"] < 0.22
     assert rows["shortgpt"]["kv_cache_bytes_per_token"] == 3 / 4 * rows["svd-llm"]["kv_cache_bytes_per_token"]
+    # SliceGPT runs apart from the layer walk: its row has the totals a plan's would
+    assert rows["slicegpt"]["plan_totals"]["removed_fraction"] == rows["slicegpt"]["removed_fraction"] > 0.2
     assert "ShortGPT" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 

@@ -7,7 +7,7 @@ The modeling file of a checkpoint reads the same description from `config.lorap[
 from torch import nn
 
 from .families import FFN_PROJECTIONS, PROJECTIONS, SHARED_INPUTS, attention_shapes, family_of, ffn_shapes, keep_layers
-from .modeling_lorap import SplitLinear, module_at, narrow_head_dims, set_module_at
+from .modeling_lorap import SplitLinear, module_at, narrow_head_dims, narrowed_head_sizes, set_module_at
 
 
 class Architecture:
@@ -119,10 +119,8 @@ class Architecture:
     def _narrowed_rows(self, layer) -> dict:
         """{q_proj, k_proj, v_proj: rows} of a layer whose heads were narrowed."""
         attention = self.attention(layer)
-        groups = attention.rope_index.shape[0]
-        heads = groups * attention.num_key_value_groups
-        return {"q_proj": heads * attention.qk_head_dim, "k_proj": groups * attention.qk_head_dim,
-                "v_proj": groups * attention.v_head_dim}
+        return narrowed_head_sizes(attention.rope_index.shape[0], attention.num_key_value_groups,
+                                   attention.qk_head_dim, attention.v_head_dim)
 
     def narrow_attention(self, layer, qk_head_dim: int, v_head_dim: int, rope_index) -> None:
         """Make the layer's attention run heads of the narrowed dimensions its projections now have."""

@@ -336,10 +336,16 @@ def _narrowed_sizes(layer, layout: dict, architecture: dict) -> dict:
     narrowed = _head_dim_layout(attention, layout)
     if narrowed is not None:
         qk, v, rope_index = narrowed
-        kv = rope_index.shape[0]
-        heads = kv * attention.num_key_value_groups  # head removal drops whole groups
-        sizes.update(q_proj=heads * qk, k_proj=kv * qk, v_proj=kv * v, o_proj=heads * v)
+        sizes.update(narrowed_head_sizes(rope_index.shape[0], attention.num_key_value_groups, qk, v))
     return sizes
+
+
+def narrowed_head_sizes(kv_groups: int, queries_per_group: int, qk_head_dim: int, v_head_dim: int) -> dict:
+    """{q_proj, k_proj, v_proj: rows, o_proj: columns} of narrowed heads (head removal drops whole groups,
+    so the groups kept count)."""
+    heads = kv_groups * queries_per_group
+    return {"q_proj": heads * qk_head_dim, "k_proj": kv_groups * qk_head_dim, "v_proj": kv_groups * v_head_dim,
+            "o_proj": heads * v_head_dim}
 
 
 def _layer_modules(layer, layout: dict, architecture: dict) -> dict:

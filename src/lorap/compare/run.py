@@ -79,11 +79,24 @@ def _dense_row(spec, settings, tasks, manager, device) -> dict:
     return row
 
 
-SLICEGPT = "slicegpt"
+def _compressed_fields(name, model, tokenizer, config, progress) -> dict:
+    """Compress `model` in place by `config`; the row's fields on what was removed (LorapError where it cannot)."""
+    from ..pipeline.run import compress_model
+    from ..pipeline.sliced import PRESET as SLICEGPT, slice_in_memory
+
+    if name == SLICEGPT:  # a job of its own: the sliced model's totals, as a plan's
+        totals = slice_in_memory(model, tokenizer, config, progress)["plan"]["totals"]
+        return {"parameters": totals["compressed_parameters"], "removed_parameters": totals["removed_parameters"],
+                "removed_fraction": totals["removed_fraction"], "plan_totals": totals}
+    result = compress_model(model, tokenizer, config, progress)
+    plan = result.plan
+    return {"timings": result.timings, "parameters": plan.compressed_parameters,
+            "removed_parameters": plan.dense_parameters - plan.compressed_parameters,
+            "removed_fraction": plan.removed_fraction, "plan_totals": plan.to_dict()["totals"],
+            "ffn_widths": [layer.ffn_width for layer in plan.layers if not layer.removed]}
 
 
 def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -> dict:
-    from ..pipeline.run import compress_model
     from ..io.models import load_model
 
     chosen = method(name)
@@ -92,35 +105,14 @@ def _method_row(spec, name, ratio, settings, tasks, manager, device, progress) -
            "ratio": ratio, "settings": config.to_dict()}
     model, tokenizer, _ = load_model(spec)
     started = time.perf_counter()
-    if name == SLICEGPT:  # a job of its own: the sliced model's totals, as a plan's
-        from ..pipeline.sliced import slice_in_memory
-
-        try:
-            totals = slice_in_memory(model, tokenizer, config, progress)["plan"]["totals"]
-        except LorapError as err:
-            row["error"] = str(err)
-            release_model(model)
-            return row
-        row.update(compress_seconds=time.perf_counter() - started, parameters=totals["compressed_parameters"],
-                   removed_parameters=totals["removed_parameters"], removed_fraction=totals["removed_fraction"],
-                   plan_totals=totals, kv_cache_bytes_per_token=kv_cache_bytes_per_token(model))
-        model.to(device)
-        row.update(_evaluate(model, tokenizer, settings, tasks, manager))
-        release_model(model)
-        return row
     try:
-        result = compress_model(model, tokenizer, config, progress)
+        fields = _compressed_fields(name, model, tokenizer, config, progress)
     except LorapError as err:  # e.g. attention alone cannot remove half of the model
         row["error"] = str(err)
         release_model(model)
         return row
     row["compress_seconds"] = time.perf_counter() - started
-    row["timings"] = result.timings
-    row["parameters"] = result.plan.compressed_parameters
-    row["removed_parameters"] = result.plan.dense_parameters - result.plan.compressed_parameters
-    row["removed_fraction"] = result.plan.removed_fraction
-    row["plan_totals"] = result.plan.to_dict()["totals"]
-    row["ffn_widths"] = [layer.ffn_width for layer in result.plan.layers if not layer.removed]
+    row.update(fields)
     row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model)
     model.to(device)
     row.update(_evaluate(model, tokenizer, settings, tasks, manager))
