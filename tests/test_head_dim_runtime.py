@@ -183,6 +183,30 @@ def test_narrowed_heads_compute_the_padded_dense_model(arch, implementation):
     assert torch.equal(narrowed.generate(prompt, **settings), padded.generate(prompt, **settings))
 
 
+def test_sdpa_over_a_prompt_pads_to_one_head_size(monkeypatch):
+    """The padded call (PyTorch's fused CPU kernel needs one head size) is the one the test above checks
+    against the dense model: it runs for a prompt under SDPA, never for a single decode query or eager."""
+    _, _, narrowed, _ = _case("llama_gqa")
+    calls = []
+    original = modeling_lorap.HeadDimAttention._pads_to_one_head_size
+
+    def recorded(self, query):
+        calls.append((self.config._attn_implementation, query.shape[-2], original(self, query)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(modeling_lorap.HeadDimAttention, "_pads_to_one_head_size", recorded)
+    inputs = _inputs()[:1]
+    with torch.no_grad():
+        for implementation in ("sdpa", "eager"):
+            _set_attention(narrowed, implementation)
+            cache = narrowed(inputs[:, :-1], use_cache=True).past_key_values
+            narrowed(inputs[:, -1:], past_key_values=cache, use_cache=True)
+    layers = narrowed.config.num_hidden_layers
+    prompt = inputs.shape[1] - 1
+    assert calls == [("sdpa", prompt, True)] * layers + [("sdpa", 1, False)] * layers \
+        + [("eager", prompt, False)] * layers + [("eager", 1, False)] * layers
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_keeping_every_dim_is_the_dense_model(arch):
     dense, _, narrowed, _ = _case(arch, _identity)

@@ -220,6 +220,16 @@ class HeadDimAttention:
         """Keyword arguments the family adds to its attention call (its sliding window)."""
         return {}
 
+    def _pads_to_one_head_size(self, query) -> bool:
+        """Whether to zero-pad queries, keys and values to one head size for this attention call: with
+        SDPA on the CPU over several queries (a prompt) whose query/key and value head sizes differ.
+        PyTorch's fused CPU kernel needs one size; without it SDPA falls back to materializing every
+        score, several times slower over a prompt. Zero dims change no score and no output (the scale is
+        passed). A single decode query is left unpadded: there the fallback costs little, and a pad would
+        copy the whole key cache every token."""
+        return (self.qk_head_dim != self.v_head_dim and self.config._attn_implementation == "sdpa"
+                and query.device.type == "cpu" and query.shape[-2] > 1)
+
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
                 cache_position=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -244,6 +254,11 @@ class HeadDimAttention:
         attention_interface = self._eager_attention
         if self.config._attn_implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        padded = self._pads_to_one_head_size(query)
+        if padded:
+            width = max(self.qk_head_dim, self.v_head_dim)
+            query, key = (nn.functional.pad(states, (0, width - self.qk_head_dim)) for states in (query, key))
+            value = nn.functional.pad(value, (0, width - self.v_head_dim))
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -255,6 +270,8 @@ class HeadDimAttention:
             **self._attention_kwargs(),
             **kwargs,
         )
+        if padded:
+            attn_output = attn_output[..., : self.v_head_dim]
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
