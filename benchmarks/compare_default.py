@@ -10,7 +10,8 @@ Three `lorap compare` runs on the same calibration samples and evaluation window
   ablations  the paper's parts switched one at a time, and the FFN options alone, at 20% (by
              default; --ablation-ratios): perplexity at 128 tokens;
   rivals     best against the published rivals of other kinds (MoDeGPT, SVD-LLM, ShortGPT,
-             SliceGPT; --rival-ratios): perplexity at 128 tokens.
+             SliceGPT; --rival-ratios): perplexity at 128 and 2048 tokens on both corpora and on
+             `fortunes` (quotations, jokes and verse: a third domain nothing calibrates on).
 Rows are saved as they finish (runs/bench-compare/*/rows), so an interrupted run resumes; a row
 another table measured is offered to this one (seed_rows), and `lorap compare` reuses it only where
 its key (method, ratio, settings, calibration, evaluation) is this table's, else measures it again.
@@ -23,32 +24,41 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import DOCS, RUNS, lorap, machine_line, update_section
+from common import DOCS, RUNS, debian_text, lorap, machine_line, update_section
 from lorap.methods.presets import DEFAULT_COMPARISON
 
 SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations",
-            "compare_rivals": "--only rivals --work runs --rival-ratios 0.2,0.5 --max-tokens 4096"}
+            "compare_rivals": ("--only rivals", "the record holds an earlier, shorter run: the first 4,096 test tokens "
+                               "of `wiki` and `pydocs` at 128 tokens, as its command says")}
 # The comparisons, each one `lorap compare` run and one section (compare_NAME): its title, its rows
-# (methods), the option of this script that sets its ratios, and the window lengths it scores. The
+# (methods), the option of this script that sets its ratios, the window lengths and corpora it scores. The
 # main table is `lorap compare`'s default rows: the paper, best, the baselines as published and the
 # strongest hybrid (FLAP's FFN criterion with LoRAP's attention).
 TABLES = {
     "main": {"title": "Baselines under one budget", "methods": DEFAULT_COMPARISON, "ratios": "ratios",
-             "seqlens": "128,2048"},
+             "seqlens": "128,2048", "corpora": ("wiki", "pydocs")},
     "ablations": {"title": "Ablations and options, one at a time",
                   "methods": ("paper", "plain-svd", "asvd", "svd-llm-attention", "uniform-ranks", "no-bottom-keep",
                               "attention-only", "ffn-only", "bias", "lstsq", "adaptive"),
-                  "ratios": "ablation_ratios", "seqlens": "128"},
-    # The rivals of other kinds, as published, against best (the main table's protocol, shorter).
+                  "ratios": "ablation_ratios", "seqlens": "128", "corpora": ("wiki", "pydocs")},
+    # The rivals of other kinds, as published, against best: the main table's protocol and a third domain.
     "rivals": {"title": "Rivals of other kinds", "methods": ("best", "modegpt", "svd-llm", "shortgpt", "slicegpt"),
-               "ratios": "rival_ratios", "seqlens": "128"},
+               "ratios": "rival_ratios", "seqlens": "128,2048", "corpora": ("wiki", "pydocs", "fortunes")},
 }
 
 
-def run_compare(out: Path, methods: str, ratios: str, seqlens: str, max_tokens: int) -> tuple[str, float]:
+# The corpora that are text files the benchmarks build (benchmarks/get_debian_text.sh), and what a
+# section says of them
+EXTRA_CORPORA = {"fortunes": "`fortunes` is quotations, jokes and verse from Debian's fortune cookies (those on "
+                             "computing left out; `bash benchmarks/get_fortunes.sh` builds it), a domain nothing here "
+                             "calibrates on."}
+
+
+def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tuple, max_tokens: int) -> tuple[str, float]:
     """(the command as the section quotes it, its seconds)"""
+    ppl = ",".join(debian_text(name) if name in EXTRA_CORPORA else name for name in corpora)
     command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", ratios,
-               "--max-tokens", str(max_tokens), "--seqlen", seqlens, "--tasks", "none"]
+               "--max-tokens", str(max_tokens), "--seqlen", seqlens, "--ppl", ppl, "--tasks", "none"]
     return " ".join(command), lorap(*command[1:])
 
 
@@ -66,12 +76,14 @@ def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:
                 print(f"offering {source} to the {table} table", file=sys.stderr)
 
 
-def section(title: str, command: str, seconds: float, table: Path, image_link: str) -> str:
+def section(title: str, command: str, seconds: float, table: Path, image_link: str, corpora: tuple) -> str:
     body = table.read_text().replace("](comparison.png)", f"]({image_link})")
+    extra = [EXTRA_CORPORA[name] for name in corpora if name in EXTRA_CORPORA]
     return "\n".join([
         f"## {title}", "",
         f"Measured {datetime.date.today().isoformat()} by `.venv/bin/python benchmarks/compare_default.py` "
-        f"({seconds / 60:.0f} min), which ran:", "", "```", command, "```", "", machine_line(), "", body,
+        f"({seconds / 60:.0f} min), which ran:", "", "```", command, "```", "", machine_line(), "",
+        *([" ".join(extra), ""] if extra else []), body,
     ])
 
 
@@ -93,11 +105,12 @@ def main() -> None:
         out, methods, ratios = args.work / name, ",".join(table["methods"]), getattr(args, table["ratios"])
         if args.work.exists():
             seed_rows(args.work, name, methods, ratios)
-        command, seconds = run_compare(out, methods, ratios, table["seqlens"], args.max_tokens)
+        command, seconds = run_compare(out, methods, ratios, table["seqlens"], table["corpora"], args.max_tokens)
         image = images / f"compare_{name}.png"
         image.write_bytes((out / "comparison.png").read_bytes())
         update_section(args.page, f"compare_{name}",
-                       section(table["title"], command, seconds, out / "comparison.md", f"img/{image.name}"))
+                       section(table["title"], command, seconds, out / "comparison.md", f"img/{image.name}",
+                               table["corpora"]))
         print(f"wrote {args.page} ({name})", file=sys.stderr)
 
 

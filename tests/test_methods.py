@@ -194,6 +194,24 @@ def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, m
         compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
 
 
+def test_comparison_table_names_a_text_file_corpus_by_its_stem():
+    from lorap.compare.report import comparison_markdown
+
+    fortunes = "/cache/corpora/fortunes/fortunes.txt"
+    scores = {"wiki": {"32": 10.0}, "pydocs": {"32": 20.0}, fortunes: {"32": 40.0}}
+    result = {"source": "tiny", "settings": {"calibration_samples": 4, "calibration_seqlen": 32,
+                                             "calibration_source": "wiki", "seed": 0, "ratios": [0.5]},
+              "evaluation": {"seqlens": [32], "datasets": ["wiki", "pydocs", fortunes], "max_tokens": 64, "tasks": []},
+              "dense": {"parameters": 100, "perplexity": scores},
+              "rows": [{"method": "paper", "label": "LoRAP (paper)", "attention": "a", "ffn": "f", "ratio": 0.5,
+                        "parameters": 50, "removed_fraction": 0.5, "compress_seconds": 1.0,
+                        "perplexity": {name: {"32": 2 * value["32"]} for name, value in scores.items()}}]}
+    table = comparison_markdown(result)
+    assert "of `wiki`, `pydocs` and `fortunes` (`fortunes`: /cache/corpora/fortunes/fortunes.txt)" in table
+    assert "| wiki @ 32 | pydocs @ 32 | fortunes @ 32 | vs dense @ 32 |" in table
+    assert "| 80.00 | 2.00x |" in table  # the file's perplexity, and twice dense on every corpus
+
+
 def test_compare_on_validation_refuses_test_zero_shot_items():
     from lorap.compare.run import ComparisonSettings
 

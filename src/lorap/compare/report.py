@@ -25,6 +25,16 @@ def ranked(result: dict, ratio: float) -> list:
     return done + [r for r in mine if "error" in r]
 
 
+def corpus_name(dataset: str) -> str:
+    """How a table names a corpus: its own name, or a text file's stem (`fortunes` for .../fortunes.txt)."""
+    return "+".join(Path(part).stem if "/" in part else part for part in dataset.split("+"))
+
+
+def _listed(names: list) -> str:
+    quoted = [f"`{name}`" for name in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
 def _number(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -38,7 +48,9 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
     settings, evaluation = result["settings"], result["evaluation"]
     seqlens, datasets = evaluation["seqlens"], evaluation["datasets"]
     first = seqlens[0]
-    corpora = " and ".join(f"`{d}`" for d in datasets)
+    files = [d for d in datasets if corpus_name(d) != d]
+    corpora = _listed([corpus_name(d) for d in datasets]) + (
+        f" ({'; '.join(f'`{corpus_name(d)}`: {d}' for d in files)})" if files else "")
     columns = [(d, s) for s in seqlens for d in datasets]
     tokens = f"the first {evaluation['max_tokens']:,} tokens" if evaluation["max_tokens"] else "all"
     zeroshot = bool(evaluation["tasks"])
@@ -60,7 +72,7 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
                   + (" (lorap's offline proxies, not comparable with published tables)" if any(
                       t.startswith("lorap_") for t in evaluation["tasks"]) else "") + ".", ""]
     dense = result["dense"]
-    header = ["rank", "method", "attention", "FFN", "parameters", "removed"] + [f"{d} @ {s}" for d, s in columns]
+    header = ["rank", "method", "attention", "FFN", "parameters", "removed"] + [f"{corpus_name(d)} @ {s}" for d, s in columns]
     header += [f"vs dense @ {first}"]
     header += ["zero-shot"] if zeroshot else []
     header += ["KV cache (bytes/token)", "compress (s)"]
@@ -111,7 +123,7 @@ def comparison_plot(result: dict, path: Path) -> Path:
         axis.set_xscale("log")
         axis.set_title(f"{ratio:.0%} of parameters removed")
         split = result["evaluation"].get("split", "test")
-        axis.set_xlabel(f"perplexity @ {seqlen} / dense ({', '.join(datasets)} {split}; lower is better)")
+        axis.set_xlabel(f"perplexity @ {seqlen} / dense ({', '.join(map(corpus_name, datasets))} {split}; lower is better)")
         axis.legend(loc="lower right")
     figure.tight_layout()
     path = Path(path)
