@@ -40,6 +40,7 @@ SECTIONS = {
     "runtime": "--only runtime --repeats 9",
     "align-quality": "--only align-quality",
     "real": ("--only real --repeats 9", "after --only align-quality, whose checkpoints it times"),
+    "headdim": "--only headdim --repeats 9",
     "speed-cuda": ("--only speed-cuda --repeats 3", "on a machine with a CUDA GPU, as `bash benchmarks/gpu.sh` runs it"),
 }
 
@@ -95,6 +96,23 @@ CUDA_TIMING = ["--device", "cuda", "--dtype", "bfloat16", "--prefill", "512,2048
 # (preset, --align): the built-in model at exact 20%, unaligned and at the device's default ("auto", which
 # also keeps dense a factor pair too large to run faster; best's default, not the paper's)
 QUALITY_ROWS = [("paper", "1"), ("paper", "auto"), ("best", "1"), ("best", "auto")]
+# Section `headdim`: narrowed heads against factor pairs at 20%, each preset at its default alignment.
+# (label, model, plan arguments, extra bench arguments) for `lorap bench` on random weights
+HEADDIM = ["--attention", "headdim"]
+HEADDIM_BENCH_ROWS = [
+    (f"{name}, {label}", model, [*ratio, *method], bench_args)
+    for name, model, ratio, bench_args in [
+        ("LLaMA-2-7B", LLAMA2, ["--ratio", "0.2"], ONE_LAYER),
+        ("SmolLM2-135M", None, ["--ratio", "0.2", "--mode", "exact"], []),
+    ]
+    for label, method in [("best (factor pairs)", ["--preset", "best"]),
+                          ("best, --attention headdim", ["--preset", "best", *HEADDIM]),
+                          ("modegpt", ["--preset", "modegpt"])]
+]
+# (label, compress arguments): the built-in model's real checkpoints at exact 20%, calibrated on wiki
+HEADDIM_CHECKPOINTS = [("best (factor pairs)", ["--preset", "best"]),
+                       ("best, --attention headdim", ["--preset", "best", *HEADDIM]),
+                       ("modegpt", ["--preset", "modegpt"])]
 
 
 def _predicted(model, plan_args: list, work: Path, index) -> dict:
@@ -118,7 +136,6 @@ def _cell(row: dict) -> str:
 
 
 def runtime_section(work: Path, repeats: int) -> str:
-    timing = ["--prefill", "512", "--batch", "1", "--repeats", str(repeats), "--warmup", "1"]
     lines = [
         "## What lorap's runtime for factor pairs gains on the CPU",
         "",
@@ -132,19 +149,40 @@ def runtime_section(work: Path, repeats: int) -> str:
         "",
         machine_line(),
         "",
-        "| model and method | parameters timed, dense -> compressed | prefill 512 | decode (128 after 128) | load |",
-        "|---|---|---|---|---|",
     ]
-    for index, (label, model, plan_args, bench_args) in enumerate(RUNTIME_ROWS):
-        out = work / f"runtime-{index}.json"
-        lorap("bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", out)
+    return "\n".join(lines + _bench_table(work, "runtime", RUNTIME_ROWS, repeats, kv_cache=False))
+
+
+def _bench_table(work: Path, prefix: str, rows: list, repeats: int, kv_cache: bool, reuse: bool = False) -> list:
+    """`lorap bench` of each (label, model, plan arguments, bench arguments) row at prefill 512 and decode:
+    the table's lines (with the KV cache a token needs, from `lorap plan`, if `kv_cache`). With `reuse`, a
+    row whose record is already in `work` is not timed again (each row is its own paired run)."""
+    timing = ["--prefill", "512", "--batch", "1", "--repeats", str(repeats), "--warmup", "1"]
+    cache_head = " KV cache per token (fp32) |" if kv_cache else ""
+    lines = [f"| model and method | parameters timed, dense -> compressed |{cache_head} prefill 512 | "
+             "decode (128 after 128) | load |",
+             "|---|---|" + "---|" * (4 if kv_cache else 3)]
+    for index, (label, model, plan_args, bench_args) in enumerate(rows):
+        out = work / f"{prefix}-{index}.json"
+        if not (reuse and out.is_file()):
+            lorap("bench", *([model] if model else []), *plan_args, *bench_args, *timing, "--json", out)
         report = json.loads(out.read_text())
         params, load = report["parameters"], report["load_average"]
+        cache = f" {_kv_cache(model, plan_args, work / f'{prefix}-plan-{index}.json')} |" if kv_cache else ""
         prefill = next(row for row in report["prefill"].values() if row["batch"] == 1 and row["tokens"] == 512)
         lines.append(f"| {label} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
-                     f"({params['dense'] / params['compressed']:.2f}x fewer) | {_cell(prefill)} | "
+                     f"({params['dense'] / params['compressed']:.2f}x fewer) |{cache} {_cell(prefill)} | "
                      f"{_cell(report['decode'])} | {load['before']:.1f} / {load['after']:.1f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def _kv_cache(model, plan_args: list, out: Path) -> str:
+    """'46,080 -> 36,864 B (-20%)': the key and value bytes a token caches, from `lorap plan` (fp32)."""
+    printed = lorap_output("plan", *([model] if model else []), *plan_args, "--json")
+    out.write_text(printed)
+    values = json.loads(printed)["totals"]["kv_cache_values_per_token"]
+    dense, compressed = 4 * values["dense"], 4 * values["compressed"]
+    return f"{dense:,} -> {compressed:,} B ({compressed / dense - 1:+.0%})"
 
 
 def speed_section(work: Path, timing: list, rows: list) -> str:
@@ -255,32 +293,43 @@ def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
 
 def real_section(work: Path, repeats: int) -> str:
     """The built-in model's real checkpoints (from the align-quality section), timed by plain transformers."""
-    from lorap.io.default_model import default_model_dir
-
     rows = [(f"{preset}, --align {align}", work / f"quality-{preset}-{align}") for preset, align in QUALITY_ROWS]
     missing = [str(folder) for _, folder in rows if not folder.exists()]
     if missing:
         raise SystemExit(f"run the align-quality section first; missing {', '.join(missing)}")
-    out = work / "plain-transformers.json"
-    run([sys.executable, BENCHMARKS / "plain_transformers_speed.py", default_model_dir(), *[folder for _, folder in rows],
-         "--repeats", repeats, "--json", out])
-    report = json.loads(out.read_text())
     lines = [
         "## The built-in model's real checkpoints, run by plain transformers",
         "",
         "Written by `benchmarks/speed.py --only real` (after `--only align-quality`, whose exact-20% checkpoints "
-        "it times): `benchmarks/plain_transformers_speed.py` loads each with `from_pretrained(..., "
-        "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.optimize_for_inference()`, "
-        f"and times the dense model and every checkpoint interleaved (medians of {repeats} repeats after a warm-up, "
-        "batch 1, fp32, min-max in round brackets; decode with the models generating in lockstep, a token each in "
-        "turn). `prefill N` is one pass over N tokens without a cache, logits at every position (as a scoring pass "
-        "computes them, and as `lorap bench` times prefill); `first token after N` is the prompt's pass as "
-        "`generate()` runs it, the KV cache filled and the vocabulary projected at the last position only "
-        "(`logits_to_keep=1`). Speedups are paired: the median over rounds (decode: over tokens) of the dense time "
-        "over the checkpoint's, measured back to back, with the quartiles of those ratios in square brackets.",
+        f"it times): {PLAIN_TRANSFORMERS_PROTOCOL.format(repeats=repeats)}",
         "",
         machine_line(),
         "",
+    ]
+    return "\n".join(lines + _plain_transformers_tables(work / "plain-transformers.json", rows, repeats))
+
+
+PLAIN_TRANSFORMERS_PROTOCOL = (
+    "`benchmarks/plain_transformers_speed.py` loads each with `from_pretrained(..., "
+    "trust_remote_code=True)` in a process where lorap cannot be imported, calls `model.optimize_for_inference()`, "
+    "and times the dense model and every checkpoint interleaved (medians of {repeats} repeats after a warm-up, "
+    "batch 1, fp32, min-max in round brackets; decode with the models generating in lockstep, a token each in "
+    "turn). `prefill N` is one pass over N tokens without a cache, logits at every position (as a scoring pass "
+    "computes them, and as `lorap bench` times prefill); `first token after N` is the prompt's pass as "
+    "`generate()` runs it, the KV cache filled and the vocabulary projected at the last position only "
+    "(`logits_to_keep=1`). Speedups are paired: the median over rounds (decode: over tokens) of the dense time "
+    "over the checkpoint's, measured back to back, with the quartiles of those ratios in square brackets.")
+
+
+def _plain_transformers_tables(out: Path, rows: list, repeats: int) -> list:
+    """The dense model and each (label, checkpoint folder) timed by plain_transformers_speed.py into `out`:
+    the timing table, the load and where a decode token's time goes."""
+    from lorap.io.default_model import default_model_dir
+
+    run([sys.executable, BENCHMARKS / "plain_transformers_speed.py", default_model_dir(), *[folder for _, folder in rows],
+         "--repeats", repeats, "--json", out])
+    report = json.loads(out.read_text())
+    lines = [
         "| model | parameters | prefill 128 | prefill 512 | first token after 128 | first token after 512 | "
         "decode tokens/s (128 after 128) |",
         "|---|---:|---|---|---|---|---|",
@@ -305,9 +354,70 @@ def real_section(work: Path, repeats: int) -> str:
         rate = report["decode"][key]
         cells.append(f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})" + speedup(key, "decode"))
         lines.append(f"| {label} | {report['parameters'][key]:,} | {' | '.join(cells)} |")
-    lines += ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after.", "",
-              *_decode_shares(report, labelled)]
+    return lines + ["", f"Load average (1 minute): {report['load_before']:.1f} before, {report['load_after']:.1f} after.",
+                    "", *_decode_shares(report, labelled)]
+
+
+def headdim_section(work: Path, repeats: int, max_tokens: int, samples: int, reuse: bool) -> str:
+    """Narrowed heads against factor pairs: `lorap bench` on the plans' shapes, then the built-in model's
+    real checkpoints (their perplexity and KV cache) timed by plain transformers."""
+    lines = [
+        "## Narrowed heads against factor pairs, timed",
+        "",
+        "Written by `benchmarks/speed.py --only headdim`. `best` compresses attention into factor pairs; with "
+        "`--attention headdim` its attention keeps plain matrices with fewer query/key and value dimensions per "
+        "head (and a smaller KV cache); `modegpt` is MoDeGPT as published (narrowed heads, its own FFN and layer "
+        "allocation). First `lorap bench` on random weights in each plan's shapes (batch 1, fp32, "
+        f"{repeats} rounds after one warm-up, dense and compressed interleaved and paired as in the tables above; "
+        "LLaMA rows time the first decoder layer plus embeddings and LM head, `layers` the decoder layer alone; "
+        "the KV cache from `lorap plan`).",
+        "",
+        machine_line(),
+        "",
+        *_bench_table(work, "headdim-bench", HEADDIM_BENCH_ROWS, repeats, kv_cache=True, reuse=reuse),
+        "",
+        f"Then the built-in model compressed to exact 20% ({samples} x 128 calibration tokens of the `wiki` train "
+        f"split), perplexity at 128 tokens on the first {max_tokens:,} test tokens of `wiki` and `pydocs`, and "
+        f"the KV cache a token needs (fp32), from `lorap eval`:",
+        "",
+        "| checkpoint | parameters | removed | attention | wiki @ 128 | pydocs @ 128 | KV cache per token |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    rows = []
+    for label, arguments in HEADDIM_CHECKPOINTS:
+        folder = work / f"headdim-{'-'.join(arguments).replace('--', '')}"
+        if not (reuse and (folder / "compression_report.json").is_file()):
+            lorap("compress", *arguments, "--ratio", "0.2", "--mode", "exact", "--out", folder, "--overwrite",
+                  "--samples", samples)
+        evaluation = evaluate([folder, "--alone"], folder.with_suffix(".eval.json"), ppl="wiki,pydocs",
+                              max_tokens=max_tokens, reuse=reuse)
+        totals = json.loads((folder / "compression_report.json").read_text())["plan"]["totals"]
+        values = totals["kv_cache_values_per_token"]
+        perplexity = evaluation["perplexity"]
+        lines.append(f"| {label} | {totals['compressed_parameters']:,} | {totals['removed_fraction']:.2%} | "
+                     f"{_attention_shape(folder)} | {perplexity['wiki']['128']:.2f} | {perplexity['pydocs']['128']:.2f} | "
+                     f"{4 * values['compressed']:,} B ({values['compressed'] / values['dense'] - 1:+.0%}) |")
+        rows.append((label, folder))
+    lines += ["", f"Those checkpoints and the dense model, run by plain transformers: "
+              f"{PLAIN_TRANSFORMERS_PROTOCOL.format(repeats=repeats)}", "",
+              *_plain_transformers_tables(work / "headdim-plain-transformers.json", rows, repeats)]
     return "\n".join(lines)
+
+
+def _attention_shape(folder: Path) -> str:
+    """'head dims q/k 48-64, v 64' or 'ranks q 96, k dense, ...': what a checkpoint kept of attention."""
+    layers = json.loads((folder / "config.json").read_text())["lorap"]["layers"]
+    if any(layer.get("qk_head_dim") for layer in layers):
+        return "head dims q/k " + " / v ".join(_span([layer.get(key) for layer in layers])
+                                                 for key in ("qk_head_dim", "v_head_dim"))
+    return "ranks q / k / v / o " + " / ".join(_ranks(layers, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def _span(values: list) -> str:
+    kept = sorted({value for value in values if value})
+    if not kept:
+        return "dense"
+    return str(kept[0]) if len(kept) == 1 else f"{kept[0]}-{kept[-1]}"
 
 
 DECODE_PARTS = ("attention", "FFN", "LM head", "rest")
@@ -384,7 +494,7 @@ def _ranks(layers: list, name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["speed", "runtime", "align-quality", "real", "speed-cuda"])
+    parser.add_argument("--only", choices=["speed", "runtime", "align-quality", "real", "headdim", "speed-cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
@@ -394,6 +504,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where records go (default: runs/bench-speed, or "
                         "runs/bench-speed-cuda with --only speed-cuda)")
     parser.add_argument("--page", type=Path, default=DOCS / "records/speed.md")
+    parser.add_argument("--reuse", action="store_true", help="with --only headdim: keep the `lorap bench` rows, "
+                        "checkpoints and perplexities already in the work folder (a run cut short resumes; the "
+                        "checkpoints are timed again)")
     args = parser.parse_args()
     args.work = args.work or RUNS / ("bench-speed-cuda" if args.only == "speed-cuda" else "bench-speed")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -402,6 +515,9 @@ def main() -> None:
         update_section(args.page, "align-quality", quality_section(args.work, args.max_tokens, args.samples))
     if args.only in (None, "real"):
         update_section(args.page, "real", real_section(args.work, args.repeats))
+    if args.only in (None, "headdim"):
+        update_section(args.page, "headdim", headdim_section(args.work, args.repeats, args.max_tokens, args.samples,
+                                                             args.reuse))
     if args.only in (None, "runtime"):
         update_section(args.page, "runtime", runtime_section(args.work, args.repeats))
     if args.only == "speed-cuda":  # never part of a run of every section: it needs a GPU
