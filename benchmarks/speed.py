@@ -17,6 +17,10 @@ without --align, paper and best presets (real compression, wiki calibration, wik
 Section `real`: those checkpoints timed against the dense model by plain transformers, lorap not
 importable (benchmarks/plain_transformers_speed.py).
 
+Section `headdim`: narrowed heads (`--attention headdim`, and MoDeGPT's preset) against factor pairs at
+20%: `lorap bench` on LLaMA-2-7B and SmolLM2-135M shapes with the KV cache per token, then the
+built-in model's real checkpoints (perplexity, KV cache) timed by plain transformers as in `real`.
+
     .venv/bin/python benchmarks/speed.py                      # every section into docs/records/speed.md
     .venv/bin/python benchmarks/speed.py --only speed         # one section
     python benchmarks/speed.py --only speed-cuda              # on a machine with a GPU: section speed-cuda
@@ -405,19 +409,12 @@ def headdim_section(work: Path, repeats: int, max_tokens: int, samples: int, reu
 
 
 def _attention_shape(folder: Path) -> str:
-    """'head dims q/k 48-64, v 64' or 'ranks q 96, k dense, ...': what a checkpoint kept of attention."""
+    """'head dims q/k 32 / v 64' or 'ranks q / k / v / o 96 / dense / dense / dense': what a checkpoint
+    kept of attention."""
     layers = json.loads((folder / "config.json").read_text())["lorap"]["layers"]
     if any(layer.get("qk_head_dim") for layer in layers):
-        return "head dims q/k " + " / v ".join(_span([layer.get(key) for layer in layers])
-                                                 for key in ("qk_head_dim", "v_head_dim"))
+        return "head dims q/k " + " / v ".join(_ranks(layers, key) for key in ("qk_head_dim", "v_head_dim"))
     return "ranks q / k / v / o " + " / ".join(_ranks(layers, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-
-
-def _span(values: list) -> str:
-    kept = sorted({value for value in values if value})
-    if not kept:
-        return "dense"
-    return str(kept[0]) if len(kept) == 1 else f"{kept[0]}-{kept[-1]}"
 
 
 DECODE_PARTS = ("attention", "FFN", "LM head", "rest")
@@ -485,8 +482,8 @@ def quality_section(work: Path, max_tokens: int, samples: int) -> str:
 
 
 def _ranks(layers: list, name: str) -> str:
-    """A projection's ranks over the layers: '96', '96-112', or 'dense'."""
-    ranks = sorted({layer[name] for layer in layers} - {None, True})
+    """A projection's ranks (or head dims) over the layers: '96', '96-112', or 'dense'."""
+    ranks = sorted({layer.get(name) for layer in layers} - {None, True})
     if not ranks:
         return "dense"
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
