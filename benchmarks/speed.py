@@ -182,7 +182,7 @@ def _bench_table(work: Path, prefix: str, rows: list, repeats: int, kv_cache: bo
 
 def _kv_cache(model, plan_args: list, out: Path) -> str:
     """'46,080 -> 36,864 B (-20%)': the key and value bytes a token caches, from `lorap plan` (fp32)."""
-    printed = lorap_output("plan", *([model] if model else []), *plan_args, "--json")
+    printed = lorap_output("plan", *([model] if model else []), *plan_args, "--json", "--no-speed")
     out.write_text(printed)
     values = json.loads(printed)["totals"]["kv_cache_values_per_token"]
     dense, compressed = 4 * values["dense"], 4 * values["compressed"]

@@ -27,7 +27,9 @@ def ranked(result: dict, ratio: float) -> list:
 
 def corpus_name(dataset: str) -> str:
     """How a table names a corpus: its own name, or a text file's stem (`fortunes` for .../fortunes.txt)."""
-    return "+".join(Path(part).stem if "/" in part else part for part in dataset.split("+"))
+    from ..io.data import POOL_SEPARATOR
+
+    return POOL_SEPARATOR.join(Path(part).stem if "/" in part else part for part in dataset.split(POOL_SEPARATOR))
 
 
 def _listed(names: list) -> str:
