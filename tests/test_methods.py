@@ -210,6 +210,30 @@ def test_comparison_table_names_a_text_file_corpus_by_its_stem():
     assert "of `wiki`, `pydocs` and `fortunes` (`fortunes`: /cache/corpora/fortunes/fortunes.txt)" in table
     assert "| wiki @ 32 | pydocs @ 32 | fortunes @ 32 | vs dense @ 32 |" in table
     assert "| 80.00 | 2.00x |" in table  # the file's perplexity, and twice dense on every corpus
+    assert "lorap best" not in table  # no best row, nothing to say about it
+
+
+def test_comparison_table_says_where_a_rival_beats_best():
+    from lorap.compare.report import comparison_markdown
+
+    def row(method, label, perplexity, cache):
+        return {"method": method, "label": label, "attention": "a", "ffn": "f", "ratio": 0.2, "parameters": 80,
+                "removed_fraction": 0.2, "compress_seconds": 1.0, "kv_cache_bytes_per_token": cache,
+                "perplexity": {name: {"32": value} for name, value in perplexity.items()}}
+
+    result = {"source": "tiny", "settings": {"calibration_samples": 4, "calibration_seqlen": 32,
+                                             "calibration_source": "wiki", "seed": 0, "ratios": [0.2]},
+              "evaluation": {"seqlens": [32], "datasets": ["wiki", "pydocs"], "max_tokens": 64, "tasks": []},
+              "dense": {"parameters": 100, "perplexity": {"wiki": {"32": 10.0}, "pydocs": {"32": 20.0}}},
+              "rows": [row("best", "lorap best", {"wiki": 12.0, "pydocs": 30.0}, 100),
+                       row("modegpt", "MoDeGPT", {"wiki": 20.0, "pydocs": 29.5}, 75),
+                       row("svd-llm", "SVD-LLM", {"wiki": 40.0, "pydocs": 60.0}, 100)]}
+    table = comparison_markdown(result)
+    assert ("Lower perplexity than lorap best: MoDeGPT on `pydocs` @ 32 (29.50 against 30.00). "
+            "A smaller KV cache than best's 100 bytes per token: MoDeGPT (75).") in table
+    result["rows"][1]["perplexity"]["pydocs"]["32"] = 31.0
+    result["rows"][1]["kv_cache_bytes_per_token"] = 100
+    assert "No other row scores lower perplexity than lorap best on any corpus at any window length.\n" in comparison_markdown(result)
 
 
 def test_compare_on_validation_refuses_test_zero_shot_items():

@@ -46,6 +46,27 @@ def _bytes(row: dict) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def _where_best_loses(rows: list, columns: list) -> str | None:
+    """One sentence for a ratio's table with `best` in it: every corpus and window length where another
+    row scores lower perplexity than best, and every row that caches fewer bytes per token."""
+    best = next((r for r in rows if r["method"] == "best" and "error" not in r), None)
+    if best is None:
+        return None
+    others = [r for r in rows if r is not best and "error" not in r]
+    losses = [f"{r['label']} on `{corpus_name(d)}` @ {s} ({_ppl(r, d, s):.2f} against {_ppl(best, d, s):.2f})"
+              for d, s in columns for r in others
+              if None not in (_ppl(r, d, s), _ppl(best, d, s)) and _ppl(r, d, s) < _ppl(best, d, s)]
+    cache = best.get("kv_cache_bytes_per_token")
+    smaller = [f"{r['label']} ({r['kv_cache_bytes_per_token']:,})" for r in others
+               if cache is not None and r.get("kv_cache_bytes_per_token") is not None
+               and r["kv_cache_bytes_per_token"] < cache]
+    sentence = ("Lower perplexity than lorap best: " + "; ".join(losses) + "." if losses else
+                "No other row scores lower perplexity than lorap best on any corpus at any window length.")
+    if smaller:
+        sentence += f" A smaller KV cache than best's {cache:,} bytes per token: " + ", ".join(smaller) + "."
+    return sentence
+
+
 def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
     settings, evaluation = result["settings"], result["evaluation"]
     seqlens, datasets = evaluation["seqlens"], evaluation["datasets"]
@@ -99,6 +120,8 @@ def comparison_markdown(result: dict, plot_file: str | None = None) -> str:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         failed = [r for r in result["rows"] if r["ratio"] == ratio and "error" in r]
         lines += [""] + [f"- {r['label']}: {r['error']}" for r in failed] + ([""] if failed else [])
+        where = _where_best_loses(ranked(result, ratio), columns)
+        lines += [where, ""] if where else []
     if plot_file:
         lines += [f"![perplexity by method]({plot_file})", ""]
     return "\n".join(lines)
