@@ -22,14 +22,13 @@ import argparse
 import datetime
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from common import DOCS, RUNS, debian_text, lorap, machine_line, update_section
 from lorap.methods.presets import DEFAULT_COMPARISON
 
-SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations",
-            "compare_rivals": ("--only rivals", "the record holds an earlier, shorter run: the first 4,096 test tokens "
-                               "of `wiki` and `pydocs` at 128 tokens, as its command says")}
+SECTIONS = {"compare_main": "--only main", "compare_ablations": "--only ablations", "compare_rivals": "--only rivals"}
 # The comparisons, each one `lorap compare` run and one section (compare_NAME): its title, its rows
 # (methods), the option of this script that sets its ratios, the window lengths and corpora it scores. The
 # main table is `lorap compare`'s default rows: the paper, best, the baselines as published and the
@@ -54,12 +53,16 @@ EXTRA_CORPORA = {"fortunes": "`fortunes` is quotations, jokes and verse from Deb
                              "calibrates on."}
 
 
-def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tuple, max_tokens: int) -> tuple[str, float]:
-    """(the command as the section quotes it, its seconds)"""
+def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tuple, max_tokens: int) -> tuple[str, float, int]:
+    """(the command as the section quotes it, its seconds, how many of its rows an earlier run had measured)"""
     ppl = ",".join(debian_text(name) if name in EXTRA_CORPORA else name for name in corpora)
     command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", ratios,
                "--max-tokens", str(max_tokens), "--seqlen", seqlens, "--ppl", ppl, "--tasks", "none"]
-    return " ".join(command), lorap(*command[1:])
+    started = time.time()
+    seconds = lorap(*command[1:])
+    rows = [out / "rows" / f"r{float(ratio)}" / f"{name}.json" for ratio in ratios.split(",") for name in methods.split(",")]
+    reused = sum(1 for row in rows if row.exists() and row.stat().st_mtime < started)
+    return " ".join(command), seconds, reused
 
 
 def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:
@@ -76,13 +79,14 @@ def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:
                 print(f"offering {source} to the {table} table", file=sys.stderr)
 
 
-def section(title: str, command: str, seconds: float, table: Path, image_link: str, corpora: tuple) -> str:
+def section(title: str, command: str, seconds: float, reused: int, table: Path, image_link: str, corpora: tuple) -> str:
     body = table.read_text().replace("](comparison.png)", f"]({image_link})")
     extra = [EXTRA_CORPORA[name] for name in corpora if name in EXTRA_CORPORA]
+    took = f"{seconds / 60:.0f} min" + (f", reusing {reused} rows an earlier run of it had measured" if reused else "")
     return "\n".join([
         f"## {title}", "",
         f"Measured {datetime.date.today().isoformat()} by `.venv/bin/python benchmarks/compare_default.py` "
-        f"({seconds / 60:.0f} min), which ran:", "", "```", command, "```", "", machine_line(), "",
+        f"({took}), which ran:", "", "```", command, "```", "", machine_line(), "",
         *([" ".join(extra), ""] if extra else []), body,
     ])
 
@@ -105,11 +109,11 @@ def main() -> None:
         out, methods, ratios = args.work / name, ",".join(table["methods"]), getattr(args, table["ratios"])
         if args.work.exists():
             seed_rows(args.work, name, methods, ratios)
-        command, seconds = run_compare(out, methods, ratios, table["seqlens"], table["corpora"], args.max_tokens)
+        command, seconds, reused = run_compare(out, methods, ratios, table["seqlens"], table["corpora"], args.max_tokens)
         image = images / f"compare_{name}.png"
         image.write_bytes((out / "comparison.png").read_bytes())
         update_section(args.page, f"compare_{name}",
-                       section(table["title"], command, seconds, out / "comparison.md", f"img/{image.name}",
+                       section(table["title"], command, seconds, reused, out / "comparison.md", f"img/{image.name}",
                                table["corpora"]))
         print(f"wrote {args.page} ({name})", file=sys.stderr)
 
