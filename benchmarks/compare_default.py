@@ -53,8 +53,9 @@ EXTRA_CORPORA = {"fortunes": "`fortunes` is quotations, jokes and verse from Deb
                              "calibrates on."}
 
 
-def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tuple, max_tokens: int) -> tuple[str, float, int]:
-    """(the command as the section quotes it, its seconds, how many of its rows an earlier run had measured)"""
+def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tuple, max_tokens: int) -> tuple:
+    """(the command as the section quotes it, its seconds, how many of its rows an earlier run had measured, how
+    many rows it has)"""
     ppl = ",".join(debian_text(name) if name in EXTRA_CORPORA else name for name in corpora)
     command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", ratios,
                "--max-tokens", str(max_tokens), "--seqlen", seqlens, "--ppl", ppl, "--tasks", "none"]
@@ -62,7 +63,7 @@ def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tup
     seconds = lorap(*command[1:])
     rows = [out / "rows" / f"r{float(ratio)}" / f"{name}.json" for ratio in ratios.split(",") for name in methods.split(",")]
     reused = sum(1 for row in rows if row.exists() and row.stat().st_mtime < started)
-    return " ".join(command), seconds, reused
+    return " ".join(command), seconds, reused, len(rows)
 
 
 def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:
@@ -79,10 +80,12 @@ def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:
                 print(f"offering {source} to the {table} table", file=sys.stderr)
 
 
-def section(title: str, command: str, seconds: float, reused: int, table: Path, image_link: str, corpora: tuple) -> str:
+def section(title: str, command: str, seconds: float, reused: int, rows: int, table: Path, image_link: str,
+            corpora: tuple) -> str:
     body = table.read_text().replace("](comparison.png)", f"]({image_link})")
     extra = [EXTRA_CORPORA[name] for name in corpora if name in EXTRA_CORPORA]
-    took = f"{seconds / 60:.0f} min" + (f", reusing {reused} rows an earlier run of it had measured" if reused else "")
+    took = (f"{seconds / 60:.0f} min" + (f", reusing {reused} rows an earlier run of it had measured" if reused else "")
+            if reused < rows else "every row as an earlier run of it had measured it")
     return "\n".join([
         f"## {title}", "",
         f"Measured {datetime.date.today().isoformat()} by `.venv/bin/python benchmarks/compare_default.py` "
@@ -109,12 +112,13 @@ def main() -> None:
         out, methods, ratios = args.work / name, ",".join(table["methods"]), getattr(args, table["ratios"])
         if args.work.exists():
             seed_rows(args.work, name, methods, ratios)
-        command, seconds, reused = run_compare(out, methods, ratios, table["seqlens"], table["corpora"], args.max_tokens)
+        command, seconds, reused, rows = run_compare(out, methods, ratios, table["seqlens"], table["corpora"],
+                                                     args.max_tokens)
         image = images / f"compare_{name}.png"
         image.write_bytes((out / "comparison.png").read_bytes())
         update_section(args.page, f"compare_{name}",
-                       section(table["title"], command, seconds, reused, out / "comparison.md", f"img/{image.name}",
-                               table["corpora"]))
+                       section(table["title"], command, seconds, reused, rows, out / "comparison.md",
+                               f"img/{image.name}", table["corpora"]))
         print(f"wrote {args.page} ({name})", file=sys.stderr)
 
 
