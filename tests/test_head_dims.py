@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_ARCHITECTURES, build_tiny_model, tiny_config
 from lorap import api
 from lorap.errors import LorapError
-from lorap.methods.head_dims import narrow_head_dims, pair_scores, whitened_moments
+from lorap.methods.head_dims import narrow_head_dims, pair_scores, refit_output, whitened_moments
 from lorap.methods.head_pruning import HeadLayout
 from lorap.pipeline.layer_step import AttentionView
 from lorap.architectures import Architecture
@@ -89,6 +89,58 @@ def test_the_value_basis_drops_what_its_singular_values_say():
         group_totals += float(dense.pow(2).sum())
     assert group_errors / group_totals == pytest.approx(narrowed.dropped_value_energy, rel=1e-3)
     assert 0 < narrowed.dropped_value_energy < 0.5
+
+
+def _attended_o_inputs(v_proj, x, layout: HeadLayout) -> torch.Tensor:
+    """o_proj's input as attention makes it: each query head averages its group's values over a causal
+    window of its own length (weights summing to one), so heads differ and tokens mix."""
+    with torch.no_grad():
+        values = v_proj(x).reshape(len(x), layout.kv_heads, -1).double()
+    heads = []
+    for head in range(layout.kv_heads * layout.heads_per_group):
+        group_values = values[:, head // layout.heads_per_group]
+        window = 1 + 3 * head
+        sums = group_values.cumsum(0)
+        shifted = torch.cat([torch.zeros(window, sums.shape[1], dtype=sums.dtype), sums[:-window]])
+        counts = torch.arange(1, len(x) + 1, dtype=sums.dtype).clamp(max=window)[:, None]
+        heads.append((sums - shifted) / counts)
+    return torch.cat(heads, dim=1)
+
+
+def test_the_least_squares_update_fits_o_proj_to_its_dense_output_better_than_the_basis():
+    """With the values narrowed, o_proj refitted over its own (attended) inputs reproduces the dense
+    output with less error on those inputs than the columns the value basis gives; with nothing
+    narrowed it is o_proj itself, and a large ridge keeps the basis columns."""
+    model = build_tiny_model("llama_gqa")
+    layout = _layout(model.config)
+    attention = AttentionView(Architecture(model.config), model.model.layers[1])
+    x = _correlated_inputs(model.config.hidden_size)
+    o_inputs = _attended_o_inputs(attention.v_proj, x.float(), layout)
+    kept = layout.head_dim // 2
+    narrowed = {update: narrow_head_dims(attention, _inputs_of(x), layout, layout.head_dim, kept, update=update,
+                                         o_inputs=_inputs_of(o_inputs), update_options={"lstsq_ridge": 1e-9})
+                for update in ("none", "lstsq")}
+    assert torch.equal(narrowed["none"].projections["v_proj"].weight, narrowed["lstsq"].projections["v_proj"].weight)
+    # the change of basis T (new v rows = T W_v), recovered from the rows, transposed: [kv x head_dim, kv x kept]
+    basis = torch.linalg.lstsq(attention.v_proj.weight.double().T,
+                               narrowed["none"].projections["v_proj"].weight.double().T).solution
+    dim = layout.head_dim
+    to_values = torch.block_diag(*[basis[group * dim : (group + 1) * dim, group * kept : (group + 1) * kept].T
+                                   for group in (head // layout.heads_per_group for head in range(4))])
+    narrowed_inputs = o_inputs @ to_values.T
+    dense_output = o_inputs @ attention.o_proj.weight.double().T
+    residuals = {update: dense_output - narrowed_inputs @ result.projections["o_proj"].weight.double().T
+                 for update, result in narrowed.items()}
+    assert residuals["lstsq"].pow(2).sum() < 0.95 * residuals["none"].pow(2).sum()
+    # the normal equations: what is left of the dense output is orthogonal to every narrowed input
+    orthogonality = (narrowed_inputs.T @ residuals["lstsq"]).abs().max() / (narrowed_inputs.T @ dense_output).abs().max()
+    assert orthogonality < 1e-5
+    dense_weight, identity = attention.o_proj.weight.double(), torch.eye(o_inputs.shape[1], dtype=torch.float64)
+    assert torch.allclose(refit_output(dense_weight, dense_weight, identity, _inputs_of(o_inputs)), dense_weight)
+    # a large ridge keeps the basis columns
+    columns = narrowed["none"].projections["o_proj"].weight.double()
+    held = refit_output(dense_weight, columns, to_values, _inputs_of(o_inputs), lstsq_ridge=1e9)
+    assert torch.allclose(held, columns, atol=1e-6)
 
 
 def test_query_key_pairs_are_kept_whole_by_their_scores():

@@ -22,13 +22,15 @@ from lorap.plan.counting import count_parameters
 SMALL = dict(calibration_samples=8, calibration_seqlen=32, batch_size=4)
 EVERY_PART = [(part, spec.name) for part, registry in REGISTRIES.items() for spec in registry]
 HEAD_PARTS = ("head_score", "head_update")  # used with --attention heads
+HEAD_DIM_PARTS = ("head_dim_score", "head_dim_update")  # used with --attention headdim
 
 
 @pytest.mark.parametrize("part,name", EVERY_PART, ids=[f"{p}={n}" for p, n in EVERY_PART])
 def test_every_registered_part_compresses_a_model_to_its_plan(part, name, tiny_tokenizer):
     model = build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer))
     dense = count_parameters(model)
-    settings = {part: name, **({"attention": "heads"} if part in HEAD_PARTS else {})}
+    attention = "heads" if part in HEAD_PARTS else "headdim" if part in HEAD_DIM_PARTS else "lowrank"
+    settings = {part: name, "attention": attention}
     config = config_for("paper", ratio=0.3, **settings, **SMALL)
     result = compress_model(model, tiny_tokenizer, config, progress=False)
     assert count_parameters(model) == result.plan.compressed_parameters < dense

@@ -23,6 +23,14 @@ attention are narrowed apart, as MoDeGPT (arXiv 2408.09632) does:
 
 The registered criteria (registry.HEAD_DIM_SCORES) differ only in the second moment of the
 attention input they use: the calibration inputs' (whitened) or the identity (plain).
+
+The basis is chosen from the values token by token; o_proj reads them after attention has mixed
+them. The `lstsq` update (registry.HEAD_DIM_UPDATES) refits o_proj to that input instead: with
+z the dense o_proj input over the calibration tokens and T the block-diagonal change of basis
+(each query head's group's U_k^T R^-T), the narrowed input is T z, and the new o_proj is
+(W_o G T^T + ridge B) (T G T^T + ridge)^-1 with G = E[z z^T] and B the columns the basis gives:
+the least-squares fit of the dense output (uncentred, so o_proj needs no bias), pulled toward B. It takes T z for the narrowed input, as if the kept
+query/key pairs left the attention weights as they were.
 """
 from dataclasses import dataclass
 
@@ -32,6 +40,7 @@ from torch import nn
 from .factorizations import whitening_factor
 from .ffn_pruning import slice_linear
 from .head_pruning import HeadLayout
+from .registry import LSTSQ_RIDGE
 
 
 @dataclass
@@ -129,6 +138,24 @@ def value_basis(v_weight, v_bias, o_columns: list, moments: InputMoments, kept: 
     return ValueBasis(to_values, lower @ u_kept, singular_values)
 
 
+def refit_output(o_weight: torch.Tensor, basis_weight: torch.Tensor, to_values: torch.Tensor, o_inputs,
+                 lstsq_ridge: float = LSTSQ_RIDGE.default) -> torch.Tensor:
+    """o_proj's new weight [hidden, heads x kept] for narrowed values (module docstring), float64.
+    `o_weight`: the dense o_proj weight; `basis_weight`: the columns the value basis gives, which the
+    ridge pulls toward (a large ridge keeps them); `to_values`: [heads x kept, heads x head_dim], the
+    block-diagonal change of basis; `o_inputs`: the statistics of o_proj's dense input, its Gram
+    matrix included. The ridge is relative to the narrowed inputs' mean second moment."""
+    if o_inputs.gram is None:
+        raise ValueError("the least-squares o_proj update needs the Gram matrix of o_proj's input")
+    second = o_inputs.gram.double().cpu() / max(o_inputs.tokens, 1)
+    narrowed = to_values @ second @ to_values.T
+    ridge = lstsq_ridge * narrowed.diagonal().mean().clamp_min(1e-12)
+    narrowed.diagonal().add_(ridge)
+    # E[y z'^T] (the dense output against the narrowed input), plus the pull toward the basis columns
+    cross = o_weight @ second @ to_values.T + ridge * basis_weight
+    return torch.linalg.solve(narrowed, cross.T).T
+
+
 def _linear_from(weight, bias, like) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=like.weight.device,
                        dtype=like.weight.dtype)
@@ -151,9 +178,14 @@ class NarrowedAttention:
 
 
 def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_head_dim: int,
-                     method: str = "whitened", options: dict | None = None) -> NarrowedAttention:
+                     method: str = "whitened", options: dict | None = None, update: str = "none",
+                     o_inputs=None, update_options: dict | None = None) -> NarrowedAttention:
     """New q, k, v and o linears keeping `qk_head_dim` query/key and `v_head_dim` value dimensions per
-    head (`attention`: the layer's logical projections; it is left as it is)."""
+    head (`attention`: the layer's logical projections; it is left as it is). `inputs`: the statistics of
+    the attention's input; `update` (registry.HEAD_DIM_UPDATES) with its options, and `o_inputs`, the
+    statistics of o_proj's input where the update reads them."""
+    from .registry import HEAD_DIM_UPDATES
+
     moments = input_moments(inputs, method, options)
     dim, per_group = layout.head_dim, layout.heads_per_group
     scores = pair_scores(attention, moments, layout)
@@ -165,7 +197,7 @@ def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_
 
     v_weight, v_bias = _weight_and_bias(attention.v_proj)
     o_weight = attention.o_proj.weight.detach().double().cpu()
-    v_rows, v_biases, o_columns, dropped, total = [], [], [], 0.0, 0.0
+    v_rows, v_biases, o_columns, to_values, dropped, total = [], [], [], [], 0.0, 0.0
     for group in range(layout.kv_heads):
         rows = slice(group * dim, (group + 1) * dim)
         heads_of_group = range(group * per_group, (group + 1) * per_group)
@@ -175,16 +207,22 @@ def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_
         if v_bias is not None:
             v_biases.append(basis.to_values @ v_bias[rows])
         o_columns += [column @ basis.from_values for column in columns]
+        to_values += [basis.to_values] * per_group
         energy = basis.singular_values.pow(2)
         dropped, total = dropped + float(energy[v_head_dim:].sum()), total + float(energy.sum())
     o_proj = attention.o_proj
     o_bias = None if o_proj.bias is None else o_proj.bias.detach()
+    new_o_weight = torch.cat(o_columns, dim=1)
+    refit = HEAD_DIM_UPDATES[update]
+    if refit.implementation is not None:
+        new_o_weight = refit.function()(o_weight, new_o_weight, torch.block_diag(*to_values), o_inputs,
+                                        **(update_options or {}))
     return NarrowedAttention(
         projections={
             "q_proj": slice_linear(attention.q_proj, query_rows, 0),
             "k_proj": slice_linear(attention.k_proj, key_rows, 0),
             "v_proj": _linear_from(torch.cat(v_rows), torch.cat(v_biases) if v_biases else None, attention.v_proj),
-            "o_proj": _linear_from(torch.cat(o_columns, dim=1), o_bias, o_proj),
+            "o_proj": _linear_from(new_o_weight, o_bias, o_proj),
         },
         rope_index=rope_index,
         dropped_pair_score=float(1 - kept_scores.sum() / scores.sum().clamp_min(1e-300)),

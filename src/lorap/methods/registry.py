@@ -242,6 +242,15 @@ HEAD_DIM_SCORES = Registry("head-dimension criterion", "--head-dim-score", [
                "the same choices from the weights alone, as if the inputs were white (an ablation)"),
 ], paper=False, when=" with --attention headdim")
 
+# What o_proj becomes once the values are narrowed: the columns the value basis gives (MoDeGPT), or
+# those refitted to the dense output over o_proj's calibration inputs (methods/head_dims.py).
+HEAD_DIM_UPDATES = Registry("head-dimension update", "--head-dim-update", [
+    MethodSpec("none", None, "o_proj's columns follow the reduced value basis (MoDeGPT)"),
+    MethodSpec("lstsq", ".head_dims:refit_output",
+               "o_proj refitted by ridge least squares to the dense output over its calibration inputs "
+               "(--lstsq-ridge)", statistics=("gram",), reads=("o_proj",), options=(LSTSQ_RIDGE,)),
+], paper=False, when=" with --attention headdim")
+
 # How the budget is spread over layers (before any part spreads it further within its sublayer).
 LAYER_ALLOCATIONS = Registry("layer allocation", "--layer-allocation", [
     MethodSpec("uniform", None, "every layer loses the same share (the plan's per-layer ratio)"),
@@ -259,7 +268,8 @@ LAYER_REMOVAL = "remove-layers"
 # before allocations).
 REGISTRIES = {"layer_allocation": LAYER_ALLOCATIONS, "factorization": FACTORIZATIONS, "ffn_score": FFN_SCORES, "ffn_update": FFN_UPDATES,
               "ffn_allocation": FFN_ALLOCATIONS, "rank_allocation": RANK_ALLOCATIONS,
-              "head_score": HEAD_SCORES, "head_update": HEAD_UPDATES, "head_dim_score": HEAD_DIM_SCORES}
+              "head_score": HEAD_SCORES, "head_update": HEAD_UPDATES, "head_dim_score": HEAD_DIM_SCORES,
+              "head_dim_update": HEAD_DIM_UPDATES}
 
 
 def part_options() -> dict:

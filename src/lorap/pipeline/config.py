@@ -3,8 +3,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import LorapError
 from ..families import ATTENTION_PROJECTIONS, FFN_PROJECTIONS, PROJECTIONS
-from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_DIM_SCORES, HEAD_SCORES, REGISTRIES,
-                                MethodSpec, part_options)
+from ..methods.registry import (FACTORIZATIONS, FFN_ALLOCATIONS, FFN_SCORES, HEAD_DIM_SCORES, HEAD_DIM_UPDATES,
+                                HEAD_SCORES, REGISTRIES, MethodSpec, part_options)
 from ..options import require_positive_int, setting
 from ..plan.plan import PlanSettings
 
@@ -51,6 +51,7 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
     ffn_allocation: str = FFN_ALLOCATIONS.default
     head_score: str = HEAD_SCORES.default  # with attention "heads": which KV groups go
     head_dim_score: str = HEAD_DIM_SCORES.default  # with attention "headdim": which dimensions each head keeps
+    head_dim_update: str = HEAD_DIM_UPDATES.default  # with attention "headdim": what o_proj becomes
     # The chosen parts' options (options.Option, declared on their registry entries), where given;
     # the rest take their declared defaults
     options: dict = field(default_factory=dict)
@@ -98,7 +99,7 @@ class CompressionConfig(PlanSettings, CalibrationSettings):
         uses the layer allocation alone: the kept layers stay as they are."""
         if self.removes_layers:
             return {"layer_allocation": PROJECTIONS}
-        attention = {"heads": ("head_score", "head_update"), "headdim": ("head_dim_score",)}.get(
+        attention = {"heads": ("head_score", "head_update"), "headdim": ("head_dim_score", "head_dim_update")}.get(
             self.attention, ("factorization", "rank_allocation"))
         ffn = ("factorization",) if self.ffn == "lowrank" else ("ffn_score", "ffn_update", "ffn_allocation")
         active = {}

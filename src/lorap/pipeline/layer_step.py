@@ -120,7 +120,8 @@ class LayerCompressor:
         layout = HeadLayout.of(self.plan)
         narrowed = narrow_head_dims(AttentionView(self.architecture, layer), stats.inputs("q_proj"), layout,
                                     planned.qk_head_dim, planned.v_head_dim, self.config.head_dim_score,
-                                    self.config.options_of("head_dim_score"))
+                                    self.config.options_of("head_dim_score"), self.config.head_dim_update,
+                                    stats.inputs("o_proj"), self.config.options_of("head_dim_update"))
         self.architecture.replace(layer, narrowed.projections)
         self.architecture.narrow_attention(layer, planned.qk_head_dim, planned.v_head_dim, narrowed.rope_index)
 
