@@ -22,13 +22,16 @@ MOST_REMOVED_PER_LAYER = 0.8
 
 class BlockInfluence:
     """A dense walk's visitor (PreparedRun.dense_walk) measuring each layer's Block Influence: it hooks
-    the layer it visits, and the walk then runs the layer on its calibration inputs to propagate them,
-    so the hook sees every input and output once, in memory or streamed alike."""
+    each layer before the walk runs it on its calibration inputs (walk.process_layer), so the hook sees
+    every input and output once, in memory or streamed alike."""
 
     def __init__(self):
         self.similarity, self.tokens, self._handle = [], [], None
 
     def __call__(self, index, layer, stats) -> None:
+        self.close()  # the layer's pass is done
+
+    def before(self, index, layer) -> None:
         self.close()
         self.similarity.append(0.0)
         self.tokens.append(0)

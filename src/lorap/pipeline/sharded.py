@@ -229,7 +229,7 @@ class ShardedLayers:
         store, batches = self.first_layer_inputs(samples, batch_size, device, store_path)
         for index in tqdm(range(self.n_layers), desc=f"{desc} (streamed)", unit="layer", disable=not progress):
             with self.dense_layer(index) as layer:
-                process_layer(index, layer, batches, device, visit, self.architecture)
+                process_layer(index, layer, batches, device, visit, self.architecture, dense=True)
         del store, batches
         if store_path is not None:
             store_path.unlink(missing_ok=True)

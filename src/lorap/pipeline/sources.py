@@ -59,7 +59,7 @@ class InMemoryLayers:
 
     def dense_walk(self, samples, visit, device, progress: bool, batch_size: int, desc: str) -> None:
         batches = capture_first_layer_inputs(self.model, samples, batch_size, device)
-        walk_layers(self.model, batches, device, visit, progress, desc)
+        walk_layers(self.model, batches, device, visit, progress, desc, dense=True)
 
     def walk(self, samples, step, device, timings: dict, progress: bool, batch_size: int) -> None:
         started = time.perf_counter()

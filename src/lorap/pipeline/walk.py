@@ -104,24 +104,30 @@ def layer_output(layer, batch: CalibrationBatch, dtype: torch.dtype | None = Non
 
 
 @torch.no_grad()
-def walk_layers(model, batches: list, device, compress_layer, progress: bool = True, desc: str = "compressing layers") -> None:
+def walk_layers(model, batches: list, device, compress_layer, progress: bool = True, desc: str = "compressing layers",
+                dense: bool = False) -> None:
     """For each layer: collect input statistics, call compress_layer(index, layer, stats), propagate.
 
     `batches` are the first layer's inputs; they are replaced in place by each layer's
-    outputs, so memory holds one set of activations whatever the depth.
+    outputs, so memory holds one set of activations whatever the depth. `dense`: the visit only
+    reads (process_layer).
     """
     architecture = Architecture(model.config)
     layers = architecture.decoder_layers(model)
     for index in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
-        process_layer(index, layers[index], batches, device, compress_layer, architecture)
+        process_layer(index, layers[index], batches, device, compress_layer, architecture, dense)
         release_freed_memory()  # the replaced dense layer's fragments, or the heap keeps growing
 
 
 @torch.no_grad()
-def process_layer(index, layer, batches, device, compress_layer, architecture: Architecture) -> None:
+def process_layer(index, layer, batches, device, compress_layer, architecture: Architecture, dense: bool = False) -> None:
     """One step of the walk (shared by the in-memory and the streamed walk): statistics, compression,
     propagation. Only this layer visits the compute device; `batch.hidden` becomes its output. A layer the
-    step skips (its `skipped_layers`: whole layers removed) is left as it is, and its input passes on."""
+    step skips (its `skipped_layers`: whole layers removed) is left as it is, and its input passes on.
+
+    `dense`: the step only reads the layer (a dense walk's scoring visit), so the outputs of the statistics
+    pass are the layer's outputs and propagate from it: the layer runs once, not twice. A visitor that
+    watches the layer's forward pass registers its hooks in `before(index, layer)`, called before it."""
     if index in getattr(compress_layer, "skipped_layers", ()):
         return
     first = next(layer.parameters())
@@ -129,14 +135,19 @@ def process_layer(index, layer, batches, device, compress_layer, architecture: A
     computed = compute_dtype(stored, device)
     dtype = computed if computed != stored else None
     layer.to(device, computed)
+    if hasattr(compress_layer, "before"):
+        compress_layer.before(index, layer)
     stats = InputStatistics(architecture.input_modules(layer), getattr(compress_layer, "gram_sources", ()))
     with stats.recording():
         for batch in batches:
-            layer_output(layer, batch, dtype)
+            output = layer_output(layer, batch, dtype)
+            if dense:
+                batch.hidden = output
     stats.check_finite(index)
     compress_layer(index, layer, stats)
-    if dtype is not None:  # propagate with the weights as they will be saved
-        layer.to(dtype=stored).to(dtype=computed)
-    for batch in batches:
-        batch.hidden = layer_output(layer, batch, dtype)
+    if not dense:
+        if dtype is not None:  # propagate with the weights as they will be saved
+            layer.to(dtype=stored).to(dtype=computed)
+        for batch in batches:
+            batch.hidden = layer_output(layer, batch, dtype)
     layer.to(home, stored)
