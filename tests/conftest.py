@@ -8,7 +8,10 @@ import torch
 # The tests never need a network; say so up front so nothing waits on retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Each pytest-xdist worker takes its share of the cores: two workers of two threads each on two cores
+# contend for them, and the tiny models gain nothing from a second thread.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 TINY_VOCAB = 512
 

@@ -23,6 +23,9 @@ import pytest
 import torch
 
 GOLDEN_FOLDER = Path(__file__).parent / "golden"
+# How many threads the cases run with, when recorded and when checked: the count changes how float sums
+# are split, so the exact bytes (a test runner's parallel workers may run the rest with fewer).
+RECORDED_THREADS = 2
 CALIBRATION = dict(calibration_samples=16, calibration_seqlen=32, batch_size=8)
 PERPLEXITY = dict(dataset="wiki", seqlen=32, max_tokens=2048)
 # Every architecture with the paper's method and lorap's best; every preset on one GQA model.
@@ -122,8 +125,17 @@ def recorded_case(files: list, case: str) -> tuple:
     raise AssertionError(f"{case} was never recorded: run `.venv/bin/python tests/test_golden.py --record {case}`")
 
 
+@pytest.fixture
+def recorded_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("arch,preset", golden_cases())
-def test_presets_compute_what_they_computed_when_recorded(arch, preset, golden, tiny_tokenizer, tmp_path):
+def test_presets_compute_what_they_computed_when_recorded(arch, preset, golden, tiny_tokenizer, tmp_path,
+                                                         recorded_threads):
     expected, recorded_on = recorded_case(golden, f"{arch}/{preset}")
     got = compress_case(arch, preset, tiny_tokenizer, tmp_path)
     assert got["compressed_parameters"] == expected["compressed_parameters"]
@@ -149,7 +161,7 @@ def record(only: list) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import tiny_tokenizer  # the fixture's function, called directly
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(RECORDED_THREADS)
     tokenizer = tiny_tokenizer.__wrapped__()
     path = golden_file(platform())
     if only and not path.exists():
