@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole test suite (tiny models and the real default model).
+# Sets everything up, then runs the whole test suite (tiny models and the real default model), on both
+# cores (pytest-xdist; each worker takes its share of the threads, tests/conftest.py).
 #   bash scripts/test.sh            everything, as CI runs it (.ci/run)
-#   bash scripts/test.sh --quick    the tiny-model tests alone (-m "not slow"), on both cores (pytest-xdist),
-#                                   without building llama.cpp; the GGUF-in-llama.cpp tests run only if
-#                                   the binding is already installed
+#   bash scripts/test.sh --quick    the tiny-model tests alone (-m "not slow"), without building
+#                                   llama.cpp; the GGUF-in-llama.cpp tests run only if the binding is
+#                                   already installed
 # Any other arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,4 +27,4 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
     -c constraints.txt "llama-cpp-python"
 fi
 export LORAP_REQUIRE_LLAMACPP=1  # tests/test_export_llamacpp.py fails, not skips, without the binding
-exec "$root/.venv/bin/python" -m pytest ${args[@]+"${args[@]}"}
+exec "$root/.venv/bin/python" -m pytest -n 2 ${args[@]+"${args[@]}"}

@@ -318,3 +318,16 @@ def test_default_model_converts_into_a_fresh_cache(tmp_path, monkeypatch, defaul
     monkeypatch.setattr(default_model, "convert_gguf", no_second_conversion)
     assert default_model.default_model_dir() == target
     assert os.listdir(target.parent) == [target.name]
+
+    # A process that finishes converting second (two started on a fresh cache) keeps the first one's
+    # folder, which the first may be reading, and leaves nothing of its own.
+    monkeypatch.undo()
+    weights = (target / "model.safetensors").stat()
+    default_model.convert_gguf(default_model.default_gguf_path(), target, fix_chat_tokens=True)
+    assert (target / "model.safetensors").stat().st_ino == weights.st_ino
+    assert os.listdir(target.parent) == [target.name]
+    # An unfinished folder is replaced.
+    (target / "model.safetensors").unlink()
+    default_model.convert_gguf(default_model.default_gguf_path(), target, fix_chat_tokens=True)
+    _check_converted_folder(target)
+    assert os.listdir(target.parent) == [target.name]

@@ -40,12 +40,17 @@ def default_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The converted default model folder, converting it on first use."""
     target = cache_root() / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if converted(target):
         return target
     gguf = default_gguf_path()
     info(f"converting the built-in default model {gguf.name} to float32 safetensors in {target} (once, ~15 s)")
     convert_gguf(gguf, target, fix_chat_tokens=True)
     return target
+
+
+def converted(folder: Path) -> bool:
+    """Whether `folder` holds a finished conversion (the rename that ends one is atomic)."""
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def repair_gguf_tokenizer(tokenizer, fix_chat_tokens: bool):
@@ -99,9 +104,14 @@ def convert_gguf(gguf: Path, target: Path, fix_chat_tokens: bool = False) -> Non
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model cache is not a secret
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # A folder is there already. Another process's conversion that finished first (parallel jobs on
+            # a fresh cache) is the same model and may be being read: keep it. Anything else is replaced.
+            if not converted(target):
+                shutil.rmtree(target)
+                os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
