@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_ARCHITECTURES, build_tiny_model, tiny_config
 from lorap import api
 from lorap.errors import LorapError
-from lorap.methods.head_dims import narrow_head_dims, pair_scores, refit_output, whitened_moments
+from lorap.methods.head_dims import narrow_head_dims, pair_scores, refit_output, updated, whitened_moments
 from lorap.methods.head_pruning import HeadLayout
 from lorap.pipeline.layer_step import AttentionView
 from lorap.architectures import Architecture
@@ -117,16 +117,11 @@ def test_the_least_squares_update_fits_o_proj_to_its_dense_output_better_than_th
     x = _correlated_inputs(model.config.hidden_size)
     o_inputs = _attended_o_inputs(attention.v_proj, x.float(), layout)
     kept = layout.head_dim // 2
-    narrowed = {update: narrow_head_dims(attention, _inputs_of(x), layout, layout.head_dim, kept, update=update,
-                                         o_inputs=_inputs_of(o_inputs), update_options={"lstsq_ridge": 1e-9})
+    basis_only = narrow_head_dims(attention, _inputs_of(x), layout, layout.head_dim, kept)
+    narrowed = {update: updated(basis_only, attention.o_proj, update, _inputs_of(o_inputs), {"lstsq_ridge": 1e-9})
                 for update in ("none", "lstsq")}
     assert torch.equal(narrowed["none"].projections["v_proj"].weight, narrowed["lstsq"].projections["v_proj"].weight)
-    # the change of basis T (new v rows = T W_v), recovered from the rows, transposed: [kv x head_dim, kv x kept]
-    basis = torch.linalg.lstsq(attention.v_proj.weight.double().T,
-                               narrowed["none"].projections["v_proj"].weight.double().T).solution
-    dim = layout.head_dim
-    to_values = torch.block_diag(*[basis[group * dim : (group + 1) * dim, group * kept : (group + 1) * kept].T
-                                   for group in (head // layout.heads_per_group for head in range(4))])
+    to_values = basis_only.to_values  # each query head's change of value basis
     narrowed_inputs = o_inputs @ to_values.T
     dense_output = o_inputs @ attention.o_proj.weight.double().T
     residuals = {update: dense_output - narrowed_inputs @ result.projections["o_proj"].weight.double().T

@@ -29,10 +29,11 @@ them. The `lstsq` update (registry.HEAD_DIM_UPDATES) refits o_proj to that input
 z the dense o_proj input over the calibration tokens and T the block-diagonal change of basis
 (each query head's group's U_k^T R^-T), the narrowed input is T z, and the new o_proj is
 (W_o G T^T + ridge B) (T G T^T + ridge)^-1 with G = E[z z^T] and B the columns the basis gives:
-the least-squares fit of the dense output (uncentred, so o_proj needs no bias), pulled toward B. It takes T z for the narrowed input, as if the kept
-query/key pairs left the attention weights as they were.
+the least-squares fit of the dense output (uncentred, so o_proj needs no bias), pulled toward B.
+It takes T z for the narrowed input, as if the kept query/key pairs left the attention weights as
+they were.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -173,19 +174,16 @@ class NarrowedAttention:
 
     projections: dict  # {q_proj, k_proj, v_proj, o_proj: nn.Linear}
     rope_index: torch.Tensor  # [kv_heads, qk_head_dim]
+    to_values: torch.Tensor  # [heads x v_head_dim, heads x head_dim]: each query head's change of value basis
     dropped_pair_score: float
     dropped_value_energy: float
 
 
 def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_head_dim: int,
-                     method: str = "whitened", options: dict | None = None, update: str = "none",
-                     o_inputs=None, update_options: dict | None = None) -> NarrowedAttention:
+                     method: str = "whitened", options: dict | None = None) -> NarrowedAttention:
     """New q, k, v and o linears keeping `qk_head_dim` query/key and `v_head_dim` value dimensions per
-    head (`attention`: the layer's logical projections; it is left as it is). `inputs`: the statistics of
-    the attention's input; `update` (registry.HEAD_DIM_UPDATES) with its options, and `o_inputs`, the
-    statistics of o_proj's input where the update reads them."""
-    from .registry import HEAD_DIM_UPDATES
-
+    head (`attention`: the layer's logical projections; it is left as it is; `inputs`: the statistics of
+    its input). o_proj's columns follow the value basis; `updated` may refit them."""
     moments = input_moments(inputs, method, options)
     dim, per_group = layout.head_dim, layout.heads_per_group
     scores = pair_scores(attention, moments, layout)
@@ -212,19 +210,30 @@ def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_
         dropped, total = dropped + float(energy[v_head_dim:].sum()), total + float(energy.sum())
     o_proj = attention.o_proj
     o_bias = None if o_proj.bias is None else o_proj.bias.detach()
-    new_o_weight = torch.cat(o_columns, dim=1)
-    refit = HEAD_DIM_UPDATES[update]
-    if refit.implementation is not None:
-        new_o_weight = refit.function()(o_weight, new_o_weight, torch.block_diag(*to_values), o_inputs,
-                                        **(update_options or {}))
     return NarrowedAttention(
         projections={
             "q_proj": slice_linear(attention.q_proj, query_rows, 0),
             "k_proj": slice_linear(attention.k_proj, key_rows, 0),
             "v_proj": _linear_from(torch.cat(v_rows), torch.cat(v_biases) if v_biases else None, attention.v_proj),
-            "o_proj": _linear_from(new_o_weight, o_bias, o_proj),
+            "o_proj": _linear_from(torch.cat(o_columns, dim=1), o_bias, o_proj),
         },
         rope_index=rope_index,
+        to_values=torch.block_diag(*to_values),
         dropped_pair_score=float(1 - kept_scores.sum() / scores.sum().clamp_min(1e-300)),
         dropped_value_energy=dropped / max(total, 1e-300),
     )
+
+
+def updated(narrowed: NarrowedAttention, dense_o_proj, update: str, o_inputs=None, options: dict | None = None):
+    """`narrowed` with o_proj as the head-dimension update `update` (registry.HEAD_DIM_UPDATES) makes it
+    from the dense o_proj and the statistics of its input, `o_inputs`; unchanged for `none`."""
+    from .registry import HEAD_DIM_UPDATES
+
+    spec = HEAD_DIM_UPDATES[update]
+    if spec.implementation is None:
+        return narrowed
+    narrowed_o_proj = narrowed.projections["o_proj"]
+    weight = spec.function()(dense_o_proj.weight.detach().double().cpu(), narrowed_o_proj.weight.detach().double().cpu(),
+                             narrowed.to_values, o_inputs, **(options or {}))
+    bias = None if narrowed_o_proj.bias is None else narrowed_o_proj.bias.detach()
+    return replace(narrowed, projections={**narrowed.projections, "o_proj": _linear_from(weight, bias, narrowed_o_proj)})

@@ -13,7 +13,7 @@ from ..errors import LorapError
 from ..methods.factorizations import factorized_linear
 from ..methods.ffn_pruning import kept_channels, prune_ffn
 from ..methods.ffn_scores import channel_scores
-from ..methods.head_dims import narrow_head_dims
+from ..methods.head_dims import narrow_head_dims, updated
 from ..methods.head_pruning import HeadLayout, head_scores, kept_groups, prune_heads
 from ..methods.registry import FFN_SCORES, HEAD_SCORES
 from ..plan.plan import Plan
@@ -118,10 +118,11 @@ class LayerCompressor:
     def narrow_head_dims(self, index, layer, stats) -> None:
         planned = self.plan.layers[index]
         layout = HeadLayout.of(self.plan)
-        narrowed = narrow_head_dims(AttentionView(self.architecture, layer), stats.inputs("q_proj"), layout,
-                                    planned.qk_head_dim, planned.v_head_dim, self.config.head_dim_score,
-                                    self.config.options_of("head_dim_score"), self.config.head_dim_update,
-                                    stats.inputs("o_proj"), self.config.options_of("head_dim_update"))
+        attention = AttentionView(self.architecture, layer)
+        narrowed = narrow_head_dims(attention, stats.inputs("q_proj"), layout, planned.qk_head_dim, planned.v_head_dim,
+                                    self.config.head_dim_score, self.config.options_of("head_dim_score"))
+        narrowed = updated(narrowed, attention.o_proj, self.config.head_dim_update, stats.inputs("o_proj"),
+                           self.config.options_of("head_dim_update"))
         self.architecture.replace(layer, narrowed.projections)
         self.architecture.narrow_attention(layer, planned.qk_head_dim, planned.v_head_dim, narrowed.rope_index)
 
