@@ -14,6 +14,7 @@ import datetime
 import json
 import statistics
 import time
+from pathlib import Path
 
 from common import DOCS, RUNS, Load, machine_line, update_section
 
@@ -93,16 +94,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="best,paper", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--page", default=str(DOCS / "records/results.md"))
+    parser.add_argument("--page", type=Path, default=DOCS / "records/results.md")
     args = parser.parse_args()
     presets = args.presets.split(",")
     runs = measure(presets, args.repeats)
     RUNS.mkdir(exist_ok=True)
     (RUNS / "compress_time.json").write_text(json.dumps(runs, indent=1))
-    from pathlib import Path
-
     command = f".venv/bin/python benchmarks/compress_time.py --presets {args.presets} --repeats {args.repeats}"
-    update_section(Path(args.page), "compress_time", section(runs, presets, command))
+    update_section(args.page, "compress_time", section(runs, presets, command))
 
 
 if __name__ == "__main__":

@@ -101,22 +101,19 @@ CUDA_TIMING = ["--device", "cuda", "--dtype", "bfloat16", "--prefill", "512,2048
 # also keeps dense a factor pair too large to run faster; best's default, not the paper's)
 QUALITY_ROWS = [("paper", "1"), ("paper", "auto"), ("best", "1"), ("best", "auto")]
 # Section `headdim`: narrowed heads against factor pairs at 20%, each preset at its default alignment.
+# (label, method arguments): the methods compared, as `lorap bench` shapes and as real checkpoints
+HEADDIM_METHODS = [("best (factor pairs)", ["--preset", "best"]),
+                   ("best, --attention headdim", ["--preset", "best", "--attention", "headdim"]),
+                   ("modegpt", ["--preset", "modegpt"])]
 # (label, model, plan arguments, extra bench arguments) for `lorap bench` on random weights
-HEADDIM = ["--attention", "headdim"]
 HEADDIM_BENCH_ROWS = [
     (f"{name}, {label}", model, [*ratio, *method], bench_args)
     for name, model, ratio, bench_args in [
         ("LLaMA-2-7B", LLAMA2, ["--ratio", "0.2"], ONE_LAYER),
         ("SmolLM2-135M", None, ["--ratio", "0.2", "--mode", "exact"], []),
     ]
-    for label, method in [("best (factor pairs)", ["--preset", "best"]),
-                          ("best, --attention headdim", ["--preset", "best", *HEADDIM]),
-                          ("modegpt", ["--preset", "modegpt"])]
+    for label, method in HEADDIM_METHODS
 ]
-# (label, compress arguments): the built-in model's real checkpoints at exact 20%, calibrated on wiki
-HEADDIM_CHECKPOINTS = [("best (factor pairs)", ["--preset", "best"]),
-                       ("best, --attention headdim", ["--preset", "best", *HEADDIM]),
-                       ("modegpt", ["--preset", "modegpt"])]
 
 
 def _predicted(model, plan_args: list, work: Path, index) -> dict:
@@ -388,7 +385,7 @@ def headdim_section(work: Path, repeats: int, max_tokens: int, samples: int, reu
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     rows = []
-    for label, arguments in HEADDIM_CHECKPOINTS:
+    for label, arguments in HEADDIM_METHODS:  # the real checkpoints, exact 20%, calibrated on wiki
         folder = work / f"headdim-{'-'.join(arguments).replace('--', '')}"
         if not (reuse and (folder / "compression_report.json").is_file()):
             lorap("compress", *arguments, "--ratio", "0.2", "--mode", "exact", "--out", folder, "--overwrite",
