@@ -16,6 +16,7 @@ import copy
 import datetime
 import json
 import time
+from pathlib import Path
 
 from common import DOCS, RUNS, Load, machine_line, update_section
 
@@ -101,14 +102,12 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.25, help="share of each layer's attention removed")
     parser.add_argument("--samples", type=int, default=32, help="calibration sequences of 128 tokens")
     parser.add_argument("--max-tokens", type=int, default=4096, help="validation tokens per corpus")
-    parser.add_argument("--page", default=str(DOCS / "records/benchmarks.md"))
+    parser.add_argument("--page", type=Path, default=DOCS / "records/benchmarks.md")
     args = parser.parse_args()
     rows = measure(args.ratio, args.samples, args.max_tokens)
     RUNS.mkdir(exist_ok=True)
     (RUNS / "attention_methods.json").write_text(json.dumps(rows, indent=1))
-    from pathlib import Path
-
-    update_section(Path(args.page), "attention-methods", section(rows, args))
+    update_section(args.page, "attention-methods", section(rows, args))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ its key (method, ratio, settings, calibration, evaluation) is this table's, else
 """
 import argparse
 import datetime
+import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from common import DOCS, RUNS, debian_text, lorap, machine_line, update_section
@@ -59,11 +59,10 @@ def run_compare(out: Path, methods: str, ratios: str, seqlens: str, corpora: tup
     ppl = ",".join(debian_text(name) if name in EXTRA_CORPORA else name for name in corpora)
     command = ["lorap", "compare", "--out", str(out), "--methods", methods, "--ratios", ratios,
                "--max-tokens", str(max_tokens), "--seqlen", seqlens, "--ppl", ppl, "--tasks", "none"]
-    started = time.time()
     seconds = lorap(*command[1:])
-    rows = [out / "rows" / f"r{float(ratio)}" / f"{name}.json" for ratio in ratios.split(",") for name in methods.split(",")]
-    reused = sum(1 for row in rows if row.exists() and row.stat().st_mtime < started)
-    return " ".join(command), seconds, reused, len(rows)
+    result = json.loads((out / "comparison.json").read_text())
+    reused = [path for path in result["reused_rows"] if path != "rows/dense.json"]
+    return " ".join(command), seconds, len(reused), len(result["rows"])
 
 
 def seed_rows(work: Path, table: str, methods: str, ratios: str) -> None:

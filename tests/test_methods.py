@@ -186,6 +186,8 @@ def test_compare_ranks_methods_under_one_budget_and_resumes(gqa_dir, tmp_path, m
     monkeypatch.setattr(compare_module, "_method_row", no_compression)
     again = compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)
     assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
+    assert result["reused_rows"] == [] and len(again["reused_rows"]) == len(result["rows"]) + 1  # and the dense row
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["reused_rows"] == again["reused_rows"]
     settings.seed = 1
     with pytest.raises(AssertionError, match="recomputed"):
         compare(str(gqa_dir), tmp_path / "cmp", settings, progress=False)

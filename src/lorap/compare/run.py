@@ -139,6 +139,7 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
     if settings.split != "test":  # only then, so that rows measured on test before splits were named stay cached
         evaluation["split"] = settings.split
     base = {"model": source.location, "evaluation": evaluation}
+    reused = []  # the rows an earlier run had measured, as paths under OUT
 
     def cached(path: Path, key_data: dict, run):
         key = _key({**base, **key_data})
@@ -146,6 +147,7 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
                 info(f"reusing {path} (same settings)")
+                reused.append(path.relative_to(out).as_posix())
                 return saved
         row = {**run(), "key": key}
         write_json_atomic(path, row)
@@ -171,6 +173,7 @@ def compare(model=None, out=None, settings: ComparisonSettings | None = None, fr
         "evaluation": evaluation,
         "dense": dense,
         "rows": rows,
+        "reused_rows": reused,
         **environment(device),
     }
     _write_outputs(out, result)
