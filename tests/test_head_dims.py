@@ -205,6 +205,15 @@ def test_a_narrowed_checkpoint_reloads_and_caches_fewer_values(arch, tmp_path, t
     from lorap.evaluate import efficiency
 
     assert efficiency.kv_cache_bytes_per_token(reloaded) == 4 * plan["compressed"]  # float32
+    # transformers' static cache (what generate() compiles with, as engines run decode) preallocates each
+    # layer's keys and values: narrowed heads whose value and query/key sizes differ still fit it
+    assert any(layer["qk_head_dim"] != layer["v_head_dim"] for layer in layers)
+    prompt = {"input_ids": inputs[:1, :6], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        dynamic = reloaded.generate(**prompt, **greedy)
+        static = reloaded.generate(**prompt, **greedy, cache_implementation="static")
+    assert torch.equal(static, dynamic)
     assert efficiency.counted_macs_per_token(reloaded, 16) == efficiency.macs_per_token(reloaded, 16)["total"]
     if arch == "llama_gqa":  # in plain transformers, without lorap (one family: a subprocess costs seconds)
         from test_compress import assert_reloads_without_lorap

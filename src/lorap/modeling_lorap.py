@@ -203,6 +203,23 @@ def _head_dim_layout(attention, layout: dict):
     return qk, v, index
 
 
+def _allocate_values_of_their_width(cache, layer_idx: int, key, value) -> None:
+    """Before a preallocated cache layer's first update, give its values their own head size. A static
+    cache (transformers' StaticCache, which generate() compiles with) allocates a layer's values as wide
+    as its keys, and heads whose value and query/key dimensions differ would not fit. Caches that grow
+    by concatenation (the default dynamic cache) take any width and are left alone."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers) or key.shape[-1] == value.shape[-1]:
+        return
+    layer = layers[layer_idx]
+    if getattr(layer, "is_initialized", True) or not getattr(layer, "is_compileable", False):
+        return
+    layer.lazy_initialization(key)
+    layer.values = layer.values.new_zeros((*layer.values.shape[:-1], value.shape[-1]))
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(layer.values)
+
+
 class HeadDimAttention:
     """Attention whose heads keep `qk_head_dim` query/key dims and `v_head_dim` value dims, mixed in
     before a family's attention class and swapped onto the instance by narrow_head_dims.
@@ -249,6 +266,7 @@ class HeadDimAttention:
         if past_key_values is not None:
             dense_cos, dense_sin = position_embeddings
             cache_kwargs = {"sin": dense_sin, "cos": dense_cos, "cache_position": cache_position}
+            _allocate_values_of_their_width(past_key_values, self.layer_idx, key, value)
             key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
 
         attention_interface = self._eager_attention
