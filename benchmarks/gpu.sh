@@ -4,7 +4,8 @@
 #   - the tests that need CUDA (skipped elsewhere);
 #   - docs/records/speed.md's GPU sections: which multiple --align should default to on CUDA
 #     (align-choice-cuda), when a factor pair beats its dense matrix there (pair-break-even-cuda),
-#     and dense against compressed whole models (speed-cuda).
+#     and dense against compressed whole models (speed-cuda: first the rows that also decode compiled,
+#     CUDA graphs as engines run decode; the rest last).
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]
 #
@@ -35,8 +36,11 @@ step() {
 
 step nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), '| transformers', transformers.__version__)"
+# First what a short loan must not miss: factor pairs against narrowed heads, decoding eager and as
+# engines do (CUDA graphs).
+step "$PY" benchmarks/speed.py --only speed-cuda --rows compiled --repeats 3
 step timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_bench.py tests/test_streaming.py -k "gpu or cuda"
 step timeout 150 "$PY" benchmarks/align_choice.py --device cuda --dtype bfloat16
 step timeout 120 "$PY" benchmarks/pair_break_even.py --device cuda --dtype bfloat16
-step "$PY" benchmarks/speed.py --only speed-cuda --repeats 3
+step "$PY" benchmarks/speed.py --only speed-cuda --rows eager --repeats 3
 exit $status

@@ -26,8 +26,9 @@ built-in model's real checkpoints (perplexity, KV cache) timed by plain transfor
     python benchmarks/speed.py --only speed-cuda              # on a machine with a GPU: section speed-cuda
 
 Section `speed-cuda`: the same comparison on a GPU, whole models in bf16 (LLaMA-2-7B and
-LLaMA-3-8B fit there), prefill at 512 and 2048 tokens (batch 1 and 8) and decode, each row in its
-own process; the section is rewritten after every row, so a run cut short keeps what it measured.
+LLaMA-3-8B fit there), prefill at 512 and 2048 tokens (batch 1 and 8) and decode, and for the rows
+that ask for it (factor pairs against narrowed heads) decode compiled as engines run it (`--rows
+compiled`: a static KV cache, each token one CUDA graph), each row in its own process; the section is rewritten after every row, so a run cut short keeps what it measured.
 The multiple --align defaults to is chosen by benchmarks/align_choice.py (same page).
 """
 import argparse
@@ -93,7 +94,15 @@ CUDA_ROWS = [
     ("SmolLM2-135M shapes, best exact 20%", SMOLLM2, ["--ratio", "0.2", "--mode", "exact", "--preset", "best"], []),
     ("LLaMA-2-7B, paper 20%, --align 8", LLAMA2, ["--ratio", "0.2", "--align", "8"], []),
     ("LLaMA-2-7B, best 20%, --align auto (CUDA: 8 and its pair limit)", LLAMA2, ["--ratio", "0.2", "--preset", "best"], []),
+    # Factor pairs against narrowed heads, decoding also as engines do (CUDA graphs): first in
+    # benchmarks/gpu.sh, as a borrowed GPU's minutes are few.
+    *[(f"LLaMA-2-7B, {label} 20%, decode also compiled", LLAMA2, ["--ratio", "0.2", *arguments], ["--compiled-decode"])
+      for label, arguments in (("best", ["--preset", "best"]),
+                               ("best --attention headdim -a 1", ["--preset", "best", "--attention", "headdim", "-a", "1"]),
+                               ("modegpt", ["--preset", "modegpt"]))],
 ]
+# The rows benchmarks/gpu.sh measures first: factor pairs against narrowed heads, with compiled decode.
+COMPILED_CUDA_ROWS = [index for index, row in enumerate(CUDA_ROWS) if "--compiled-decode" in row[3]]
 # 64 new tokens, not 128: a borrowed GPU's minutes are few, and eager decode on a GPU is steady
 CUDA_TIMING = ["--device", "cuda", "--dtype", "bfloat16", "--prefill", "512,2048", "--batch", "1,8", "--warmup", "1",
                "--new-tokens", "64"]
@@ -131,9 +140,10 @@ def _cell(row: dict) -> str:
         return f"{row[key]:.2f}x [{low:.2f}-{high:.2f}]"
 
     whole = row.get("whole_model_speedup_extrapolated")
-    extra = [f"layers {paired('layers_speedup')}"] + ([f"whole model extrapolated {whole:.2f}x"] if whole else [])
-    return f"**{row['speedup']:.2f}x** [{row['speedup_quartiles'][0]:.2f}-{row['speedup_quartiles'][1]:.2f}] " \
-           f"({'; '.join(extra)})"
+    extra = ([f"layers {paired('layers_speedup')}"] if "layers_speedup" in row else []) + (
+        [f"whole model extrapolated {whole:.2f}x"] if whole else [])
+    speedup = f"**{row['speedup']:.2f}x** [{row['speedup_quartiles'][0]:.2f}-{row['speedup_quartiles'][1]:.2f}]"
+    return speedup + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def runtime_section(work: Path, repeats: int) -> str:
@@ -254,14 +264,16 @@ def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
         "as in the CPU table above, with the quartiles of the per-round ratios in brackets, and `layers` is the "
         "decoder layers alone (CUDA events recorded by forward hooks, no synchronisation inside the forward). "
         "Runtime: plain transformers eager mode (no CUDA graphs, no compilation), q/k/v's right factors fused "
-        "unless a row says unfused. `predicted` is `lorap plan`'s micro-benchmark on the same GPU (prefill 512 / "
+        "unless a row says unfused; `decode compiled` decodes as serving engines do, from transformers' static KV "
+        "cache with the forward compiled by `torch.compile(mode=\"reduce-overhead\")`, each token one CUDA graph "
+        "replayed (`lorap bench --compiled-decode`), where a row asks for it. `predicted` is `lorap plan`'s micro-benchmark on the same GPU (prefill 512 / "
         "decode).",
         "",
         machine_line(),
         "",
         "| model and method | parameters, dense -> compressed | prefill 512 | prefill 2048 | prefill 8 x 2048 "
-        "| decode (64 after 128) | predicted |",
-        "|---|---|---|---|---|---|---|",
+        "| decode (64 after 128) | decode compiled | predicted |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines = []
     for index, (label, model, plan_args, bench_args) in enumerate(CUDA_ROWS):
@@ -276,7 +288,7 @@ def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
                 lorap("bench", model, *plan_args, *bench_args, *CUDA_TIMING, "--repeats", repeats, "--json", out)
             except subprocess.CalledProcessError as error:
                 print(error.stderr or "", file=sys.stderr)
-                lines.append(f"| {label} | failed (exit status {error.returncode}); see the run's log | | | | | |")
+                lines.append(f"| {label} | failed (exit status {error.returncode}); see the run's log | | | | | | |")
                 update_section(page, "speed-cuda", "\n".join(head + lines))
                 continue
         report = json.loads(out.read_text())
@@ -287,7 +299,7 @@ def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
         lines.append(
             f"| {label} | {params['dense'] / 1e6:.1f}M -> {params['compressed'] / 1e6:.1f}M "
             f"({params['dense'] / params['compressed']:.2f}x fewer) | {' | '.join(cells)} | {_cell(report['decode'])} "
-            f"| {guess} |"
+            f"| {_cell(report['decode_compiled']) if 'decode_compiled' in report else '-'} | {guess} |"
         )
         update_section(page, "speed-cuda", "\n".join(head + lines))
 
@@ -486,15 +498,23 @@ def _ranks(layers: list, name: str) -> str:
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
+def _rows(text: str) -> list:
+    """--rows: indices, comma-separated, or the CUDA rows that decode compiled too (`compiled`) or not (`eager`)."""
+    if text in ("compiled", "eager"):
+        return [index for index in range(len(CUDA_ROWS)) if (index in COMPILED_CUDA_ROWS) == (text == "compiled")]
+    return [int(index) for index in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["speed", "runtime", "align-quality", "real", "headdim", "speed-cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--rows", type=lambda text: [int(i) for i in text.split(",")],
+    parser.add_argument("--rows", type=_rows,
                         help="which rows to measure, by index in SPEED_ROWS (or CUDA_ROWS with --only speed-cuda, "
-                        "whose other rows are shown from earlier records) (default: all)")
+                        "whose other rows are shown from earlier records; there `compiled` names the rows that also "
+                        "decode compiled, `eager` the others) (default: all)")
     parser.add_argument("--work", type=Path, help="where records go (default: runs/bench-speed, or "
                         "runs/bench-speed-cuda with --only speed-cuda)")
     parser.add_argument("--page", type=Path, default=DOCS / "records/speed.md")

@@ -139,6 +139,38 @@ def test_lockstep_decode_alternates_tokens_and_generates_what_each_model_alone_w
     assert sorted(in_lockstep, key=lambda call: call[0]) == alone
 
 
+def test_compiled_decode_generates_what_eager_decode_does():
+    """Decode as engines run it: a static KV cache and the forward compiled (timing.CompiledGeneration), on
+    narrowed heads whose value and query/key sizes differ, so their values need a width of their own."""
+    from transformers import StaticCache
+
+    config = tiny_config("llama_gqa", num_hidden_layers=2)
+    plan = make_plan(config, config_for("best", ratio=0.3, attention="headdim").plan_settings())
+    assert any(layer.qk_head_dim != layer.v_head_dim for layer in plan.layers)
+    model = random_model(config, torch.float32, torch.device("cpu"), layout=plan.layout(), fuse=True)
+    prompt = timing.prompt_ids(config.vocab_size, 6, torch.device("cpu"))
+    eager = timing.Generation(model, prompt)
+    compiled = timing.CompiledGeneration(model, prompt, StaticCache(config=model.config, max_cache_len=12),
+                                         timing.compiled_forward(model))
+    for _ in range(4):  # the compiled generation took its first step untimed
+        eager.step()
+        assert torch.equal(compiled.token, eager.token)
+        assert compiled.step() > 0
+
+
+def test_bench_times_compiled_decode_on_request(config_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timing, "compiled_forward", lambda model: model.forward)  # the compiling is tested above
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(config_file), "--ratio", "0.4", *QUICK, "--compiled-decode", "--json", str(out),
+                 "--markdown", str(tmp_path / "bench.md")]) == 0
+    compiled = json.loads(out.read_text())["decode_compiled"]
+    steps = compiled["dense"]["steps_ms"], compiled["compressed"]["steps_ms"]
+    assert len(steps[0]) == len(steps[1]) == 2 * 4  # repeats x new tokens, in lockstep
+    assert compiled["speedup"] == pytest.approx(statistics.median(d / c for d, c in zip(*steps)))
+    assert "decode tokens/s, compiled (static KV cache, torch.compile)" in capsys.readouterr().out
+    assert "| decode tokens/s, compiled (static KV cache, torch.compile) |" in (tmp_path / "bench.md").read_text()
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # Each round's own ratio (1, 3, 2), not the ratio of the two medians (2 / 2).
     ratio = timing.paired_ratio([2.0, 6.0, 2.0], [2.0, 2.0, 1.0])
@@ -208,8 +240,9 @@ def test_layer_clock_on_the_gpu_reads_events_inside_the_forward():
 def test_bench_on_the_gpu_times_with_cuda_events(config_file, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", str(config_file), "--ratio", "0.4", "--device", "cuda", "--dtype", "bfloat16", *QUICK,
-                 "--json", str(out)]) == 0
+                 "--compiled-decode", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["protocol"]["timer"] == "CUDA events" and report["device"]["type"] == "cuda"
     for row in [*report["prefill"].values(), report["decode"]]:
         assert row["speedup"] > 0 and all(ms > 0 for ms in row["layers_ms"].values())
+    assert report["decode_compiled"]["speedup"] > 0  # CUDA graphs replayed

@@ -107,6 +107,8 @@ def bench(model=None, config=None, timing: BenchTiming | None = None, layers: in
     }
     scale = built["layers_in_model"] / report["layers_timed"]
     report["prefill"], report["decode"] = time_side_by_side(models, device, timing, scale)
+    if timing.compiled_decode:
+        report["decode_compiled"] = time_compiled_decode(models, timing)
     report["load_average"] = {"before": load_before, "after": _load_average()}
     report.update(environment(str(device)))
     return report
@@ -128,6 +130,16 @@ def time_side_by_side(models: dict, device, timing: BenchTiming, scale: float = 
     steps = {label: decode[label]["steps_ms"] for label in models}
     decode.update(_paired_speedups(steps, decode_inside, scale))
     return prefill, decode
+
+
+def time_compiled_decode(models: dict, timing: BenchTiming) -> dict:
+    """Decode as serving engines run it (timing.CompiledGeneration), timed interleaved with the whole-step
+    paired speedup only: hooks inside the layers would break the compiled graph."""
+    info(f"decode, compiled: {timing.new_tokens} tokens after a {timing.prompt_tokens}-token prompt, static KV cache")
+    decode = decode_throughputs(models, timing.prompt_tokens, timing.new_tokens, timing.warmup, max(1, timing.repeats),
+                                compiled=True)
+    whole = paired_ratio(decode["dense"]["steps_ms"], decode["compressed"]["steps_ms"])
+    return {**decode, "speedup": whole["median"], "speedup_quartiles": [whole["low_quartile"], whole["high_quartile"]]}
 
 
 def time_inside_layers(models: dict, device, prefill_shapes, prompt_tokens: int, new_tokens: int, warmup: int,
@@ -197,6 +209,11 @@ def format_bench(report: dict) -> str:
         f"{_speedup(decode, 'layers_speedup')}" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
                                                    "whole_model_speedup_extrapolated" in decode else "") + ")"
     )
+    if "decode_compiled" in report:
+        compiled = report["decode_compiled"]
+        lines.append(f"decode tokens/s, compiled (static KV cache, torch.compile): dense "
+                     f"{compiled['dense']['median_tokens_per_s']:.1f}, compressed "
+                     f"{compiled['compressed']['median_tokens_per_s']:.1f} ({_speedup(compiled)})")
     lines.append("speedups: the median of dense / compressed over rounds timed back to back (decode: over tokens "
                  "generated in lockstep), [quartiles of those ratios]")
     if "whole_model_speedup_extrapolated" in decode:
@@ -244,9 +261,17 @@ def bench_markdown(report: dict) -> str:
         lines.append(f"| {key} | {cells[0]} | {cells[1]} | {_speedup(row)} | {_speedup(row, 'layers_speedup')} | "
                      f"{_whole_cell(row) or 'timed whole'} |")
     decode = report["decode"]
-    rates = [f"{decode[m]['median_tokens_per_s']:.1f} ({decode[m]['min_tokens_per_s']:.1f}-{decode[m]['max_tokens_per_s']:.1f})"
-             for m in ("dense", "compressed")]
     lines.append(f"| decode tokens/s (min-max), {decode['dense']['new_tokens']} after {decode['dense']['prompt_tokens']} "
-                 f"| {rates[0]} | {rates[1]} | {_speedup(decode)} | {_speedup(decode, 'layers_speedup')} | "
+                 f"| {_rates(decode)} | {_speedup(decode)} | {_speedup(decode, 'layers_speedup')} | "
                  f"{_whole_cell(decode) or 'timed whole'} |")
+    if "decode_compiled" in report:
+        compiled = report["decode_compiled"]
+        lines.append(f"| decode tokens/s, compiled (static KV cache, torch.compile) | {_rates(compiled)} | "
+                     f"{_speedup(compiled)} | - | timed whole |")
     return "\n".join(lines)
+
+
+def _rates(decode: dict) -> str:
+    """'31.4 (30.9-32.0) | 40.1 (39.2-41.0)': dense and compressed tokens/s, median (min-max)."""
+    return " | ".join(f"{decode[m]['median_tokens_per_s']:.1f} ({decode[m]['min_tokens_per_s']:.1f}-"
+                      f"{decode[m]['max_tokens_per_s']:.1f})" for m in ("dense", "compressed"))

@@ -15,6 +15,8 @@ class BenchTiming:
     new_tokens: int = setting(128, "decode: tokens generated")
     warmup: int = setting(1, "untimed runs first")
     repeats: int = setting(5, "timed repeats of each measurement")
+    compiled_decode: bool = setting(False, "also time decode as serving engines run it: a preallocated (static) KV "
+                                    "cache and the forward compiled by torch.compile, a CUDA graph a token on a GPU")
 
     def __post_init__(self):
         self.prefill_seqlens, self.batches = tuple(self.prefill_seqlens), tuple(self.batches)

@@ -108,11 +108,51 @@ class Generation:
         return elapsed_seconds(self.token.device, self._next)
 
 
-def lockstep_decode(models: dict, prompt: torch.Tensor, new_tokens: int) -> dict:
+class CompiledGeneration(Generation):
+    """Greedy generation as serving engines decode: the KV cache preallocated (transformers' static
+    cache, `cache`, emptied first) and every step run by `forward`, the model's forward compiled once
+    (compiled_forward). On CUDA a compiled step replays as one CUDA graph, so the host launching
+    kernels one by one no longer bounds decode."""
+
+    def __init__(self, model, prompt: torch.Tensor, cache, forward):
+        self.model, self.cache, self.forward = model, cache, forward
+        cache.reset()
+        length = prompt.shape[1]
+        with torch.no_grad():  # the prompt runs eagerly, as generate() runs it
+            output = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                           cache_position=torch.arange(length, device=prompt.device))
+        self.token, self.position = output.logits[:, -1:].argmax(-1), length
+        # One step untimed: the first compiled step after an eager pass costs more than the rest (on the
+        # CPU several times more), as engines pay it with the prompt.
+        self._next()
+
+    @torch.no_grad()
+    def _next(self) -> None:
+        position = torch.full((1,), self.position, device=self.token.device)
+        if position.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read: replay may reuse them
+        output = self.forward(input_ids=self.token, past_key_values=self.cache, cache_position=position, use_cache=True)
+        self.token = output.logits[:, -1:].argmax(-1)
+        self.position += 1
+
+
+def compiled_forward(model):
+    """The model's forward compiled for decode steps of one shape: on CUDA, "reduce-overhead" (CUDA
+    graphs); elsewhere torch.compile's default."""
+    mode = "reduce-overhead" if _device_of(model).type == "cuda" else "default"
+    return torch.compile(model.forward, mode=mode, dynamic=False)
+
+
+def eager_generation(label, model, prompt: torch.Tensor) -> Generation:
+    return Generation(model, prompt)
+
+
+def lockstep_decode(models: dict, prompt: torch.Tensor, new_tokens: int, start=eager_generation) -> dict:
     """{label: [seconds of each new token]}: every model generates `new_tokens` after `prompt`, one
     token each in turn (the order reversed every other token), so a slow spell of a shared machine
-    falls on both sides of each pair of steps."""
-    generations = {label: Generation(model, prompt) for label, model in models.items()}
+    falls on both sides of each pair of steps. `start(label, model, prompt)` begins a model's generation
+    (by default an eager one with the default cache)."""
+    generations = {label: start(label, model, prompt) for label, model in models.items()}
     steps = {label: [] for label in models}
     labels = list(models)
     for number in range(new_tokens):
@@ -234,15 +274,26 @@ def prefill_latencies(models: dict, seqlen: int, batch: int = 1, warmup: int = 1
 
 
 def decode_throughputs(models: dict, prompt_len: int = 128, new_tokens: int = 128, warmup: int = 1,
-                       repeats: int = 3, batch: int = 1) -> dict:
+                       repeats: int = 3, batch: int = 1, compiled: bool = False) -> dict:
     """{label: tokens/s generated one at a time with the KV cache after a `prompt_len` prefill, and
     `steps_ms`, every timed token's milliseconds in order (for paired ratios)}: the models generate
-    in lockstep (lockstep_decode), `repeats` times; a rate's spread is over the repeats."""
+    in lockstep (lockstep_decode), `repeats` times; a rate's spread is over the repeats. `compiled`:
+    as engines decode (CompiledGeneration); the warm-up, at least 8 tokens, compiles and records."""
     first = next(iter(models.values()))
     prompt = prompt_ids(first.config.vocab_size, prompt_len, _device_of(first), batch)
+    start = eager_generation
+    if compiled:
+        from transformers import StaticCache
+
+        caches = {label: StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+                  for label, model in models.items()}
+        forwards = {label: compiled_forward(model) for label, model in models.items()}
+
+        def start(label, model, prompt):
+            return CompiledGeneration(model, prompt, caches[label], forwards[label])
     for _ in range(warmup):
-        lockstep_decode(models, prompt, min(new_tokens, 8))
-    runs = [lockstep_decode(models, prompt, new_tokens) for _ in range(repeats)]
+        lockstep_decode(models, prompt, min(new_tokens, 8), start)
+    runs = [lockstep_decode(models, prompt, new_tokens, start) for _ in range(repeats)]
     return {label: {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "batch": batch,
                     **rate_spread(new_tokens, [sum(run[label]) for run in runs]),
                     "steps_ms": [s * 1000 for run in runs for s in run[label]]} for label in models}
