@@ -157,6 +157,22 @@ def test_query_key_pairs_are_kept_whole_by_their_scores():
     assert torch.equal(narrowed.projections["k_proj"].bias[:kept], attention.k_proj.bias[rows])
 
 
+def test_a_shrink_moves_the_choices_toward_the_inputs_diagonal():
+    """--whitening-shrink s chooses from (1 - s) E[x x^T] + s diag(E[x x^T]); at 1 the channel
+    correlations of the calibration text count for nothing, and the config hands s to the criterion."""
+    x = _correlated_inputs(8)
+    inputs = _inputs_of(x)
+    second = x.T @ x / len(x)
+    assert torch.allclose(whitened_moments(inputs).second, second)
+    assert torch.allclose(whitened_moments(inputs, whitening_shrink=0.5).second, (second + torch.diag(second.diagonal())) / 2)
+    assert torch.allclose(whitened_moments(inputs, whitening_shrink=1.0).second, torch.diag(second.diagonal()))
+    from lorap.methods.presets import config_for
+
+    best = config_for("best", ratio=0.2, attention="headdim")
+    assert best.options_of("head_dim_score") == {"whitening_shrink": 0.5}  # best's shrink, for heads as for pairs
+    assert config_for("modegpt", ratio=0.2).options_of("head_dim_score") == {"whitening_shrink": 0.0}  # as published
+
+
 def test_the_plan_narrows_heads_and_their_cache():
     config = tiny_config("llama_gqa")
     plan = make_plan(config, PlanSettings(ratio=0.3, attention="headdim", allocation_a=1.0))

@@ -41,7 +41,7 @@ from torch import nn
 from .factorizations import whitening_factor
 from .ffn_pruning import slice_linear
 from .head_pruning import HeadLayout
-from .registry import LSTSQ_RIDGE
+from .registry import LSTSQ_RIDGE, WHITENING_SHRINK
 
 
 @dataclass
@@ -52,11 +52,17 @@ class InputMoments:
     mean: torch.Tensor
 
 
-def whitened_moments(inputs) -> InputMoments:
-    """The calibration inputs' moments (the Gram matrix and mean the layer walk collected)."""
+def whitened_moments(inputs, whitening_shrink: float = WHITENING_SHRINK.default) -> InputMoments:
+    """The calibration inputs' moments (the Gram matrix and mean the layer walk collected), the second
+    moment shrunk toward its diagonal by `whitening_shrink` as factor pairs' whitening is: the channel
+    correlations of the calibration text fit it more than other text (measured in
+    docs/records/benchmarks.md, attention-methods)."""
     if inputs.gram is None:
         raise ValueError("head-dimension narrowing needs the Gram matrix of the attention's input")
-    return InputMoments(inputs.gram.double().cpu() / max(inputs.tokens, 1), inputs.mean.double().cpu())
+    second = inputs.gram.double().cpu() / max(inputs.tokens, 1)
+    if whitening_shrink:
+        second = (1 - whitening_shrink) * second + whitening_shrink * torch.diag(second.diagonal())
+    return InputMoments(second, inputs.mean.double().cpu())
 
 
 def plain_moments(inputs) -> InputMoments:

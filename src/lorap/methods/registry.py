@@ -121,7 +121,7 @@ class Registry:
 WHITENING_SHRINK = Option(
     "whitening_shrink", 0.0,
     "whiten by (1 - S) Gram + S diag(Gram), trusting the calibration text's channel correlations less "
-    "(0: SVD-LLM as published; 1: AWSVD's scaling)",
+    "(0: SVD-LLM's and MoDeGPT's as published; 1: AWSVD's scaling)",
     valid=lambda shrink: 0 <= shrink <= 1, requirement="in [0, 1] (0: SVD-LLM whitening, 1: AWSVD's scaling)")
 # The default ridge is relative to the kept inputs' mean variance, as SparseGPT's 1% dampening: it
 # keeps the solve well posed when kept channels are nearly collinear.
@@ -237,7 +237,8 @@ HEAD_UPDATES = Registry("head update", "--head-update", [
 HEAD_DIM_SCORES = Registry("head-dimension criterion", "--head-dim-score", [
     MethodSpec("whitened", ".head_dims:whitened_moments",
                "MoDeGPT's: query/key pairs by their whitened norms, values by a whitened SVD of each KV group's "
-               "value-to-output map", statistics=("gram",), reads=("q_proj",)),
+               "value-to-output map (--whitening-shrink trusts the input's channel correlations less)",
+               statistics=("gram",), reads=("q_proj",), options=(WHITENING_SHRINK,)),
     MethodSpec("plain", ".head_dims:plain_moments",
                "the same choices from the weights alone, as if the inputs were white (an ablation)"),
 ], paper=False, when=" with --attention headdim")
