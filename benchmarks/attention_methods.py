@@ -5,9 +5,9 @@ Only attention is compressed (the FFN stays dense), each layer's attention losin
 its parameters, so a row differs from another in how attention is compressed and nothing else:
 factor pairs as `best` makes them (SVD-LLM whitening shrunk halfway, the a:1 rule), or heads
 narrowed per dimension (`--attention headdim`) with the kept dimensions split between query/key and
-value in three ways, whitened (by the input's second moment shrunk halfway toward its diagonal, as
-best's whitening is, or as it is) or plain, with o_proj as the value basis leaves it or refitted to
-the dense output (`--head-dim-update lstsq`). Scored on the validation split of `wiki` (the calibration
+value in three ways, whitened (the value basis by the input's second moment shrunk halfway toward
+its diagonal, as best's whitening is, or as it is) or plain, with o_proj as the value basis leaves
+it or refitted to the dense output (`--head-dim-update lstsq`). Scored on the validation split of `wiki` (the calibration
 domain) and `pydocs` (never calibrated on), never on test text.
 
     .venv/bin/python benchmarks/attention_methods.py [--ratio 0.25] [--samples 32] [--max-tokens 4096]
@@ -31,8 +31,9 @@ ROWS = {
                        dict(attention="headdim", allocation_a=3.0)),
     "headdim, a = 1": ("heads narrowed, as many value as query/key dimensions (MoDeGPT's split)",
                        dict(attention="headdim", allocation_a=1.0)),
-    "headdim, a = 1, unshrunk": ("as `a = 1`, chosen by the input's second moment as it is (`--whitening-shrink 0`, "
-                                 "MoDeGPT as published) rather than shrunk halfway toward its diagonal as best's is",
+    "headdim, a = 1, unshrunk": ("as `a = 1`, the value basis chosen by the input's second moment as it is "
+                                 "(`--whitening-shrink 0`, MoDeGPT as published) rather than shrunk halfway toward "
+                                 "its diagonal as best's is",
                                  dict(attention="headdim", allocation_a=1.0, whitening_shrink=0.0)),
     "headdim, a = 1, o_proj refitted": ("as `a = 1`, o_proj then refitted to the dense output over its calibration "
                                         "inputs (`--head-dim-update lstsq --lstsq-ridge 0.1`)",

@@ -157,15 +157,26 @@ def test_query_key_pairs_are_kept_whole_by_their_scores():
     assert torch.equal(narrowed.projections["k_proj"].bias[:kept], attention.k_proj.bias[rows])
 
 
-def test_a_shrink_moves_the_choices_toward_the_inputs_diagonal():
-    """--whitening-shrink s chooses from (1 - s) E[x x^T] + s diag(E[x x^T]); at 1 the channel
-    correlations of the calibration text count for nothing, and the config hands s to the criterion."""
+def test_a_shrink_moves_the_value_basis_toward_the_inputs_diagonal():
+    """--whitening-shrink s chooses the values from (1 - s) E[x x^T] + s diag(E[x x^T]) (at 1 the channel
+    correlations of the calibration text count for nothing) and the query/key pairs from E[x x^T] as it is;
+    the config hands s to the criterion."""
     x = _correlated_inputs(8)
     inputs = _inputs_of(x)
     second = x.T @ x / len(x)
-    assert torch.allclose(whitened_moments(inputs).second, second)
-    assert torch.allclose(whitened_moments(inputs, whitening_shrink=0.5).second, (second + torch.diag(second.diagonal())) / 2)
-    assert torch.allclose(whitened_moments(inputs, whitening_shrink=1.0).second, torch.diag(second.diagonal()))
+    assert torch.allclose(whitened_moments(inputs).for_values().second, second)
+    half = whitened_moments(inputs, whitening_shrink=0.5)
+    assert torch.allclose(half.second, second)
+    assert torch.allclose(half.for_values().second, (second + torch.diag(second.diagonal())) / 2)
+    assert torch.allclose(whitened_moments(inputs, whitening_shrink=1.0).for_values().second, torch.diag(second.diagonal()))
+    model = build_tiny_model("llama_gqa")
+    layout = _layout(model.config)
+    attention = AttentionView(Architecture(model.config), model.model.layers[0])
+    inputs = _inputs_of(_correlated_inputs(model.config.hidden_size))
+    plain, shrunk = (narrow_head_dims(attention, inputs, layout, layout.head_dim - 4, layout.head_dim // 2,
+                                      options={"whitening_shrink": shrink}) for shrink in (0.0, 1.0))
+    assert torch.equal(plain.rope_index, shrunk.rope_index)  # the same query/key pairs
+    assert not torch.allclose(plain.projections["v_proj"].weight, shrunk.projections["v_proj"].weight)
     from lorap.methods.presets import config_for
 
     best = config_for("best", ratio=0.2, attention="headdim")

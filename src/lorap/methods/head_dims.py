@@ -46,23 +46,29 @@ from .registry import LSTSQ_RIDGE, WHITENING_SHRINK
 
 @dataclass
 class InputMoments:
-    """E[x x^T] and E[x] of the attention's input (float64), what both halves are chosen by."""
+    """E[x x^T] and E[x] of the attention's input (float64), what both halves are chosen by. The value
+    basis reads the second moment shrunk toward its diagonal by `value_shrink` (for_values)."""
 
     second: torch.Tensor
     mean: torch.Tensor
+    value_shrink: float = 0.0
+
+    def for_values(self) -> "InputMoments":
+        if not self.value_shrink:
+            return self
+        diagonal = torch.diag(self.second.diagonal())
+        return InputMoments((1 - self.value_shrink) * self.second + self.value_shrink * diagonal, self.mean)
 
 
 def whitened_moments(inputs, whitening_shrink: float = WHITENING_SHRINK.default) -> InputMoments:
-    """The calibration inputs' moments (the Gram matrix and mean the layer walk collected), the second
-    moment shrunk toward its diagonal by `whitening_shrink` as factor pairs' whitening is: the channel
-    correlations of the calibration text fit it more than other text (measured in
-    docs/records/benchmarks.md, attention-methods)."""
+    """The calibration inputs' moments (the Gram matrix and mean the layer walk collected). The value
+    basis is chosen from the second moment shrunk toward its diagonal by `whitening_shrink`, as factor
+    pairs' whitening is: the channel correlations of the calibration text fit it more than other text.
+    The query/key pairs are scored by the moment as it is: there the shrink lost on both domains
+    (docs/records/benchmarks.md, attention-methods)."""
     if inputs.gram is None:
         raise ValueError("head-dimension narrowing needs the Gram matrix of the attention's input")
-    second = inputs.gram.double().cpu() / max(inputs.tokens, 1)
-    if whitening_shrink:
-        second = (1 - whitening_shrink) * second + whitening_shrink * torch.diag(second.diagonal())
-    return InputMoments(second, inputs.mean.double().cpu())
+    return InputMoments(inputs.gram.double().cpu() / max(inputs.tokens, 1), inputs.mean.double().cpu(), whitening_shrink)
 
 
 def plain_moments(inputs) -> InputMoments:
@@ -199,6 +205,7 @@ def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_
     query_rows = (heads[:, None] * dim + rope_index.repeat_interleave(per_group, 0)).flatten()
     key_rows = (torch.arange(layout.kv_heads)[:, None] * dim + rope_index).flatten()
 
+    value_moments = moments.for_values()
     v_weight, v_bias = _weight_and_bias(attention.v_proj)
     o_weight = attention.o_proj.weight.detach().double().cpu()
     v_rows, v_biases, o_columns, to_values, dropped, total = [], [], [], [], 0.0, 0.0
@@ -206,7 +213,7 @@ def narrow_head_dims(attention, inputs, layout: HeadLayout, qk_head_dim: int, v_
         rows = slice(group * dim, (group + 1) * dim)
         heads_of_group = range(group * per_group, (group + 1) * per_group)
         columns = [o_weight[:, head * dim : (head + 1) * dim] for head in heads_of_group]
-        basis = value_basis(v_weight[rows], None if v_bias is None else v_bias[rows], columns, moments, v_head_dim)
+        basis = value_basis(v_weight[rows], None if v_bias is None else v_bias[rows], columns, value_moments, v_head_dim)
         v_rows.append(basis.to_values @ v_weight[rows])
         if v_bias is not None:
             v_biases.append(basis.to_values @ v_bias[rows])

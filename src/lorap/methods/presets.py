@@ -28,7 +28,7 @@ from ..plan.alignment import AUTO_ALIGN
 DEPLOYED = dict(align=AUTO_ALIGN)  # shapes that fit the device's kernels
 # best's --whitening-shrink: 0.5 beat 0 (SVD-LLM as published) on the two-domain validation mean at
 # 20% and at 50% removed (docs/records/benchmarks.md, "Choosing best on validation data"); with
-# --attention headdim it shrinks the moments narrowed heads are chosen by too
+# --attention headdim it shrinks the moments the value basis is chosen by too
 BEST_WHITENING_SHRINK = 0.5
 # best's --lstsq-ridge by the ratio asked for, chosen on that validation data in exact mode (where the
 # ratio is the share of the whole model removed). The less is removed, the less the refit has to make

@@ -237,7 +237,7 @@ HEAD_UPDATES = Registry("head update", "--head-update", [
 HEAD_DIM_SCORES = Registry("head-dimension criterion", "--head-dim-score", [
     MethodSpec("whitened", ".head_dims:whitened_moments",
                "MoDeGPT's: query/key pairs by their whitened norms, values by a whitened SVD of each KV group's "
-               "value-to-output map (--whitening-shrink trusts the input's channel correlations less)",
+               "value-to-output map (--whitening-shrink: values chosen trusting the input's channel correlations less)",
                statistics=("gram",), reads=("q_proj",), options=(WHITENING_SHRINK,)),
     MethodSpec("plain", ".head_dims:plain_moments",
                "the same choices from the weights alone, as if the inputs were white (an ablation)"),
