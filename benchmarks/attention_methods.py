@@ -102,13 +102,18 @@ def section(rows: dict, args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_setting(description: str):
+    """The attention-alone setting's options (attention_per_layer.py runs in the same setting)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.25, help="share of each layer's attention removed")
     parser.add_argument("--samples", type=int, default=32, help="calibration sequences of 128 tokens")
     parser.add_argument("--max-tokens", type=int, default=4096, help="validation tokens per corpus")
     parser.add_argument("--page", type=Path, default=DOCS / "records/benchmarks.md")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_setting(__doc__)
     rows = measure(args.ratio, args.samples, args.max_tokens)
     RUNS.mkdir(exist_ok=True)
     (RUNS / "attention_methods.json").write_text(json.dumps(rows, indent=1))

@@ -11,15 +11,13 @@ then scored on the validation split of `wiki` and `pydocs`, which the choice nev
 
     .venv/bin/python benchmarks/attention_per_layer.py [--ratio 0.25] [--samples 32] [--max-tokens 4096]
 """
-import argparse
 import copy
 import datetime
 import json
 import math
-from pathlib import Path
 
-from attention_methods import CORPORA, ROWS, SEQLEN
-from common import DOCS, RUNS, machine_line, update_section
+from attention_methods import CORPORA, ROWS, SEQLEN, parse_setting
+from common import RUNS, machine_line, update_section
 
 SECTIONS = {"attention-per-layer": "--ratio 0.25 --samples 32 --max-tokens 4096"}
 PAIRS, NARROWED = "factor pairs", "headdim, a = 1, o_proj refitted"  # rows of attention_methods.py
@@ -98,12 +96,7 @@ def section(measured: dict, args) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratio", type=float, default=0.25, help="share of each layer's attention removed")
-    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of 128 tokens (and choice windows)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="validation tokens per corpus")
-    parser.add_argument("--page", type=Path, default=DOCS / "records/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_setting(__doc__)  # --samples also counts the choice windows
     measured = measure(args.ratio, args.samples, args.max_tokens)
     RUNS.mkdir(exist_ok=True)
     (RUNS / "attention_per_layer.json").write_text(json.dumps(measured, indent=1))
