@@ -64,8 +64,8 @@ def whitened_moments(inputs, whitening_shrink: float = WHITENING_SHRINK.default)
     """The calibration inputs' moments (the Gram matrix and mean the layer walk collected). The value
     basis is chosen from the second moment shrunk toward its diagonal by `whitening_shrink`, as factor
     pairs' whitening is: the channel correlations of the calibration text fit it more than other text.
-    The query/key pairs are scored by the moment as it is: there the shrink lost on both domains
-    (docs/records/benchmarks.md, attention-methods)."""
+    The query/key pairs are scored by the moment as it is: shrinking it there too lost on both
+    validation corpora with attention alone (docs/records/benchmarks.md, attention-methods, says so)."""
     if inputs.gram is None:
         raise ValueError("head-dimension narrowing needs the Gram matrix of the attention's input")
     return InputMoments(inputs.gram.double().cpu() / max(inputs.tokens, 1), inputs.mean.double().cpu(), whitening_shrink)
