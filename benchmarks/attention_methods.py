@@ -7,8 +7,8 @@ factor pairs as `best` makes them (SVD-LLM whitening shrunk halfway, the a:1 rul
 narrowed per dimension (`--attention headdim`) with the kept dimensions split between query/key and
 value in three ways, whitened (the value basis by the input's second moment shrunk halfway toward
 its diagonal, as best's whitening is, or as it is) or plain, with o_proj as the value basis leaves
-it or refitted to the dense output (`--head-dim-update lstsq`). Scored on the validation split of `wiki` (the calibration
-domain) and `pydocs` (never calibrated on), never on test text.
+it or refitted to the dense output (`--head-dim-update lstsq`). Scored on the validation split of
+`wiki` (the calibration domain) and `pydocs` (never calibrated on), never on test text.
 
     .venv/bin/python benchmarks/attention_methods.py [--ratio 0.25] [--samples 32] [--max-tokens 4096]
 """
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from common import DOCS, RUNS, Load, machine_line, update_section
+from common import DOCS, RUNS, Load, machine_line, update_section, validation_perplexity
 
 SECTIONS = {"attention-methods": "--ratio 0.25 --samples 32 --max-tokens 4096"}
 CORPORA = ("wiki", "pydocs")
@@ -50,7 +50,6 @@ ROWS = {
 
 
 def measure(ratio: float, samples: int, max_tokens: int) -> dict:
-    from lorap import api
     from lorap.io.models import load_model
     from lorap.methods.presets import config_for
     from lorap.pipeline.run import compress_model
@@ -58,7 +57,7 @@ def measure(ratio: float, samples: int, max_tokens: int) -> dict:
     dense, tokenizer, _ = load_model(None)
 
     def perplexity(model):
-        return {corpus: api.perplexity(model, tokenizer, corpus, SEQLEN, max_tokens, "validation") for corpus in CORPORA}
+        return validation_perplexity(model, tokenizer, max_tokens, CORPORA, SEQLEN)
 
     rows = {"dense": {"perplexity": perplexity(dense)}}
     for name, (_, settings) in ROWS.items():

@@ -17,7 +17,7 @@ import json
 import math
 
 from attention_methods import CORPORA, ROWS, SEQLEN, parse_setting
-from common import RUNS, machine_line, update_section
+from common import RUNS, machine_line, update_section, validation_perplexity
 
 SECTIONS = {"attention-per-layer": "--ratio 0.25 --samples 32 --max-tokens 4096"}
 PAIRS, NARROWED = "factor pairs", "headdim, a = 1, o_proj refitted"  # rows of attention_methods.py
@@ -25,7 +25,6 @@ CHOICE_SEED = 1  # the calibration sample is seed 0: the choice is judged on oth
 
 
 def measure(ratio: float, samples: int, max_tokens: int) -> dict:
-    from lorap import api
     from lorap.evaluate.perplexity import window_nll
     from lorap.io.data import calibration_samples
     from lorap.io.models import load_model
@@ -47,7 +46,7 @@ def measure(ratio: float, samples: int, max_tokens: int) -> dict:
         return math.exp(nll / count)
 
     def validation(model):
-        return {corpus: api.perplexity(model, tokenizer, corpus, SEQLEN, max_tokens, "validation") for corpus in CORPORA}
+        return validation_perplexity(model, tokenizer, max_tokens, CORPORA, SEQLEN)
 
     (pairs, pairs_cache), (narrowed, narrowed_cache) = compressed(ROWS[PAIRS][1]), compressed(ROWS[NARROWED][1])
     rows = {name: {"choice": choice_perplexity(model), "validation": validation(model), "kv_cache": cache}

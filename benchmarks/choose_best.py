@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import DOCS, RUNS, debian_text, machine_line, update_section
+from common import DOCS, RUNS, debian_text, machine_line, update_section, validation_perplexity
 
 SECTIONS = {"choose_best": "--ratios 0.2,0.275,0.35,0.5", "choose_best_attention": "--group attention --ratios 0.2,0.5"}
 CORPORA = ("wiki", "pydocs")
@@ -128,19 +128,17 @@ def measure(settings: dict, ratio: float, max_tokens: int) -> dict:
     result = api.compress(None, None, preset="best", mode="exact", ratio=ratio, progress=False, stream=False,
                           predict_speed=False, **settings)
     seconds = time.perf_counter() - started
-    perplexity = {corpus: api.perplexity(result.model, result.tokenizer, corpus, SEQLEN, max_tokens, "validation")
-                  for corpus in CORPORA}
+    perplexity = validation_perplexity(result.model, result.tokenizer, max_tokens, CORPORA, SEQLEN)
     totals = result.report["plan"]["totals"]
     return {"perplexity": perplexity, "compress_seconds": seconds, "removed": totals["removed_fraction"],
             "kv_cache_values_per_token": totals["kv_cache_values_per_token"]}
 
 
 def dense_perplexity(max_tokens: int) -> dict:
-    from lorap import api
     from lorap.io.models import load_model
 
     model, tokenizer, _ = load_model(None)
-    return {corpus: api.perplexity(model, tokenizer, corpus, SEQLEN, max_tokens, "validation") for corpus in CORPORA}
+    return validation_perplexity(model, tokenizer, max_tokens, CORPORA, SEQLEN)
 
 
 OPTION_NAMES = {"calibration_source": "calibration"}  # settings whose command-line option is named otherwise

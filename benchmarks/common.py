@@ -1,5 +1,5 @@
 """What every benchmark shares: the repository's paths, the one way to run a `lorap` command, the
-machine's load around a measurement, perplexity by `lorap eval`, the stored record a section is
+machine's load around a measurement, perplexity by `lorap eval` or on validation text in memory, the stored record a section is
 written from, and the marked docs sections the tables go into.
 
 Each script declares the sections it writes in a module-level literal, `SECTIONS = {section: the
@@ -47,6 +47,14 @@ def lorap_output(*args) -> str:
     command = [*LORAP, *map(str, args)]
     print("$", " ".join(command), file=sys.stderr, flush=True)
     return subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def validation_perplexity(model, tokenizer, max_tokens: int, corpora: tuple, seqlen: int) -> dict:
+    """{corpus: perplexity at `seqlen` tokens on the first `max_tokens` tokens of its validation split}, as the
+    benchmarks that choose settings score a model in memory (never on test tokens)."""
+    from lorap import api
+
+    return {corpus: api.perplexity(model, tokenizer, corpus, seqlen, max_tokens, "validation") for corpus in corpora}
 
 
 def evaluate(model: list, out: Path, ppl: str = "wiki", seqlens: str = "128", max_tokens: int = 0,

@@ -28,7 +28,8 @@ built-in model's real checkpoints (perplexity, KV cache) timed by plain transfor
 Section `speed-cuda`: the same comparison on a GPU, whole models in bf16 (LLaMA-2-7B and
 LLaMA-3-8B fit there), prefill at 512 and 2048 tokens (batch 1 and 8) and decode, and for the rows
 that ask for it (factor pairs against narrowed heads) decode compiled as engines run it (`--rows
-compiled`: a static KV cache, each token one CUDA graph), each row in its own process; the section is rewritten after every row, so a run cut short keeps what it measured.
+compiled`: a static KV cache, each token one CUDA graph), each row in its own process; the section
+is rewritten after every row, so a run cut short keeps what it measured.
 The multiple --align defaults to is chosen by benchmarks/align_choice.py (same page).
 """
 import argparse
@@ -266,8 +267,8 @@ def cuda_section(work: Path, repeats: int, page: Path, rows: list) -> None:
         "Runtime: plain transformers eager mode (no CUDA graphs, no compilation), q/k/v's right factors fused "
         "unless a row says unfused; `decode compiled` decodes as serving engines do, from transformers' static KV "
         "cache with the forward compiled by `torch.compile(mode=\"reduce-overhead\")`, each token one CUDA graph "
-        "replayed (`lorap bench --compiled-decode`), where a row asks for it. `predicted` is `lorap plan`'s micro-benchmark on the same GPU (prefill 512 / "
-        "decode).",
+        "replayed (`lorap bench --compiled-decode`), where a row asks for it. `predicted` is `lorap plan`'s "
+        "micro-benchmark on the same GPU (prefill 512 / decode).",
         "",
         machine_line(),
         "",
