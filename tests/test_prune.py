@@ -1,4 +1,5 @@
 """FFN channel scores and the 1% rule."""
+import pytest
 import torch
 from torch import nn
 
@@ -178,8 +179,6 @@ def test_lstsq_ridge_runs_from_the_closest_fit_to_bias_compensation():
 
 
 def test_updates_are_validated_and_need_their_statistics():
-    import pytest
-
     from lorap.pipeline.statistics import ProjectionInputs
     from lorap.errors import LorapError
 
@@ -212,6 +211,23 @@ def test_walk_statistics_match_a_direct_computation():
     assert torch.allclose(seen.gram, h.T @ h, atol=1e-4)
     assert torch.allclose(seen.norm.double(), (h.pow(2).sum(0) / 3).sqrt(), atol=1e-5)  # per sequence, as the paper
     assert stats.inputs("q_proj").gram is None  # only requested sources pay for a Gram matrix
+
+
+@pytest.mark.parametrize("width", [100, 300, 1000])  # not cut, cut in 2, cut in 4 (statistics._gram_blocks)
+def test_gram_from_the_blocks_above_the_diagonal_is_the_whole_product(width):
+    from lorap.pipeline.statistics import _add_in_rows, _gram_blocks, add_upper_gram, mirror_gram
+
+    generator = torch.Generator().manual_seed(width)
+    batches = [torch.randn(64, width, generator=generator) * torch.rand(width, generator=generator) for _ in range(3)]
+    whole = torch.zeros(width, width, dtype=torch.float64)
+    upper = torch.zeros(width, width, dtype=torch.float64)
+    for flat in batches:
+        _add_in_rows(whole, flat.T @ flat)
+        add_upper_gram(upper, flat)
+    mirror_gram(upper)
+    assert len(_gram_blocks(width)) == {100: 1, 300: 2, 1000: 4}[width]
+    assert torch.equal(upper, upper.T)
+    assert torch.allclose(upper, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_adaptive_widths_remove_the_lowest_standardised_scores_of_the_whole_model():
