@@ -82,17 +82,19 @@ GROUPS = {
                                          dict(whitening_shrink=0.5, lstsq_ridge=1.0, calibration_source=f"wiki+{PERLDOC}")),
     }),
     # Attention: best's factor pairs against heads narrowed (--attention headdim), each with best's FFN
-    # parts, whitening shrink and ridge by the ratio (the ridge the o_proj refit takes too).
+    # parts, whitening shrink and ridge by the ratio (the ridge the o_proj refit takes too). The narrowed
+    # rows state their split and o_proj update, which the preset chooses with --attention headdim (from
+    # this group's ranking), so that each row stays the measurement of what it says.
     "attention": Group("choose_best_attention", "Attention in best, on validation data", {},
                        "`--preset best` as it now runs (factor pairs, with the refit ridge it takes at that ratio)", {
         "factor-pairs": ("none", {}),
         "headdim": ("heads narrowed in place of factor pairs, kept value to query/key dimensions 3:1 as the pairs "
-                    "share theirs", dict(attention="headdim")),
+                    "share theirs", dict(attention="headdim", allocation_a=3.0, head_dim_update="none")),
         "headdim+a1": ("heads narrowed, as many value as query/key dimensions kept (MoDeGPT's split)",
-                       dict(attention="headdim", allocation_a=1.0)),
+                       dict(attention="headdim", allocation_a=1.0, head_dim_update="none")),
         "headdim+a1+refit": ("heads narrowed, as many value as query/key dimensions kept, o_proj refitted to the "
-                             "dense output over its calibration inputs",
-                             dict(attention="headdim", allocation_a=1.0, head_dim_update="lstsq")),
+                             "dense output over its calibration inputs (what `--preset best --attention headdim` "
+                             "runs)", dict(attention="headdim", allocation_a=1.0, head_dim_update="lstsq")),
     }),
 }
 CANDIDATES = {name: (group, *candidate) for group in GROUPS.values() for name, candidate in group.candidates.items()}

@@ -145,7 +145,7 @@ def test_compiled_decode_generates_what_eager_decode_does():
     from transformers import StaticCache
 
     config = tiny_config("llama_gqa", num_hidden_layers=2)
-    plan = make_plan(config, config_for("best", ratio=0.3, attention="headdim").plan_settings())
+    plan = make_plan(config, config_for("best", ratio=0.3, attention="headdim", allocation_a=3.0).plan_settings())
     assert any(layer.qk_head_dim != layer.v_head_dim for layer in plan.layers)
     model = random_model(config, torch.float32, torch.device("cpu"), layout=plan.layout(), fuse=True)
     prompt = timing.prompt_ids(config.vocab_size, 6, torch.device("cpu"))

@@ -84,6 +84,23 @@ def test_best_sets_its_ridge_by_the_share_removed_and_a_given_ridge_wins():
     assert config_for("paper", ratio=0.2).to_dict() == {**config_for("paper", ratio=0.5).to_dict(), "ratio": 0.2}
 
 
+def test_best_with_narrowed_heads_takes_their_chosen_split_and_refit_and_a_given_setting_wins():
+    from lorap.methods.presets import BEST_HEAD_DIMS
+
+    narrowed = config_for("best", ratio=0.2, attention="headdim")
+    assert {name: narrowed.to_dict()[name] for name in BEST_HEAD_DIMS} == BEST_HEAD_DIMS
+    assert narrowed.option("lstsq_ridge") == config_for("best", ratio=0.2).option("lstsq_ridge")  # the refit's ridge
+    pairs = config_for("best", ratio=0.2)
+    assert (pairs.allocation_a, pairs.head_dim_update) == (3.0, "none")  # factor pairs keep a = 3
+    assert config_for("best", ratio=0.2, attention="lowrank").to_dict() == pairs.to_dict()
+    given = config_for("best", ratio=0.2, attention="headdim", allocation_a=3.0, head_dim_update="none")
+    assert (given.allocation_a, given.head_dim_update) == (3.0, "none")
+    args = build_parser().parse_args(["plan", "--ratio", "0.2", "--preset", "best", "--attention", "headdim"])
+    from lorap.cli import _method_settings
+
+    assert config_for("best", **_method_settings(args)).to_dict() == narrowed.to_dict()
+
+
 def test_an_unregistered_name_is_refused_with_the_registered_ones():
     with pytest.raises(LorapError, match="unknown FFN channel criterion 'nope'; choose from lorap, magnitude"):
         config_for("paper", ratio=0.2, ffn_score="nope").validate()

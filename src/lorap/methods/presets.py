@@ -38,6 +38,11 @@ BEST_WHITENING_SHRINK = 0.5
 # interpolated geometrically (at 27.5%, 0.1: measured ahead of the default on both corpora); outside
 # them, the nearer one holds.
 BEST_RIDGES = ((0.2, 1.0), (0.35, 0.01))
+# best with --attention headdim: as many value as query/key dimensions kept, and o_proj refitted. Of the
+# narrowed-head settings measured with best's other parts on the validation split of two domains, this
+# ranked first at 20% and at 50% removed, and a = 3 (factor pairs' split) last
+# (docs/records/benchmarks.md, "Attention in best, on validation data").
+BEST_HEAD_DIMS = dict(allocation_a=1.0, head_dim_update="lstsq")
 SERVING_ALIGN = 256  # the FFN width multiple engines need; export/decilm.py takes it from here (ENGINE_MULTIPLE)
 
 
@@ -49,6 +54,7 @@ class Method:
     ffn: str  # what happens to the FFN, in words
     settings: dict  # settings that differ from the paper's (CompressionConfig's defaults): fields and part options
     by_ratio: Callable | None = None  # ratio -> further settings that depend on the share removed
+    by_attention: dict | None = None  # attention method -> the settings that go with it, when it is asked for
 
 
 METHODS = {
@@ -63,7 +69,8 @@ METHODS = {
                "fluctuation score, adaptive widths, least-squares refit (ridge by the ratio)",
                dict(factorization="svdllm", whitening_shrink=BEST_WHITENING_SHRINK, ffn_score="flap",
                     ffn_allocation="adaptive", ffn_update="lstsq", bottom_keep=0.0, **DEPLOYED),
-               by_ratio=lambda ratio: dict(lstsq_ridge=best_ridge(ratio))),
+               by_ratio=lambda ratio: dict(lstsq_ridge=best_ridge(ratio)),
+               by_attention={"headdim": BEST_HEAD_DIMS}),
         # For engines that run no factor pairs (llama.cpp, vLLM): attention stays dense, so nothing is lost
         # when exported, and FFN widths are multiples of 256, which DeciLM's layout states exactly and
         # llama.cpp's k-quants need (their blocks are 256 wide). best's FFN parts otherwise, but the
@@ -163,8 +170,9 @@ def method(name: str) -> Method:
 
 
 def config_for(name: str = "paper", **overrides) -> CompressionConfig:
-    """The settings of method `name`; `overrides` (CompressionConfig fields or part options, None = not
-    given) win. The paper's method is CompressionConfig's defaults."""
+    """The settings of method `name`, with those that go with the ratio and the attention method asked for;
+    `overrides` (CompressionConfig fields or part options, None = not given) win. The paper's method is
+    CompressionConfig's defaults."""
     chosen = method(name)
     fields_ = {f.name for f in fields(CompressionConfig)} - {"options"}
     options = part_options()
@@ -175,6 +183,7 @@ def config_for(name: str = "paper", **overrides) -> CompressionConfig:
     settings = {**chosen.settings, "preset": name}
     if chosen.by_ratio is not None:
         settings.update(chosen.by_ratio(given.get("ratio", CompressionConfig.ratio)))
+    settings.update((chosen.by_attention or {}).get(given.get("attention", settings.get("attention")), {}))
     settings.update(given)
     if "sublayers" in settings:
         settings["sublayers"] = tuple(settings["sublayers"])
