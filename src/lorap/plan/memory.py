@@ -53,7 +53,9 @@ def memory_estimate(model_config, plan, samples: int = 128, seqlen: int = 128, b
     kept = max(layer_plan.ffn_width for layer_plan in plan.layers)
     ffn_phase = 8 * (2 * kept * kept + kept * (m - kept)) if "down_proj" in gram_sources and not factorized_ffn else 0
     widest = max((gram_inputs[name] for name in gram_sources), default=0)
-    collection = grams + 4 * widest**2  # while the calibration batches run: one batch's float32 product
+    # while the calibration batches run: one batch's float32 product, counted whole (an upper bound:
+    # statistics.py multiplies it a block of columns at a time where the width is cut)
+    collection = grams + 4 * widest**2
     per_layer = activations + working + max(collection, attention_phase, ffn_phase)
     candidates = [embed * dtype_bytes + 2 * activations, head * dtype_bytes, layer * compute_bytes + per_layer]
     if set(TAYLOR_PARTS) & set(whole_model_parts):
