@@ -85,6 +85,7 @@ def test_best_sets_its_ridge_by_the_share_removed_and_a_given_ridge_wins():
 
 
 def test_best_with_narrowed_heads_takes_their_chosen_split_and_refit_and_a_given_setting_wins():
+    from lorap.cli import _method_settings
     from lorap.methods.presets import BEST_HEAD_DIMS
 
     narrowed = config_for("best", ratio=0.2, attention="headdim")
@@ -96,8 +97,6 @@ def test_best_with_narrowed_heads_takes_their_chosen_split_and_refit_and_a_given
     given = config_for("best", ratio=0.2, attention="headdim", allocation_a=3.0, head_dim_update="none")
     assert (given.allocation_a, given.head_dim_update) == (3.0, "none")
     args = build_parser().parse_args(["plan", "--ratio", "0.2", "--preset", "best", "--attention", "headdim"])
-    from lorap.cli import _method_settings
-
     assert config_for("best", **_method_settings(args)).to_dict() == narrowed.to_dict()
 
 
