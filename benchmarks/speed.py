@@ -139,15 +139,13 @@ def _predicted(model, plan_args: list, work: Path, index) -> dict:
 
 def _cell(row: dict) -> str:
     """'**1.20x** [1.17-1.24] (layers 1.25x [1.21-1.28]; whole model extrapolated 1.24x)' from a bench row."""
-    def paired(key):
-        low, high = row[f"{key}_quartiles"]
-        return f"{row[key]:.2f}x [{low:.2f}-{high:.2f}]"
+    from lorap.bench.run import paired_speedup_text
 
     whole = row.get("whole_model_speedup_extrapolated")
-    extra = ([f"layers {paired('layers_speedup')}"] if "layers_speedup" in row else []) + (
+    extra = ([f"layers {paired_speedup_text(row, 'layers_speedup')}"] if "layers_speedup" in row else []) + (
         [f"whole model extrapolated {whole:.2f}x"] if whole else [])
-    speedup = f"**{row['speedup']:.2f}x** [{row['speedup_quartiles'][0]:.2f}-{row['speedup_quartiles'][1]:.2f}]"
-    return speedup + (f" ({'; '.join(extra)})" if extra else "")
+    speedup, quartiles = paired_speedup_text(row).split(" ", 1)
+    return f"**{speedup}** {quartiles}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def runtime_section(work: Path, repeats: int) -> str:

@@ -200,20 +200,20 @@ def format_bench(report: dict) -> str:
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ±{row[m]['iqr_ms'] / 2:.1f}" for m in ("dense", "compressed")]
-        lines.append(f"{'batch ' + key:<18}{cells[0]:>18}{cells[1]:>18}{_speedup(row):>20}"
-                     f"{_speedup(row, 'layers_speedup'):>20}{_whole_cell(row):>18}")
+        lines.append(f"{'batch ' + key:<18}{cells[0]:>18}{cells[1]:>18}{paired_speedup_text(row):>20}"
+                     f"{paired_speedup_text(row, 'layers_speedup'):>20}{_whole_cell(row):>18}")
     decode = report["decode"]
     lines.append(
         f"decode tokens/s: dense {decode['dense']['median_tokens_per_s']:.1f}, compressed "
-        f"{decode['compressed']['median_tokens_per_s']:.1f} ({_speedup(decode)}; decoder layers only "
-        f"{_speedup(decode, 'layers_speedup')}" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
+        f"{decode['compressed']['median_tokens_per_s']:.1f} ({paired_speedup_text(decode)}; decoder layers only "
+        f"{paired_speedup_text(decode, 'layers_speedup')}" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
                                                    "whole_model_speedup_extrapolated" in decode else "") + ")"
     )
     if "decode_compiled" in report:
         compiled = report["decode_compiled"]
         lines.append(f"decode tokens/s, compiled (static KV cache, torch.compile): dense "
                      f"{compiled['dense']['median_tokens_per_s']:.1f}, compressed "
-                     f"{compiled['compressed']['median_tokens_per_s']:.1f} ({_speedup(compiled)})")
+                     f"{compiled['compressed']['median_tokens_per_s']:.1f} ({paired_speedup_text(compiled)})")
     lines.append("speedups: the median of dense / compressed over rounds timed back to back (decode: over tokens "
                  "generated in lockstep), [quartiles of those ratios]")
     if "whole_model_speedup_extrapolated" in decode:
@@ -227,7 +227,7 @@ def format_bench(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _speedup(row: dict, key: str = "speedup") -> str:
+def paired_speedup_text(row: dict, key: str = "speedup") -> str:
     """'1.23x [1.19-1.26]': a paired speedup and the quartiles of its ratios."""
     low, high = row[f"{key}_quartiles"]
     return f"{row[key]:.2f}x [{low:.2f}-{high:.2f}]"
@@ -258,16 +258,16 @@ def bench_markdown(report: dict) -> str:
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ({row[m]['iqr_ms']:.1f})" for m in ("dense", "compressed")]
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {_speedup(row)} | {_speedup(row, 'layers_speedup')} | "
+        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {paired_speedup_text(row)} | {paired_speedup_text(row, 'layers_speedup')} | "
                      f"{_whole_cell(row) or 'timed whole'} |")
     decode = report["decode"]
     lines.append(f"| decode tokens/s (min-max), {decode['dense']['new_tokens']} after {decode['dense']['prompt_tokens']} "
-                 f"| {_rates(decode)} | {_speedup(decode)} | {_speedup(decode, 'layers_speedup')} | "
+                 f"| {_rates(decode)} | {paired_speedup_text(decode)} | {paired_speedup_text(decode, 'layers_speedup')} | "
                  f"{_whole_cell(decode) or 'timed whole'} |")
     if "decode_compiled" in report:
         compiled = report["decode_compiled"]
         lines.append(f"| decode tokens/s, compiled (static KV cache, torch.compile) | {_rates(compiled)} | "
-                     f"{_speedup(compiled)} | - | timed whole |")
+                     f"{paired_speedup_text(compiled)} | - | timed whole |")
     return "\n".join(lines)
 
 
