@@ -1,7 +1,8 @@
 """Benchmark: lorap's models in llama.cpp (docs/records/serving.md, sections serving-quality and serving-speed).
 
 The built-in model dense, and compressed to exact 20% of its parameters by the serving, best and
-paper presets (best's and paper's factor pairs are multiplied back for export):
+paper presets, best with narrowed heads and modegpt (factor pairs are multiplied back for export,
+narrowed heads padded back to whole heads with zeros):
   1. `lorap compress` (kept in --work, so a re-run reuses them) and `lorap export --format gguf`;
   2. perplexity at 128 tokens on the first 16,384 wiki test tokens, in lorap (float32, the checkpoint)
      and in llama.cpp (the GGUF file, the same token windows), and the two's difference;
@@ -10,7 +11,7 @@ paper presets (best's and paper's factor pairs are multiplied back for export):
      rotating), so machine noise falls on all: prefill of 512 tokens, and decode of 128 greedy tokens
      after a 128-token prompt. Medians, their min-max spread and the 1-minute load average.
 
-    .venv/bin/python benchmarks/serving.py            # about 40 minutes on 2 cores, most of it compressing
+    .venv/bin/python benchmarks/serving.py            # about 50 minutes on 2 cores, most of it compressing
     .venv/bin/python benchmarks/serving.py --repeats 9
 """
 import argparse
@@ -24,19 +25,26 @@ from pathlib import Path
 from common import DOCS, RUNS, load_average, lorap, machine_line, update_section
 
 SECTIONS = {"serving-quality": "", "serving-speed": ("", "the same run as serving-quality")}
-PRESETS = ("serving", "best", "paper")
+# (row name, `lorap compress` arguments, work folder) of the compressed rows, exact 20%
+COMPRESSED = [("serving 20%", ["--preset", "serving"], "serving"),
+              ("best 20%", ["--preset", "best"], "best"),
+              ("best --attention headdim 20%", ["--preset", "best", "--attention", "headdim"], "best-headdim"),
+              ("modegpt 20%", ["--preset", "modegpt"], "modegpt"),
+              ("paper 20%", ["--preset", "paper"], "paper")]
+QUANTIZED = ("dense", "serving 20%")  # rows also quantized by llama.cpp
 SEQLEN, MAX_TOKENS = 128, 16384
 
 
 def build_models(work: Path, dtype: str) -> dict:
     """{row name: (checkpoint folder or None for dense, GGUF path)}, compressing and exporting what is missing."""
     rows = {"dense": (None, work / f"dense-{dtype}.gguf")}
-    for preset in PRESETS:
-        rows[f"{preset} 20%"] = (work / preset, work / f"{preset}-{dtype}.gguf")
+    arguments = {}
+    for name, compress_arguments, stem in COMPRESSED:
+        rows[name] = (work / stem, work / f"{stem}-{dtype}.gguf")
+        arguments[name] = compress_arguments
     for name, (folder, gguf) in rows.items():
         if folder is not None and not (folder / "config.json").is_file():
-            lorap("compress", "--preset", name.split()[0], "--ratio", "0.2", "--mode", "exact", "--out", str(folder),
-                  "--no-speed")
+            lorap("compress", *arguments[name], "--ratio", "0.2", "--mode", "exact", "--out", str(folder), "--no-speed")
         if not gguf.is_file():
             lorap("export", *([str(folder)] if folder else []), "--format", "gguf", "--dtype", dtype, "--out", str(gguf),
                   "--json", str(gguf.with_suffix(".json")))
@@ -65,7 +73,7 @@ def quality(rows: dict, work: Path, windows, threads: int) -> tuple[list, dict]:
         table.append((name, "f16", export["parameters"]["checkpoint"], export["parameters"]["exported"], gguf.stat().st_size,
                       ours, theirs))
         files[(name, "f16")] = gguf
-        if name.split()[0] in ("dense", "serving"):
+        if name in QUANTIZED:
             for kind in llamacpp.QUANT_TYPES:
                 target = work / f"{gguf.stem}-{kind}.gguf"
                 if not target.is_file():
