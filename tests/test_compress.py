@@ -12,8 +12,8 @@ from conftest import build_tiny_model
 from lorap.architectures import Architecture
 from lorap import api
 from lorap.plan.plan import EXACT_TOLERANCE
-from lorap.pipeline.statistics import InputStatistics
-from lorap.pipeline.walk import capture_first_layer_inputs
+from lorap.pipeline.statistics import AllInputsSeen, InputStatistics
+from lorap.pipeline.walk import capture_first_layer_inputs, layer_output
 from lorap.pipeline.layer_step import LayerCompressor
 from lorap.pipeline.run import compress_model
 from lorap.pipeline.config import CompressionConfig
@@ -92,6 +92,45 @@ def test_each_layer_is_calibrated_on_the_compressed_outputs_before_it(tiny_token
     compressed_squares = second_layer_q_input_squares(fresh)
     assert torch.allclose(seen[1], compressed_squares, rtol=1e-4)
     assert not torch.allclose(seen[1], dense_squares, rtol=1e-2)
+
+
+def test_a_pass_that_only_records_inputs_stops_before_the_last_projection(tiny_arch, tiny_tokenizer):
+    """The compressing walk's statistics pass skips the last projection (its output is discarded) and
+    records exactly what a whole pass records, batch after batch."""
+    model = _tiny(tiny_arch, tiny_tokenizer)
+    samples = calibration_samples(tiny_tokenizer, "wiki", 8, 32, 0)
+    batches = capture_first_layer_inputs(model, samples, 4, "cpu")
+    architecture = Architecture(model.config)
+    layer = architecture.decoder_layers(model)[1]
+    modules = architecture.input_modules(layer)
+    last = modules["down_proj"]
+    calls = []
+    handle = last.register_forward_hook(lambda *_: calls.append(1))
+
+    def record(stop: bool) -> InputStatistics:
+        stats = InputStatistics(modules, gram_sources=tuple(modules))
+        stopped = 0
+        with stats.recording(stop_when_all_seen=stop), torch.no_grad():
+            for batch in batches:
+                try:
+                    layer_output(layer, batch)
+                except AllInputsSeen:
+                    stopped += 1
+        assert stopped == (len(batches) if stop else 0)
+        return stats
+
+    whole = record(stop=False)
+    assert len(calls) == len(batches) == 2
+    calls.clear()
+    stopped = record(stop=True)
+    handle.remove()
+    assert not calls  # the down projection never ran
+    assert stopped.sequences == whole.sequences and stopped.tokens == whole.tokens
+    for table in ("sum_squares", "sums", "sum_abs", "grams"):
+        recorded, expected = getattr(stopped, table), getattr(whole, table)
+        assert recorded.keys() == expected.keys() == modules.keys()
+        for name in expected:
+            assert torch.equal(recorded[name], expected[name]), (table, name)
 
 
 def test_nan_activations_name_the_layer(tiny_tokenizer):

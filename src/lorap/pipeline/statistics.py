@@ -75,6 +75,11 @@ class ProjectionInputs:
         return gram
 
 
+class AllInputsSeen(Exception):
+    """Raised by the last projection-input hook a forward pass reaches, when the pass was started only to
+    record inputs (InputStatistics.recording(stop_when_all_seen=True))."""
+
+
 class InputStatistics:
     """Per-channel sums over the calibration tokens at the inputs of the seven projections of one layer.
 
@@ -106,7 +111,13 @@ class InputStatistics:
             table[name] = value
 
     @contextmanager
-    def recording(self):
+    def recording(self, stop_when_all_seen: bool = False):
+        """Record while the layer runs. `stop_when_all_seen`: once a forward pass has reached every input
+        this object records, its hook raises AllInputsSeen instead of letting that projection run; for a
+        caller that discards the layer's output, the pass then skips the last projection's product (the
+        FFN's down projection, about a fifth of a LLaMA layer's arithmetic). Every statistic is the same."""
+        seen = set()
+
         def hook_for(name):
             def hook(module, args):
                 x = args[0].detach()
@@ -123,6 +134,13 @@ class InputStatistics:
                     add_upper_gram(self.grams[name], flat)
                 if name == "q_proj":
                     self.sequences += x.shape[0] if x.dim() == 3 else 1
+                if stop_when_all_seen:
+                    if name == "q_proj":  # a layer's first input: a new pass
+                        seen.clear()
+                    seen.add(name)
+                    if len(seen) == len(self._modules):
+                        seen.clear()
+                        raise AllInputsSeen
 
             return hook
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import Architecture
 from ..devices import release_freed_memory
-from .statistics import InputStatistics
+from .statistics import AllInputsSeen, InputStatistics
 
 
 class _StopForward(Exception):
@@ -138,9 +138,15 @@ def process_layer(index, layer, batches, device, compress_layer, architecture: A
     if hasattr(compress_layer, "before"):
         compress_layer.before(index, layer)
     stats = InputStatistics(architecture.input_modules(layer), getattr(compress_layer, "gram_sources", ()))
-    with stats.recording():
+    # A compressing step propagates from the compressed layer, so this pass's outputs are not needed unless
+    # a visitor watches the layer's forward pass (`before`).
+    inputs_only = not dense and not hasattr(compress_layer, "before")
+    with stats.recording(stop_when_all_seen=inputs_only):
         for batch in batches:
-            output = layer_output(layer, batch, dtype)
+            try:
+                output = layer_output(layer, batch, dtype)
+            except AllInputsSeen:
+                continue
             if dense:
                 batch.hidden = output
     stats.check_finite(index)
