@@ -28,8 +28,11 @@ GOLDEN_FOLDER = Path(__file__).parent / "golden"
 RECORDED_THREADS = 2
 CALIBRATION = dict(calibration_samples=16, calibration_seqlen=32, batch_size=8)
 PERPLEXITY = dict(dataset="wiki", seqlen=32, max_tokens=2048)
-# Every architecture with the paper's method and lorap's best; every preset on one GQA model.
-PRESETS_ON_EVERY_ARCHITECTURE = ("paper", "best")
+# Every architecture with the paper's method and lorap's best, factor pairs and narrowed heads; every
+# preset on one GQA model. A case names a preset, or one of these settings of one. The tiny models' heads
+# have 16 dimensions (Gemma's 32), so at the default multiple narrowing would leave them whole: align 1.
+VARIANTS = {"best-headdim": dict(preset="best", attention="headdim", align=1)}
+PRESETS_ON_EVERY_ARCHITECTURE = ("paper", "best", "best-headdim")
 EVERY_PRESET_ON = "llama_gqa"
 # The serving preset's FFN widths are multiples of 256: the tiny FFN (160) would keep every channel.
 # The head-pruning baselines: with 2 KV groups, 20% rounds to keeping both; with 4, one goes.
@@ -93,7 +96,8 @@ def compress_case(arch: str, preset: str, tokenizer, root: Path) -> dict:
         build_tiny_model(arch, vocab_size=len(tokenizer), **overrides).save_pretrained(source)
         tokenizer.save_pretrained(source)
     out = root / f"{arch}-{preset}"
-    result = api.compress(str(source), str(out), preset=preset, ratio=0.2, progress=False, stream=False, **CALIBRATION)
+    settings = VARIANTS.get(preset, dict(preset=preset))
+    result = api.compress(str(source), str(out), **settings, ratio=0.2, progress=False, stream=False, **CALIBRATION)
     return {
         "tensors": fingerprint(out),
         "perplexity": api.perplexity(result.model, tokenizer, **PERPLEXITY),
