@@ -203,6 +203,29 @@ def test_a_head_dimension_too_small_for_the_budget_is_refused():
         make_plan(config, PlanSettings(ratio=0.9, attention="headdim", sublayers=("attention",)))
 
 
+def test_an_alignment_that_leaves_every_head_whole_is_refused():
+    # heads of 16 dimensions at 20%: 12.8 kept each side, which multiples of 8 round back to 16
+    config = tiny_config("llama_gqa")
+    with pytest.raises(LorapError, match="would narrow no head.*--align 1"):
+        make_plan(config, PlanSettings(ratio=0.2, attention="headdim", allocation_a=1.0, align=16))
+    # the default alignment moves on to a multiple that narrows them
+    plan = make_plan(config, PlanSettings(ratio=0.2, attention="headdim", allocation_a=1.0))
+    assert plan.settings.align == 1
+    assert all((layer.qk_head_dim, layer.v_head_dim) == (12, 13) for layer in plan.layers)
+
+
+def test_a_headdim_compression_that_narrows_nothing_fails_before_any_weight_loads(tmp_path, tiny_tokenizer):
+    source = tmp_path / "dense"
+    build_tiny_model("llama_gqa", vocab_size=len(tiny_tokenizer)).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    for weights in source.glob("*.safetensors"):  # the refusal must come from the config alone
+        weights.unlink()
+    out = tmp_path / "out"
+    with pytest.raises(LorapError, match="would narrow no head"):
+        api.compress(str(source), str(out), preset="best", attention="headdim", ratio=0.2, align=16, progress=False)
+    assert not out.exists()
+
+
 def test_partial_rotary_is_refused_before_any_weight_loads():
     config = tiny_config("phi3", partial_rotary_factor=0.5)
     with pytest.raises(LorapError, match="RoPE"):

@@ -530,8 +530,28 @@ def make_plan(config, settings: PlanSettings) -> Plan:
                 f"at ratio {settings.ratio} nothing would be removed: every rank and FFN width of this model rounds "
                 f"back to its dense size at --align {settings.align}; use a smaller --align or a larger --ratio"
             )
-        return plan
-    return _exact_plan(config, settings)
+    else:
+        plan = _exact_plan(config, settings)
+    _refuse_whole_heads(config, plan)
+    return plan
+
+
+def _refuse_whole_heads(config, plan: Plan) -> None:
+    """--attention headdim where every layer's heads round back to whole: the budget would fall on the FFN
+    alone, which the user did not ask for (with --align auto, the next finer multiple is tried instead)."""
+    settings = plan.settings
+    if settings.attention != "headdim" or "attention" not in settings.sublayers:
+        return
+    if any(layer.qk_head_dim is not None for layer in plan.layers):
+        return
+    dim = head_dim(config)
+    multiple = HEAD_DIM_MULTIPLE if settings.align != 1 else 1
+    rounding = f", kept in multiples of {multiple} (--align {settings.align})," if multiple > 1 else ""
+    raise LorapError(
+        f"--attention headdim would narrow no head: at ratio {settings.ratio}, heads of dimension {dim}{rounding} "
+        "keep every dimension in every layer, so only the FFN would lose parameters. Use "
+        + ("--align 1, " if multiple > 1 else "") + "a larger --ratio, or --attention lowrank"
+    )
 
 
 def _plan_with_default_alignment(config, settings: PlanSettings) -> Plan:
