@@ -29,9 +29,8 @@ RECORDED_THREADS = 2
 CALIBRATION = dict(calibration_samples=16, calibration_seqlen=32, batch_size=8)
 PERPLEXITY = dict(dataset="wiki", seqlen=32, max_tokens=2048)
 # Every architecture with the paper's method and lorap's best, factor pairs and narrowed heads; every
-# preset on one GQA model. A case names a preset, or one of these settings of one. The tiny models' heads
-# have 16 dimensions (Gemma's 32), so at the default multiple narrowing would leave them whole: align 1.
-VARIANTS = {"best-headdim": dict(preset="best", attention="headdim", align=1)}
+# preset on one GQA model. A case names a preset, or one of these settings of one.
+VARIANTS = {"best-headdim": dict(preset="best", attention="headdim")}
 PRESETS_ON_EVERY_ARCHITECTURE = ("paper", "best", "best-headdim")
 EVERY_PRESET_ON = "llama_gqa"
 # The serving preset's FFN widths are multiples of 256: the tiny FFN (160) would keep every channel.
