@@ -4,12 +4,13 @@ Each run generates a random checkpoint with LLaMA-2-7B's shapes (hidden 4096, FF
 vocabulary 32,000; float16, safetensors shards of at most 2 GiB, the same bytes for every run:
 every tensor has its own seed) at the depth asked for, compresses it with `lorap compress --stream`
 in a fresh process, checks the output against the plan, and deletes both. Rows accumulate in
-WORK/rows.json; the docs/records/scaling.md section `scaling-7b` is rewritten from all rows after each run,
-so presets may be measured in separate invocations (and commits; each row records its own).
+runs/scaling-7b-rows.json (--rows; kept with the other benchmark runs, not in the scratch folder WORK);
+the docs/records/scaling.md section `scaling-7b` is rewritten from all rows after each run, so presets
+may be measured in separate invocations (and commits; each row records its own).
 
     .venv/bin/python benchmarks/scaling_7b.py --runs paper:4,paper:8,paper:32
     .venv/bin/python benchmarks/scaling_7b.py --runs svd-llm-attention:4,best:4
-    .venv/bin/python benchmarks/scaling_7b.py --page-only     # the page from WORK/rows.json
+    .venv/bin/python benchmarks/scaling_7b.py --page-only     # the page from the rows file
 
 The tokenizer is the built-in model's, cut to LLaMA-2's 32,000 entries (tokens above are dropped
 with the merges that make them), so token ids fit the 7B embedding. Calibration text is a small
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, DOCS, Load, head_commit, lorap, machine_line, update_section
+from common import CONFIGS, DOCS, RUNS, Load, head_commit, lorap, machine_line, update_section
 
 SECTIONS = {"scaling-7b": "--runs paper:4,paper:8,paper:32,svd-llm-attention:4,best:4"}
 CONFIG = CONFIGS / "llama-2-7b.json"
@@ -255,12 +256,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="paper:4,paper:8,paper:32,svd-llm-attention:4,best:4",
                         help="PRESET:LAYERS, comma-separated")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-7b"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lorap-7b"), help="scratch folder for the checkpoints")
+    parser.add_argument("--rows", type=Path, default=RUNS / "scaling-7b-rows.json", help="the measured rows, kept")
     parser.add_argument("--page", type=Path, default=DOCS / "records/scaling.md")
-    parser.add_argument("--page-only", action="store_true", help="rewrite the page from WORK/rows.json")
+    parser.add_argument("--page-only", action="store_true", help="rewrite the page from the rows file")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    rows_file = args.work / "rows.json"
+    rows_file = args.rows
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(rows_file.read_text()) if rows_file.exists() else []
     if not args.page_only:
         from lorap.io.data import DOCUMENT_SEPARATOR, wiki_documents
