@@ -206,8 +206,9 @@ def format_bench(report: dict) -> str:
     lines.append(
         f"decode tokens/s: dense {decode['dense']['median_tokens_per_s']:.1f}, compressed "
         f"{decode['compressed']['median_tokens_per_s']:.1f} ({paired_speedup_text(decode)}; decoder layers only "
-        f"{paired_speedup_text(decode, 'layers_speedup')}" + (f"; whole model extrapolated {_whole_cell(decode).strip()}" if
-                                                   "whole_model_speedup_extrapolated" in decode else "") + ")"
+        f"{paired_speedup_text(decode, 'layers_speedup')}"
+        + (f"; whole model extrapolated {_whole_cell(decode).strip()}"
+           if "whole_model_speedup_extrapolated" in decode else "") + ")"
     )
     if "decode_compiled" in report:
         compiled = report["decode_compiled"]
@@ -258,8 +259,8 @@ def bench_markdown(report: dict) -> str:
     ]
     for key, row in report["prefill"].items():
         cells = [f"{row[m]['median_ms']:.1f} ({row[m]['iqr_ms']:.1f})" for m in ("dense", "compressed")]
-        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {paired_speedup_text(row)} | {paired_speedup_text(row, 'layers_speedup')} | "
-                     f"{_whole_cell(row) or 'timed whole'} |")
+        lines.append(f"| {key} | {cells[0]} | {cells[1]} | {paired_speedup_text(row)} | "
+                     f"{paired_speedup_text(row, 'layers_speedup')} | {_whole_cell(row) or 'timed whole'} |")
     decode = report["decode"]
     lines.append(f"| decode tokens/s (min-max), {decode['dense']['new_tokens']} after {decode['dense']['prompt_tokens']} "
                  f"| {_rates(decode)} | {paired_speedup_text(decode)} | {paired_speedup_text(decode, 'layers_speedup')} | "

@@ -139,7 +139,6 @@ class InputStatistics:
                         seen.clear()
                     seen.add(name)
                     if len(seen) == len(self._modules):
-                        seen.clear()
                         raise AllInputsSeen
 
             return hook

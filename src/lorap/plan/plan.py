@@ -441,6 +441,11 @@ def kept_kv_heads(config, attention_ratio: float) -> int:
 HEAD_DIM_MULTIPLE = 8
 
 
+def head_dim_multiple(align) -> int:
+    """What kept head dimensions are multiples of at `align`."""
+    return HEAD_DIM_MULTIPLE if align != 1 else 1
+
+
 def head_dims_refusal(config) -> str | None:
     """Why this model's attention cannot be narrowed per head dimension, or None where it can."""
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
@@ -463,7 +468,7 @@ def kept_head_dims(config, attention_ratio: float, allocation_a: float, align) -
     if refusal:
         raise LorapError(refusal)
     dim = head_dim(config)
-    multiple = HEAD_DIM_MULTIPLE if align != 1 else 1
+    multiple = head_dim_multiple(align)
     kept = 2 * dim * (1 - attention_ratio)
     v = min(dim, kept * allocation_a / (1 + allocation_a))
     qk = min(dim, kept - v)
@@ -545,7 +550,7 @@ def _refuse_whole_heads(config, plan: Plan) -> None:
     if any(layer.qk_head_dim is not None for layer in plan.layers):
         return
     dim = head_dim(config)
-    multiple = HEAD_DIM_MULTIPLE if settings.align != 1 else 1
+    multiple = head_dim_multiple(settings.align)
     rounding = f", kept in multiples of {multiple} (--align {settings.align})," if multiple > 1 else ""
     raise LorapError(
         f"--attention headdim would narrow no head: at ratio {settings.ratio}, heads of dimension {dim}{rounding} "
